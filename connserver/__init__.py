@@ -1,0 +1,52 @@
+"""connserver: long-lived TCP connections on blocking sockets, one thread each, leak-free."""
+
+from .buffers import BufferLease, BufferPool, PoolStatistics
+from .cancel import CancelToken, Watchdog
+from .config import Config
+from .connection import Connection, ConnectionInfo
+from .deadline import Deadline
+from .errors import (
+    Cancelled,
+    CloseReason,
+    ConfigError,
+    ConnectionBroken,
+    ConnServerError,
+    DeadlineExceeded,
+    FrameTooLarge,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from .handler import Handler
+from .server import Server, ShutdownReport, StuckThread
+from .stats import ServerStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BufferLease",
+    "BufferPool",
+    "CancelToken",
+    "Cancelled",
+    "CloseReason",
+    "Config",
+    "ConfigError",
+    "Connection",
+    "ConnectionBroken",
+    "ConnectionInfo",
+    "ConnServerError",
+    "Deadline",
+    "DeadlineExceeded",
+    "FrameTooLarge",
+    "Handler",
+    "LocalProtocolError",
+    "PoolStatistics",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Server",
+    "ServerStatistics",
+    "ShutdownReport",
+    "StuckThread",
+    "Watchdog",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Built-in handlers, served by short name: ``connserver serve echo``."""

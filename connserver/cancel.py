@@ -1,0 +1,221 @@
+"""Cancellation: a token per connection, and one watchdog thread per server.
+
+A thread blocked in ``recv()`` cannot be interrupted by setting a flag, and on
+Linux ``close()`` from another thread does not wake it either (and risks the fd
+number being reused under it). What does wake it is ``shutdown(SHUT_RDWR)`` on
+the socket: the blocked call returns at once. So cancelling is two steps: set
+the token (the level-triggered truth every later call checks) and ask the
+watchdog to shut the socket down. The watchdog also enforces ``max_lifetime``
+from a heap of expiry times, so no connection needs a timer thread of its own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+from collections import deque
+from typing import Callable, Protocol
+
+from .deadline import Clock, monotonic
+from .errors import Cancelled, CloseReason
+
+__all__ = ["CancelToken", "Watchdog", "Abortable"]
+
+log = logging.getLogger("connserver.watchdog")
+
+
+class CancelToken:
+    """A one-shot, level-triggered cancellation flag with a reason.
+
+    Once cancelled it stays cancelled; the first reason wins.
+    """
+
+    __slots__ = ("_event", "_lock", "_reason", "_on_cancel", "__weakref__")
+
+    def __init__(self, on_cancel: Callable[[], None] | None = None) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._reason: CloseReason | None = None
+        self._on_cancel = on_cancel
+
+    def cancel(self, reason: CloseReason | str = CloseReason.CANCELLED) -> bool:
+        """Cancel with ``reason``; return ``False`` if it was already cancelled."""
+        reason = CloseReason(reason)
+        with self._lock:
+            if self._reason is not None:
+                return False
+            self._reason = reason
+            callback, self._on_cancel = self._on_cancel, None
+        self._event.set()
+        if callback is not None:
+            callback()
+        return True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def reason(self) -> CloseReason | None:
+        return self._reason
+
+    def wait_cancelled(self, timeout: float | None) -> bool:
+        """Block until cancelled or ``timeout`` seconds pass; return whether cancelled."""
+        return self._event.wait(timeout)
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self._reason or CloseReason.CANCELLED)
+
+    def _detach(self) -> None:
+        """Drop the callback (and the references it holds) once the connection ended."""
+        with self._lock:
+            self._on_cancel = None
+
+    def __repr__(self) -> str:
+        state = f"cancelled={self._reason.value}" if self._reason else "active"
+        return f"<CancelToken {state}>"
+
+
+class Abortable(Protocol):
+    """What the watchdog needs from a connection."""
+
+    cancel_token: CancelToken
+
+    def abort(self) -> None:
+        """Wake any thread blocked on the connection's socket (never closes it)."""
+
+
+class Watchdog:
+    """The one thread per server that wakes cancelled connections and ends old ones.
+
+    ``watch()`` registers a connection with an optional absolute expiry time (in
+    the watchdog's clock); at expiry its token is cancelled with ``lifetime``.
+    ``abort_soon()`` queues a connection whose token was just cancelled; the
+    watchdog calls its ``abort()`` promptly. Entries of connections that ended
+    are dropped lazily and compacted, so the heap stays within twice the number
+    of live connections.
+    """
+
+    def __init__(self, *, name: str = "connserver-watchdog", clock: Clock = monotonic) -> None:
+        self._clock = clock
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: deque[Abortable] = deque()
+        self._heap: list[tuple[float, int, list]] = []
+        self._entries: dict[int, list] = {}   # id(target) -> [target | None]
+        self._dead = 0
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.aborts = 0
+        self.lifetime_expiries = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("watchdog already started")
+        self._thread = threading.Thread(target=self._run, name=self._name)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread; return ``False`` if it did not exit within ``timeout``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def watch(self, target: Abortable, expires_at: float | None) -> None:
+        if expires_at is None:
+            return
+        entry = [target]
+        with self._cond:
+            self._entries[id(target)] = entry
+            heapq.heappush(self._heap, (expires_at, next(self._seq), entry))
+            if self._heap[0][2] is entry:
+                self._cond.notify()
+
+    def unwatch(self, target: Abortable) -> None:
+        with self._cond:
+            entry = self._entries.pop(id(target), None)
+            if entry is None:
+                return
+            entry[0] = None
+            self._dead += 1
+            if self._dead > 64 and self._dead > len(self._entries):
+                self._heap = [item for item in self._heap if item[2][0] is not None]
+                heapq.heapify(self._heap)
+                self._dead = 0
+
+    def abort_soon(self, target: Abortable) -> None:
+        """Queue ``target.abort()`` on the watchdog thread (cheap, never blocks)."""
+        with self._cond:
+            self._pending.append(target)
+            self._cond.notify()
+
+    def poke(self) -> None:
+        """Re-check expiries now (tests advance a fake clock, then poke)."""
+        with self._cond:
+            self._cond.notify()
+
+    def watched(self) -> int:
+        with self._cond:
+            return len(self._entries)
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not (self._stopping or self._pending or self._due()):
+                    cond.wait(self._wait_timeout())
+                if self._stopping:
+                    self._pending.clear()
+                    return
+                to_abort = list(self._pending)
+                self._pending.clear()
+                expired = self._pop_expired()
+            for target in expired:
+                # cancel() queues the abort through the token's callback.
+                if target.cancel_token.cancel(CloseReason.LIFETIME):
+                    self.lifetime_expiries += 1
+            for target in to_abort:
+                self._abort(target)
+
+    def _abort(self, target: Abortable) -> None:
+        try:
+            target.abort()
+            self.aborts += 1
+        except Exception:  # never let one connection's failure stop the watchdog
+            log.exception("aborting %r failed", target)
+
+    def _due(self) -> bool:
+        heap = self._heap
+        while heap and heap[0][2][0] is None:
+            heapq.heappop(heap)
+            self._dead -= 1
+        return bool(heap) and heap[0][0] <= self._clock()
+
+    def _wait_timeout(self) -> float | None:
+        if not self._heap:
+            return None
+        # Wait in real seconds until the earliest expiry on the watchdog's clock;
+        # with a fake clock, tests call poke() after advancing it.
+        return max(0.0, self._heap[0][0] - self._clock())
+
+    def _pop_expired(self) -> list[Abortable]:
+        now = self._clock()
+        expired = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, entry = heapq.heappop(heap)
+            target = entry[0]
+            if target is None:
+                self._dead -= 1
+                continue
+            del self._entries[id(target)]
+            expired.append(target)
+        return expired

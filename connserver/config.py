@@ -1,0 +1,184 @@
+"""Server configuration: one frozen dataclass, validated when it is built.
+
+Every field is declared once, below, with its type, default, bounds and help
+text in the field metadata. The CLI flags (``--idle-timeout``), the TOML keys
+(``idle_timeout``) and the reference docs are all generated from these
+declarations, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from typing import Any, Iterator, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["Config", "config_fields", "FieldSpec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """How one config field is validated and presented."""
+
+    help: str
+    kind: type                      # float, int, bool or str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False  # e.g. timeouts must be > 0
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False           # None is allowed and means "no limit"
+
+
+def _field(default: Any, help: str, kind: type, **spec: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"spec": FieldSpec(help, kind, **spec)})
+
+
+def _timeout(default: float | None, help: str, nullable: bool = False) -> Any:
+    return _field(default, help, float, minimum=0.0, exclusive_minimum=True, nullable=nullable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a :class:`~connserver.Server` can be told. Times are float seconds."""
+
+    # --- deadlines -------------------------------------------------------
+    idle_timeout: float = _timeout(
+        300.0, "Seconds to wait for the first byte of the next message before closing (idle).")
+    read_timeout: float = _timeout(
+        30.0, "Seconds to receive a whole message once its first byte arrived; an absolute "
+        "deadline, so a peer trickling bytes cannot stretch it (read_deadline).")
+    write_timeout: float = _timeout(
+        30.0, "Seconds for one write (a sendall or a frame) to be taken by the peer (write_deadline).")
+    handshake_timeout: float = _timeout(
+        10.0, "Seconds for connection set-up (PROXY header, TLS handshake) to complete.")
+    max_lifetime: float | None = _timeout(
+        None, "Close a connection after this many seconds, whatever it is doing (lifetime); "
+        "none by default, as long-lived connections are the point.", nullable=True)
+    lifetime_jitter: float = _field(
+        0.1, "Fraction of max_lifetime by which each connection's lifetime is randomly "
+        "shortened, so connections opened together do not all recycle together.",
+        float, minimum=0.0, maximum=0.5)
+    graceful_timeout: float = _timeout(
+        30.0, "Seconds a shutdown waits for connections to finish after cancelling them, "
+        "before forcing their sockets shut.")
+
+    # --- limits ----------------------------------------------------------
+    max_connections: int = _field(
+        10_000, "Maximum concurrent connections (and so handler threads).", int, minimum=1)
+    max_connections_per_ip: int | None = _field(
+        None, "Maximum concurrent connections from one peer address; none by default, "
+        "since many users can share one address behind NAT.", int, minimum=1, nullable=True)
+    on_limit: str = _field(
+        "reject", "What to do at max_connections: 'reject' closes new connections at once "
+        "(counted as limit); 'wait' stops accepting until a slot frees, leaving clients "
+        "in the listen backlog.", str, choices=("reject", "wait"))
+    backlog: int = _field(
+        1024, "Listen backlog (the kernel caps it at net.core.somaxconn).", int, minimum=1)
+
+    # --- threads and sockets ---------------------------------------------
+    thread_stack_size: int = _field(
+        0, "Stack size in bytes for handler threads; 0 keeps the interpreter's default. "
+        "Otherwise at least 32768.", int, minimum=0)
+    max_spare_threads: int = _field(
+        64, "Handler threads kept waiting for the next connection after theirs ends, so "
+        "that churn does not pay for a thread start per connection.", int, minimum=0)
+    spare_thread_timeout: float = _timeout(
+        10.0, "Seconds a spare handler thread waits for a connection before it exits.")
+    tcp_keepalive: bool = _field(
+        True, "Enable TCP keepalive probes, so peers that vanished are eventually noticed "
+        "by the kernel even while a handler waits without a deadline.", bool)
+    tcp_nodelay: bool = _field(
+        True, "Disable Nagle's algorithm, so small replies are sent at once.", bool)
+
+    # --- buffers ---------------------------------------------------------
+    buffer_size: int = _field(
+        65536, "Size in bytes of each pooled receive buffer (the most one recv() returns).",
+        int, minimum=1024, maximum=16 * 1024 * 1024)
+    pool_max_free: int = _field(
+        64, "Most idle buffers the pool keeps; buffers returned beyond it are dropped, so a "
+        "burst does not leave its memory pinned.", int, minimum=0)
+
+    def __post_init__(self) -> None:
+        for name, spec in _specs():
+            _check(name, spec, getattr(self, name))
+        if self.thread_stack_size and self.thread_stack_size < 32768:
+            raise ConfigError("thread_stack_size", "must be 0 (default) or at least 32768")
+
+    # --- building ----------------------------------------------------------
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = set(changes) - {name for name, _ in _specs()}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ConfigError(name, "unknown setting")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base: "Config | None" = None) -> "Config":
+        """Build from a mapping such as a parsed TOML table; unknown keys are errors.
+
+        Keys may use dashes or underscores (``idle-timeout`` or ``idle_timeout``).
+        """
+        changes = {str(key).replace("-", "_"): value for key, value in values.items()}
+        return (base or cls()).replace(**changes)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], *, base: "Config | None" = None) -> "Config":
+        """Load a TOML file; settings may sit at the top level or in a ``[server]`` table."""
+        try:
+            with open(path, "rb") as file:
+                data = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{os.fspath(path)!r} is not valid TOML: {exc}") from exc
+        if isinstance(data.get("server"), dict):
+            data = {**{k: v for k, v in data.items() if k != "server"}, **data["server"]}
+        return cls.from_mapping(data, base=base)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _specs() -> Iterator[tuple[str, FieldSpec]]:
+    for field in dataclasses.fields(Config):
+        yield field.name, field.metadata["spec"]
+
+
+def config_fields() -> list[tuple[dataclasses.Field, FieldSpec]]:
+    """Each field with its spec, in declaration order (for the CLI and docs)."""
+    return [(field, field.metadata["spec"]) for field in dataclasses.fields(Config)]
+
+
+def _check(name: str, spec: FieldSpec, value: Any) -> None:
+    if value is None:
+        if not spec.nullable:
+            raise ConfigError(name, "must be set (None is not allowed here)")
+        return
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, not {value!r}")
+        return
+    if spec.kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, not {value!r}")
+        if spec.choices and value not in spec.choices:
+            raise ConfigError(name, f"must be one of {', '.join(spec.choices)}; got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, not {value!r}")
+    if spec.kind is int and not isinstance(value, int):
+        raise ConfigError(name, f"must be a whole number, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(name, f"must be finite, not {value!r}")
+    if spec.minimum is not None:
+        if spec.exclusive_minimum and value <= spec.minimum:
+            raise ConfigError(name, f"must be greater than {spec.minimum:g}; got {value!r}")
+        if value < spec.minimum:
+            raise ConfigError(name, f"must be at least {spec.minimum:g}; got {value!r}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ConfigError(name, f"must be at most {spec.maximum:g}; got {value!r}")

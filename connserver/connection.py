@@ -1,0 +1,404 @@
+"""Connection: the one place that does socket I/O, always under a deadline.
+
+How deadlines reach the kernel. ``socket.settimeout(t)`` costs an ``ioctl`` on
+every call and turns each ``recv`` into ``poll`` + ``recv`` (three system calls
+where a plain blocking server makes one; see docs/explanation/deadlines.md).
+So the socket stays in blocking mode and the time left is given to the kernel
+as ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``: the same per-call bound computed from an
+absolute monotonic deadline, set only when it changes. Waiting for the next
+message uses the constant ``idle_timeout`` (no extra system call at all); a
+message in progress and every write get the remaining time of their absolute
+deadline, so a peer trickling a byte at a time cannot stretch it.
+
+Only the owning handler thread calls :meth:`close`. Other threads (the
+watchdog) call :meth:`abort`, which shuts the socket down under the same lock,
+so a shutdown can never hit an fd number that was closed and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import socket
+import struct
+import threading
+from typing import TYPE_CHECKING, Iterator, NoReturn
+
+from .buffers import BufferLease, BufferPool, LeaseAccount
+from .cancel import CancelToken
+from .config import Config
+from .deadline import Clock, monotonic
+from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
+                     RemoteProtocolError)
+
+if TYPE_CHECKING:
+    from .stats import ServerStats
+
+__all__ = ["Connection", "ConnectionInfo"]
+
+_TIMEVAL = struct.Struct("ll")
+# A timeout already set may be up to this much longer than what is left, to save a
+# setsockopt per call; the deadline is then overshot by at most this.
+_TIMEOUT_SLACK = 0.005
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionInfo:
+    """A snapshot of one live connection (for ``server.connections()``)."""
+
+    id: int
+    peer: str
+    age: float
+    bytes_in: int
+    bytes_out: int
+    operation: str | None            # "idle", "read", "write" or None (running handler code)
+    deadline_remaining: float | None
+    leases: int
+    queue_bytes: int
+
+
+class Connection:
+    """A connected socket with deadline-bounded, cancel-aware I/O.
+
+    Methods for the handler: :meth:`recv`, :meth:`recv_exactly`, :meth:`sendall`,
+    :meth:`deadline`, :meth:`lease`. Read-only attributes: ``id``, ``peer``,
+    ``bytes_received``, ``bytes_sent``, ``close_reason`` (set once it ended).
+    """
+
+    def __init__(self, sock: socket.socket, peer: object, *, id: int, config: Config,
+                 pool: BufferPool, cancel_token: CancelToken | None = None,
+                 stats: "ServerStats | None" = None, clock: Clock = monotonic) -> None:
+        self.id = id
+        self.peer = peer
+        self.peer_label = format_peer(peer)
+        self.config = config
+        self.cancel_token = cancel_token if cancel_token is not None else CancelToken()
+        self._cancelled = self.cancel_token._event.is_set
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._pool = pool
+        self._stats = stats
+        self._clock = clock
+        self._close_lock = threading.Lock()
+        self._closed = False
+        self._idle_timeout = config.idle_timeout
+        self._read_timeout = config.read_timeout
+        self._write_timeout = config.write_timeout
+        self._buffer_size = pool.buffer_size
+        self._rcvtimeo: float | None = None
+        self._sndtimeo: float | None = None
+        self._unit_expires_at: float | None = None
+        self._op_expires_at: float | None = None
+        self.leases = LeaseAccount()
+        self.created_at = clock()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.operation: str | None = None
+        self.outcome: CloseReason | None = None   # what the I/O itself saw: eof, reset, a deadline
+        self.close_reason: CloseReason | None = None
+        self.queue_bytes = 0   # bytes queued for this connection elsewhere (a hub)
+        sock.setblocking(True)
+
+    # --- reading -------------------------------------------------------------
+
+    def recv(self, max_bytes: int | None = None) -> bytes:
+        """Receive up to ``max_bytes`` (at most ``buffer_size``); ``b""`` at end of stream.
+
+        Waits at most ``idle_timeout`` for data (less inside :meth:`deadline`).
+        The result is an exact-size ``bytes`` copy; no pooled buffer stays held.
+        """
+        if self._cancelled():
+            self._raise_cancelled()
+        limit = self._buffer_size if max_bytes is None or max_bytes > self._buffer_size else max_bytes
+        if limit <= 0:
+            raise ValueError("max_bytes must be positive")
+        phase = self._arm_recv(None)
+        pool = self._pool
+        buffer = pool.acquire()
+        try:
+            try:
+                received = self._sock.recv_into(buffer, limit)
+            except OSError as exc:
+                self._io_failed(exc, phase)
+            data = bytes(memoryview(buffer)[:received])
+        finally:
+            pool.release(buffer)
+            self.operation = None
+        if received:
+            self.bytes_received += received
+        else:
+            self._saw_eof()
+        return data
+
+    def recv_exactly(self, size: int) -> bytes:
+        """Receive exactly ``size`` bytes, or ``b""`` if the stream ends before the first.
+
+        The first byte may take ``idle_timeout``; from it, the whole message must
+        arrive within ``read_timeout`` (an absolute deadline). The stream ending
+        part-way is a :class:`~connserver.RemoteProtocolError`.
+        """
+        if size <= 0:
+            raise ValueError("size must be positive")
+        if self._cancelled():
+            self._raise_cancelled()
+        if size <= self._buffer_size:
+            buffer = self._pool.acquire()
+            try:
+                return self._fill(buffer, size)
+            finally:
+                self._pool.release(buffer)
+        return self._fill(bytearray(size), size)
+
+    def _fill(self, buffer: bytearray, size: int) -> bytes:
+        received = 0
+        message_expires_at: float | None = None
+        sock = self._sock
+        with memoryview(buffer) as view:
+            try:
+                while received < size:
+                    phase = self._arm_recv(message_expires_at)
+                    try:
+                        count = sock.recv_into(view[received:size])
+                    except OSError as exc:
+                        self._io_failed(exc, phase)
+                    if not count:
+                        self._saw_eof()
+                        if received:
+                            raise RemoteProtocolError(
+                                f"peer closed the connection {received} bytes into a "
+                                f"{size}-byte message")
+                        return b""
+                    if message_expires_at is None:
+                        message_expires_at = self._clock() + self._read_timeout
+                    received += count
+                    self.bytes_received += count
+            finally:
+                self.operation = None
+            return bytes(view[:size])
+
+    def _arm_recv(self, message_expires_at: float | None) -> str:
+        """Set the kernel receive timeout for the next call; return the phase it bounds."""
+        expires_at = self._unit_expires_at
+        if message_expires_at is not None and (expires_at is None or message_expires_at < expires_at):
+            expires_at = message_expires_at
+        if expires_at is None:
+            # Waiting for a new message: the constant idle timeout, usually already set.
+            self.operation = "idle"
+            self._op_expires_at = self._clock() + self._idle_timeout
+            if self._rcvtimeo != self._idle_timeout:
+                self._set_timeout(socket.SO_RCVTIMEO, self._idle_timeout)
+                self._rcvtimeo = self._idle_timeout
+            return "idle"
+        remaining = expires_at - self._clock()
+        phase = "read"
+        if message_expires_at is None and remaining > self._idle_timeout:
+            remaining, phase = self._idle_timeout, "idle"
+        self.operation = phase
+        self._op_expires_at = expires_at
+        if remaining <= 0:
+            self._deadline_exceeded(phase)
+        current = self._rcvtimeo
+        if current is None or not (remaining <= current <= remaining + _TIMEOUT_SLACK):
+            self._set_timeout(socket.SO_RCVTIMEO, remaining)
+            self._rcvtimeo = remaining
+        return phase
+
+    # --- writing -------------------------------------------------------------
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data`` within ``write_timeout`` (an absolute deadline)."""
+        if self._cancelled():
+            self._raise_cancelled()
+        expires_at = self._clock() + self._write_timeout
+        if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
+            expires_at = self._unit_expires_at
+        sock = self._sock
+        total = len(data)
+        self.operation = "write"
+        self._op_expires_at = expires_at
+        try:
+            self._arm_send(expires_at)
+            try:
+                sent = sock.send(data, _SEND_FLAGS)
+            except OSError as exc:
+                self._io_failed(exc, "write")
+            if sent < total:
+                with memoryview(data) as view:
+                    while sent < total:
+                        self._arm_send(expires_at)
+                        try:
+                            sent += sock.send(view[sent:], _SEND_FLAGS)
+                        except OSError as exc:
+                            self.bytes_sent += sent
+                            self._io_failed(exc, "write")
+            self.bytes_sent += total
+        finally:
+            self.operation = None
+
+    def _arm_send(self, expires_at: float) -> None:
+        if self._cancelled():
+            self._raise_cancelled()
+        remaining = expires_at - self._clock()
+        if remaining <= 0:
+            self._deadline_exceeded("write")
+        current = self._sndtimeo
+        if current is None or not (remaining <= current <= remaining + _TIMEOUT_SLACK):
+            self._set_timeout(socket.SO_SNDTIMEO, remaining)
+            self._sndtimeo = remaining
+
+    # --- deadlines, leases -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound everything inside the block to ``seconds`` from now (nesting narrows)."""
+        if seconds <= 0:
+            raise ValueError("seconds must be positive")
+        previous = self._unit_expires_at
+        expires_at = self._clock() + seconds
+        if previous is not None and previous < expires_at:
+            expires_at = previous
+        self._unit_expires_at = expires_at
+        try:
+            yield
+        finally:
+            self._unit_expires_at = previous
+
+    def lease(self) -> BufferLease:
+        """Lease a pooled buffer for this connection; it must be released before the end."""
+        return self._pool.lease(self.leases)
+
+    # --- failure paths ---------------------------------------------------------
+
+    def _set_timeout(self, option: int, seconds: float) -> None:
+        # A zero timeval means "no timeout" to the kernel: never send one.
+        micros = max(1, int(seconds * 1_000_000))
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, option,
+                                  _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000))
+        except OSError as exc:
+            self._io_failed(exc, "write" if option == socket.SO_SNDTIMEO else "read")
+
+    def _io_failed(self, exc: OSError, phase: str) -> NoReturn:
+        self.operation = None
+        if self._cancelled():
+            self._raise_cancelled()
+        if isinstance(exc, BlockingIOError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            self._deadline_exceeded(phase)
+        if isinstance(exc, (socket.timeout,)):
+            self._deadline_exceeded(phase)
+        if self.outcome is None:
+            self.outcome = CloseReason.RESET
+        raise ConnectionBroken(f"connection broken during {phase}: {exc.strerror or exc}",
+                               exc.errno) from exc
+
+    def _deadline_exceeded(self, phase: str) -> NoReturn:
+        self.operation = None
+        error = DeadlineExceeded(phase, {"idle": self._idle_timeout, "read": self._read_timeout,
+                                         "write": self._write_timeout}.get(phase))
+        if self.outcome is None:
+            self.outcome = error.close_reason
+        if self._stats is not None:
+            self._stats.count_deadline(phase)
+        raise error
+
+    def _saw_eof(self) -> None:
+        if self._cancelled():
+            self._raise_cancelled()
+        if self.outcome is None:
+            self.outcome = CloseReason.EOF
+
+    def _raise_cancelled(self) -> NoReturn:
+        self.operation = None
+        raise Cancelled(self.cancel_token.reason or CloseReason.CANCELLED)
+
+    # --- ending ----------------------------------------------------------------
+
+    def abort(self, force: bool = False) -> None:
+        """Wake any thread blocked on this socket (``shutdown``; never ``close``).
+
+        Safe from any thread: on Linux, ``shutdown()`` makes a blocked ``recv`` or
+        ``send`` return at once, whereas ``close()`` from another thread does not,
+        and could hit a reused fd number. Unless ``force`` is set or a write is
+        blocked, only the read side is shut, so a cancelled handler can still
+        send a goodbye (:meth:`send_goodbye`).
+        """
+        how = socket.SHUT_RDWR if force or self.operation == "write" else socket.SHUT_RD
+        with self._close_lock:
+            if self._closed:
+                return
+            try:
+                self._sock.shutdown(how)
+            except OSError:
+                pass   # already disconnected: the blocked call has returned anyway
+
+    def send_goodbye(self, data: bytes, timeout: float = 1.0) -> bool:
+        """Best-effort last write, allowed even after cancellation; never raises.
+
+        Bounded by ``timeout`` (and by the write deadline); returns whether all of
+        ``data`` was handed to the kernel. Everything else keeps raising
+        :class:`~connserver.Cancelled` once the connection is cancelled.
+        """
+        expires_at = self._clock() + min(timeout, self._write_timeout)
+        sent = 0
+        try:
+            with memoryview(data) as view:
+                while sent < len(view):
+                    remaining = expires_at - self._clock()
+                    if remaining <= 0:
+                        return False
+                    self._set_timeout(socket.SO_SNDTIMEO, remaining)
+                    self._sndtimeo = remaining
+                    sent += self._sock.send(view[sent:], _SEND_FLAGS)
+        except (OSError, ConnServerError, Cancelled):
+            return False
+        finally:
+            self.bytes_sent += sent
+        return True
+
+    def close(self) -> None:
+        """Close the socket (owner thread only; idempotent)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def socket(self) -> socket.socket:
+        """The raw socket, for options only; do I/O through the connection's methods."""
+        return self._sock
+
+    def info(self) -> ConnectionInfo:
+        now = self._clock()
+        expires_at = self._op_expires_at if self.operation else None
+        remaining = None if expires_at is None else max(0.0, expires_at - now)
+        return ConnectionInfo(
+            id=self.id, peer=self.peer_label, age=now - self.created_at,
+            bytes_in=self.bytes_received, bytes_out=self.bytes_sent,
+            operation=self.operation, deadline_remaining=remaining,
+            leases=self.leases.outstanding, queue_bytes=self.queue_bytes)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Connection #{self.id} {self.peer_label} {state}>"
+
+
+def format_peer(peer: object) -> str:
+    """``host:port`` (``[v6]:port`` for IPv6), or the Unix socket path."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(peer, (bytes, str)):
+        return (peer.decode(errors="replace") if isinstance(peer, bytes) else peer) or "unix"
+    return str(peer)
+

@@ -1,0 +1,475 @@
+"""Server: a thread-per-connection TCP server on socketserver that leaks nothing.
+
+Lifecycle: ``start()`` (or ``serve_forever()``) → accept loop → each admitted
+connection runs on its own handler thread → ``shutdown(grace)``: stop accepting
+and close the listener, cancel every connection (reason ``shutdown``), wait up
+to ``grace``, force the remaining sockets shut, wait a little more, and report
+any handler thread that is still alive with its stack. It never waits forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import logging
+import os
+import random
+import selectors
+import socket
+import socketserver
+import sys
+import threading
+import traceback
+from typing import Any
+
+from .buffers import BufferPool
+from .cancel import CancelToken, Watchdog
+from .config import Config
+from .connection import Connection, ConnectionInfo, format_peer
+from .deadline import Clock, monotonic
+from .errors import Cancelled, CloseReason, ConnServerError, LocalProtocolError
+from .handler import Handler
+from .limits import ConnectionLimiter
+from .stats import ServerStatistics, ServerStats
+from .threads import HandlerThreadPool
+
+__all__ = ["Server", "ShutdownReport", "StuckThread"]
+
+log = logging.getLogger("connserver.server")
+conn_log = logging.getLogger("connserver.conn")
+access_log = logging.getLogger("connserver.access")
+
+# accept() errors that mean "out of a resource": back off instead of spinning.
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_BACKOFF_INTERVAL = 0.1
+_ACCEPT_BURST = 64          # connections accepted per wake-up before checking for shutdown
+_FORCE_WAIT_INTERVAL = 1.0  # extra wait after forcing sockets shut
+_PEER_RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+@dataclasses.dataclass(frozen=True)
+class StuckThread:
+    """A handler thread still alive after shutdown: its name, connection and stack."""
+
+    name: str
+    conn_id: int | None
+    stack: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShutdownReport:
+    """What ``shutdown()`` did."""
+
+    connections_at_start: int   # live when shutdown began
+    drained: int                # ended within the grace period
+    forced: int                 # had their sockets forced shut after the grace
+    stuck: tuple[StuckThread, ...]  # threads still alive at the end
+    duration: float
+
+    @property
+    def clean(self) -> bool:
+        return not self.stuck
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A TCP server running each connection's handler on its own thread.
+
+    Methods for the caller: ``start()``, ``serve_forever()``, ``shutdown(grace)``,
+    ``server_close()``, ``stats()``, ``connections()``, ``cancel(conn_id, reason)``;
+    also a context manager (leaving it shuts the server down).
+
+    Methods that may be overridden: ``verify_request(request, client_address)``
+    (return False to refuse a connection, as in socketserver).
+
+    Class variables that may be overridden: ``allow_reuse_address`` (True).
+    """
+
+    allow_reuse_address = True
+    daemon_threads = False
+    block_on_close = False   # we join our own threads, with timeouts
+
+    def __init__(self, server_address: Any, RequestHandlerClass: type[Handler],
+                 config: Config | None = None, *, bind_and_activate: bool = True,
+                 clock: Clock = monotonic) -> None:
+        self.config = config if config is not None else Config()
+        if not (isinstance(RequestHandlerClass, type) and issubclass(RequestHandlerClass, Handler)):
+            raise TypeError("RequestHandlerClass must be a subclass of connserver.Handler")
+        self.request_queue_size = self.config.backlog
+        if isinstance(server_address, tuple) and ":" in str(server_address[0]):
+            self.address_family = socket.AF_INET6
+        self._clock = clock
+        self._stats = ServerStats(clock)
+        self._pool = BufferPool(self.config.buffer_size, self.config.pool_max_free)
+        self._limiter = ConnectionLimiter(self.config.max_connections,
+                                          self.config.max_connections_per_ip)
+        self._watchdog = Watchdog(clock=clock)
+        self._threads = HandlerThreadPool(
+            self._serve_connection, max_spare=self.config.max_spare_threads,
+            spare_timeout=self.config.spare_thread_timeout,
+            stack_size=self.config.thread_stack_size)
+        self._registry: dict[int, Connection] = {}
+        self._registry_cond = threading.Condition(threading.Lock())
+        self._next_id = iter(range(1, sys.maxsize)).__next__
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._stopping = threading.Event()
+        self._force_now = threading.Event()
+        self._accepting = threading.Event()
+        self._serve_done = threading.Event()
+        self._serve_done.set()
+        self._accept_thread: threading.Thread | None = None
+        self._watchdog_started = False
+        self._shutdown_report: ShutdownReport | None = None
+        self._shutdown_lock = threading.Lock()
+        self._backing_off = False
+        self._rejecting = False
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
+
+    # --- the caller's API -------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Serve in a background thread (``connserver-accept``); return once accepting."""
+        if self._accept_thread is not None:
+            raise RuntimeError("server already started")
+        self._accept_thread = threading.Thread(target=self.serve_forever, name="connserver-accept")
+        self._accept_thread.start()
+        if not self._accepting.wait(timeout):
+            raise RuntimeError("server did not start accepting within %.1f s" % timeout)
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        """Accept connections until ``shutdown()``; runs in the calling thread.
+
+        The loop blocks in ``select()`` with no timeout: shutdown wakes it through a
+        socketpair, not by polling (``poll_interval`` is accepted and ignored).
+        """
+        if self._stopping.is_set():
+            return
+        self._serve_done.clear()
+        try:
+            self._start_watchdog()
+            self.socket.setblocking(False)
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                selector.register(self._wakeup_r, selectors.EVENT_READ)
+                self._accepting.set()
+                log.info("accepting on %s", format_peer(self.server_address))
+                while not self._stopping.is_set():
+                    if self.config.on_limit == "wait" and not self._wait_for_slot():
+                        break
+                    for key, _ in selector.select():
+                        if key.fileobj is self.socket and not self._stopping.is_set():
+                            self._accept_burst()
+        finally:
+            self._accepting.clear()
+            self._serve_done.set()
+
+    def shutdown(self, grace: float | None = None) -> ShutdownReport:  # type: ignore[override]
+        """Stop accepting, drain for up to ``grace`` seconds, force, and report.
+
+        Returns the same report if called again.
+        """
+        with self._shutdown_lock:
+            if self._shutdown_report is not None:
+                return self._shutdown_report
+            grace = self.config.graceful_timeout if grace is None else grace
+            started = self._clock()
+            self._stop_accepting()
+            with self._registry_cond:
+                live = list(self._registry.values())
+            for conn in live:
+                conn.cancel_token.cancel(CloseReason.SHUTDOWN)
+            self._wait_registry_empty(grace)
+            with self._registry_cond:
+                remaining = list(self._registry.values())
+            for conn in remaining:
+                conn.abort(force=True)
+            if remaining:
+                log.warning("forced %d connection(s) shut after the %.1f s grace",
+                            len(remaining), grace)
+                self._force_now.clear()
+                self._wait_registry_empty(_FORCE_WAIT_INTERVAL)
+            alive = self._threads.shutdown(timeout=0.5 if remaining else 2.0)
+            if not self._watchdog.stop(timeout=2.0):
+                alive.append(self._watchdog._thread)  # type: ignore[arg-type]
+            stuck = tuple(_describe_thread(thread) for thread in alive if thread is not None)
+            for thread in stuck:
+                log.error("thread %s still alive after shutdown (connection %s):\n%s",
+                          thread.name, thread.conn_id, thread.stack)
+            self._close_listener()
+            with self._registry_cond:
+                still_live = len(self._registry)
+            self._shutdown_report = ShutdownReport(
+                connections_at_start=len(live), drained=len(live) - len(remaining),
+                forced=len(remaining) - still_live if remaining else 0, stuck=stuck,
+                duration=self._clock() - started)
+            return self._shutdown_report
+
+    def force(self) -> None:
+        """End a shutdown's grace period now (e.g. on a second SIGTERM)."""
+        self._force_now.set()
+        with self._registry_cond:
+            self._registry_cond.notify_all()
+
+    def server_close(self) -> None:
+        """Close the listener; if still serving, shut down first (with no grace)."""
+        if self._shutdown_report is None and (not self._serve_done.is_set() or self._registry
+                                              or self._watchdog_started):
+            self.shutdown(grace=0.0)
+        self._close_listener()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server_close()
+
+    def stats(self) -> ServerStatistics:
+        busy, spare = self._threads.counts()
+        return self._stats.snapshot(handler_threads=busy, spare_threads=spare)
+
+    def connections(self) -> list[ConnectionInfo]:
+        with self._registry_cond:
+            live = list(self._registry.values())
+        return [conn.info() for conn in live]
+
+    def cancel(self, conn_id: int, reason: CloseReason | str = CloseReason.CANCELLED) -> bool:
+        """Cancel one connection (its blocked I/O wakes at once); False if not live."""
+        with self._registry_cond:
+            conn = self._registry.get(conn_id)
+        return conn is not None and conn.cancel_token.cancel(reason)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting.is_set() and not self._stopping.is_set()
+
+    @property
+    def buffer_pool(self) -> BufferPool:
+        return self._pool
+
+    @property
+    def limiter(self) -> ConnectionLimiter:
+        return self._limiter
+
+    # --- accepting --------------------------------------------------------------
+
+    def _accept_burst(self) -> None:
+        hold_slot_first = self.config.on_limit == "wait"
+        for _ in range(_ACCEPT_BURST):
+            if hold_slot_first and not self._limiter.try_acquire_slot():
+                return   # back to the loop, which waits for a slot before accepting
+            try:
+                sock, address = self.socket.accept()
+            except OSError as exc:
+                if hold_slot_first:
+                    self._limiter.release_slot()
+                if not isinstance(exc, BlockingIOError):
+                    self._accept_failed(exc)
+                return
+            if self._backing_off:
+                self._backing_off = False
+                log.warning("accepting again after running out of resources")
+            self._admit(sock, address, slot_held=hold_slot_first)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        if exc.errno in _RESOURCE_ERRNOS:
+            if not self._backing_off:
+                self._backing_off = True
+                log.error("accept() failed: %s; backing off %.0f ms at a time until it "
+                          "succeeds (logged once per burst)", exc.strerror,
+                          _ACCEPT_BACKOFF_INTERVAL * 1000)
+            # Wait without spinning; shutdown still wakes us at once.
+            self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
+        elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+            log.warning("accept() failed: %s", exc)
+
+    def _wait_for_slot(self) -> bool:
+        """on_limit='wait': hold off accept() until a slot frees (or we stop)."""
+        if not self._limiter.wait_for_slot():
+            return False
+        self._limiter.release_slot()   # _admit takes it for real
+        return not self._stopping.is_set()
+
+    def _admit(self, sock: socket.socket, address: Any, slot_held: bool) -> None:
+        ip = _ip_of(address)
+        try:
+            allowed = self.verify_request(sock, address)
+        except Exception:
+            log.exception("verify_request failed for %s", format_peer(address))
+            allowed = False
+        if not allowed:
+            if slot_held:
+                self._limiter.release_slot()
+            self._reject(sock, address, CloseReason.LIMIT, "refused by verify_request")
+            return
+        if not slot_held and not self._limiter.try_acquire_slot():
+            self._reject(sock, address, CloseReason.LIMIT,
+                         f"max_connections={self.config.max_connections} reached")
+            return
+        if not self._limiter.try_acquire_ip(ip):
+            self._limiter.release_slot()
+            self._reject(sock, address, CloseReason.LIMIT,
+                         f"max_connections_per_ip={self.config.max_connections_per_ip} reached")
+            return
+        self._rejecting = False
+        try:
+            self.process_request(sock, address)
+        except BaseException:
+            self._limiter.release_ip(ip)
+            self._limiter.release_slot()
+            sock.close()
+            raise
+
+    def _reject(self, sock: socket.socket, address: Any, reason: CloseReason, why: str) -> None:
+        sock.close()
+        self._stats.rejected_at_accept(reason)
+        if not self._rejecting:
+            self._rejecting = True
+            log.warning("rejecting connections: %s (logged once per burst)", why)
+        access_log.info("#- %s rejected reason=%s (%s)", format_peer(address), reason.value, why)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the accepted socket to a handler thread (never blocks on the handler)."""
+        self._threads.submit((request, client_address))
+
+    # --- one connection, on its handler thread -------------------------------------
+
+    def _serve_connection(self, job: tuple[socket.socket, Any]) -> None:
+        sock, address = job
+        conn_id = self._next_id()
+        threading.current_thread().name = f"connserver-conn-{conn_id}"
+        token = CancelToken()
+        conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
+                          cancel_token=token, stats=self._stats, clock=self._clock)
+        token._on_cancel = functools.partial(self._watchdog.abort_soon, conn)
+        with self._registry_cond:
+            self._registry[conn_id] = conn
+        self._stats.opened()
+        if self._stopping.is_set():
+            token.cancel(CloseReason.SHUTDOWN)
+        lifetime = self.config.max_lifetime
+        if lifetime is not None:
+            jitter = 1.0 - random.uniform(0.0, self.config.lifetime_jitter)
+            self._watchdog.watch(conn, conn.created_at + lifetime * jitter)
+        reason = CloseReason.ERROR
+        try:
+            self._set_socket_options(sock)
+            self.finish_request(conn, address)
+        except BaseException as exc:
+            reason = self._classify_failure(conn, exc)
+        else:
+            reason = token.reason or conn.outcome or CloseReason.CLOSED
+        finally:
+            self._end_connection(conn, address, reason)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.RequestHandlerClass(request, client_address, self)
+
+    def _set_socket_options(self, sock: socket.socket) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if self.config.tcp_nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.tcp_keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def _classify_failure(self, conn: Connection, exc: BaseException) -> CloseReason:
+        """Map what ended the handler to a close reason, logging it as it deserves."""
+        logger = conn_log
+        prefix = f"#{conn.id} {conn.peer_label}"
+        if isinstance(exc, Cancelled):
+            logger.debug("%s cancelled (%s)", prefix, exc.reason.value)
+            return exc.reason
+        if isinstance(exc, ConnServerError) and not isinstance(exc, LocalProtocolError):
+            reason = exc.close_reason
+            if reason is CloseReason.ERROR:
+                logger.error("%s handler failed: %s", prefix, exc, exc_info=exc)
+            else:
+                logger.info("%s closing: %s", prefix, exc)
+            return reason
+        if isinstance(exc, _PEER_RESETS):
+            logger.info("%s closing: peer reset (%s)", prefix, exc)
+            return CloseReason.RESET
+        if self.cancel_is_cause(conn, exc):
+            return conn.cancel_token.reason or CloseReason.CANCELLED
+        logger.error("%s handler raised %s", prefix, type(exc).__name__, exc_info=exc)
+        return CloseReason.ERROR
+
+    @staticmethod
+    def cancel_is_cause(conn: Connection, exc: BaseException) -> bool:
+        """An OSError on a socket the watchdog shut down is the cancellation showing."""
+        return isinstance(exc, OSError) and conn.cancel_token.cancelled
+
+    def _end_connection(self, conn: Connection, address: Any, reason: CloseReason) -> None:
+        self._watchdog.unwatch(conn)
+        conn.close()
+        conn.close_reason = reason
+        conn.cancel_token._detach()
+        handler = conn.__dict__.pop("_handler", None)
+        try:
+            self._pool.check_account(conn.leases, f"connection #{conn.id}")
+            if handler is not None:
+                try:
+                    handler.connection_closed(reason)
+                except Exception:
+                    conn_log.exception("#%d %s connection_closed() raised", conn.id, conn.peer_label)
+        finally:
+            with self._registry_cond:
+                self._registry.pop(conn.id, None)
+                if not self._registry:
+                    self._registry_cond.notify_all()
+            self._limiter.release_ip(_ip_of(address))
+            self._limiter.release_slot()
+            self._stats.closed(reason)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s",
+                                conn.id, conn.peer_label, self._clock() - conn.created_at,
+                                conn.bytes_received, conn.bytes_sent, reason.value)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints to stderr here; we log (used only on unexpected paths)."""
+        log.exception("unexpected error serving %s", format_peer(client_address))
+
+    # --- shutting down ------------------------------------------------------------
+
+    def _start_watchdog(self) -> None:
+        if not self._watchdog_started:
+            self._watchdog_started = True
+            self._watchdog.start()
+
+    def _stop_accepting(self) -> None:
+        self._stopping.set()
+        self._limiter.wake()
+        try:
+            self._wakeup_w.send(b"\0")
+        except OSError:
+            pass
+        if self._accept_thread is not None:
+            self._accept_thread.join(5.0)
+        elif not self._serve_done.wait(5.0):
+            log.error("serve_forever() did not return within 5 s of shutdown")
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        if self.socket.fileno() != -1:
+            self.socket.close()
+        for sock in (self._wakeup_r, self._wakeup_w):
+            sock.close()
+
+    def _wait_registry_empty(self, timeout: float) -> bool:
+        with self._registry_cond:
+            return self._registry_cond.wait_for(
+                lambda: not self._registry or self._force_now.is_set(), timeout)
+
+
+def _ip_of(address: Any) -> str:
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return "unix"
+
+
+def _describe_thread(thread: threading.Thread) -> StuckThread:
+    frame = sys._current_frames().get(thread.ident or -1)
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+    conn_id = None
+    if thread.name.startswith("connserver-conn-"):
+        try:
+            conn_id = int(thread.name.rsplit("-", 1)[1])
+        except ValueError:
+            pass
+    return StuckThread(name=thread.name, conn_id=conn_id, stack=stack)

@@ -1,0 +1,71 @@
+"""Server-wide counters, and the frozen record ``Server.stats()`` returns."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Mapping
+
+from .deadline import Clock, monotonic
+from .errors import CloseReason
+
+__all__ = ["ServerStats", "ServerStatistics"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStatistics:
+    """A consistent snapshot of the server's counters."""
+
+    connections_active: int
+    connections_total: int        # connections admitted since start
+    connections_rejected: int     # closed at accept time by a limit
+    close_reasons: Mapping[str, int]
+    deadline_hits: Mapping[str, int]   # DeadlineExceeded raised, by phase
+    handler_threads: int          # threads serving a connection now
+    spare_threads: int            # threads waiting for the next connection
+    uptime: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ServerStats:
+    """Thread-safe counters; everything is bounded (reasons and phases are fixed sets)."""
+
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.started_at = clock()
+        self.active = 0
+        self.total = 0
+        self.rejected = 0
+        self._reasons: collections.Counter[str] = collections.Counter()
+        self._deadlines: collections.Counter[str] = collections.Counter()
+
+    def opened(self) -> None:
+        with self._lock:
+            self.active += 1
+            self.total += 1
+
+    def closed(self, reason: CloseReason) -> None:
+        with self._lock:
+            self.active -= 1
+            self._reasons[reason.value] += 1
+
+    def rejected_at_accept(self, reason: CloseReason = CloseReason.LIMIT) -> None:
+        with self._lock:
+            self.rejected += 1
+            self._reasons[reason.value] += 1
+
+    def count_deadline(self, phase: str) -> None:
+        with self._lock:
+            self._deadlines[phase] += 1
+
+    def snapshot(self, handler_threads: int = 0, spare_threads: int = 0) -> ServerStatistics:
+        with self._lock:
+            return ServerStatistics(
+                connections_active=self.active, connections_total=self.total,
+                connections_rejected=self.rejected, close_reasons=dict(self._reasons),
+                deadline_hits=dict(self._deadlines), handler_threads=handler_threads,
+                spare_threads=spare_threads, uptime=self._clock() - self.started_at)

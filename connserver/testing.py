@@ -1,0 +1,152 @@
+"""Test helpers and the pytest plugin (registered through the ``pytest11`` entry point).
+
+- :class:`FakeClock`: a clock to inject into deadlines and rate limiters.
+- :func:`leak_snapshot` / :func:`find_leaks`: threads and fds that a piece of
+  code left behind, waiting a bounded time for them to go.
+- fixture ``connserver_server``: ``connserver_server(HandlerClass, **config)``
+  starts a server on 127.0.0.1 port 0; it is shut down and checked at teardown.
+- marker ``@pytest.mark.connserver_leakcheck``: fail the test if it leaves a
+  thread or an fd behind, listing the survivors with their stacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+__all__ = ["FakeClock", "LeakSnapshot", "leak_snapshot", "find_leaks", "wait_for"]
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a monotonic clock cannot go back")
+        self.now += seconds
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
+    """Poll ``condition`` until it returns something truthy or ``timeout`` passes.
+
+    For conditions nothing signals (a thread count, an fd count); returns the last
+    value, so callers assert on it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakSnapshot:
+    threads: frozenset[int]
+    fds: frozenset[int]
+
+
+def open_fds() -> frozenset[int]:
+    """The process's open file descriptors (from /proc/self/fd)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except FileNotFoundError:   # not Linux: fd checks are skipped
+        return frozenset()
+    return frozenset(int(name) for name in names)
+
+
+def leak_snapshot() -> LeakSnapshot:
+    return LeakSnapshot(threads=frozenset(t.ident for t in threading.enumerate() if t.ident),
+                        fds=open_fds())
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def _new_threads(before: LeakSnapshot) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.ident not in before.threads and t.is_alive()]
+
+
+def find_leaks(before: LeakSnapshot, timeout: float = 5.0) -> list[str]:
+    """What exists now that did not at ``before``: threads (with stacks) and fds.
+
+    Waits up to ``timeout`` for threads to exit and fds to close, since a handler
+    thread finishes its cleanup just after its client sees the socket close.
+    """
+    wait_for(lambda: not _new_threads(before) and not (open_fds() - before.fds), timeout)
+    problems = []
+    frames = sys._current_frames()
+    for thread in _new_threads(before):
+        frame = frames.get(thread.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame else "(no frame)\n"
+        problems.append(f"thread {thread.name!r} still alive:\n{stack}")
+    for fd in sorted(open_fds() - before.fds):
+        # The listing itself opens an fd briefly; it is closed by the time we look.
+        target = _fd_target(fd)
+        if target != "?":
+            problems.append(f"fd {fd} still open -> {target}")
+    return problems
+
+
+# --- the pytest plugin ---------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # the plugin part is only for test runs
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    def pytest_configure(config: Any) -> None:
+        config.addinivalue_line(
+            "markers", "connserver_leakcheck: fail the test if it leaves a thread or fd behind")
+
+    @pytest.fixture(autouse=True)
+    def _connserver_leakcheck(request: Any) -> Iterator[None]:
+        if request.node.get_closest_marker("connserver_leakcheck") is None:
+            yield
+            return
+        before = leak_snapshot()
+        yield
+        problems = find_leaks(before)
+        if problems:
+            pytest.fail("test left resources behind:\n" + "\n".join(problems), pytrace=False)
+
+    @pytest.fixture
+    def connserver_server() -> Iterator[Callable[..., Any]]:
+        """Factory: ``connserver_server(HandlerClass, **config)`` -> a running Server."""
+        from .config import Config
+        from .server import Server
+
+        servers: list[Server] = []
+
+        def start(handler: type, address: tuple[str, int] = ("127.0.0.1", 0), **config: Any) -> Server:
+            server = Server(address, handler, Config(**config))
+            servers.append(server)
+            server.start()
+            return server
+
+        yield start
+        stuck = []
+        for server in servers:
+            report = server.shutdown(grace=2.0)
+            server.server_close()
+            stuck.extend(report.stuck)
+        if stuck:
+            pytest.fail("handler threads still alive after shutdown:\n" +
+                        "\n".join(f"{t.name}:\n{t.stack}" for t in stuck), pytrace=False)
