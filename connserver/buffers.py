@@ -138,15 +138,18 @@ class BufferPool:
         log.warning("a buffer came back to the pool while a memoryview of it was still alive; "
                     "it was dropped, not reused (copy data out with bytes(), do not keep views)")
 
-    def lease(self, account: LeaseAccount | None = None) -> BufferLease:
-        """Lease a buffer, accounted to ``account`` (a connection's) with the call site."""
+    def lease(self, account: LeaseAccount | None = None, *, stacklevel: int = 1) -> BufferLease:
+        """Lease a buffer, accounted to ``account`` (a connection's) with the call site.
+
+        ``stacklevel`` works as in :func:`warnings.warn`: 2 names the caller's caller.
+        """
         lease = BufferLease(self, self.acquire(), account)
         if account is not None:
             account.outstanding += 1
             if self.paranoid:
-                site = "".join(traceback.format_stack(sys._getframe(1), limit=16))
+                site = "".join(traceback.format_stack(sys._getframe(stacklevel), limit=16))
             else:
-                frame = sys._getframe(1)
+                frame = sys._getframe(stacklevel)
                 site = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
             account._sites[id(lease)] = site
         return lease

@@ -216,6 +216,7 @@ class Connection:
             expires_at = self._unit_expires_at
         sock = self._sock
         total = len(data)
+        sent = 0
         self.operation = "write"
         self._op_expires_at = expires_at
         try:
@@ -225,16 +226,17 @@ class Connection:
             except OSError as exc:
                 self._io_failed(exc, "write")
             if sent < total:
+                # Partial write: the peer's window is full. Continue under the same
+                # absolute deadline, re-arming the kernel timeout with what is left.
                 with memoryview(data) as view:
                     while sent < total:
                         self._arm_send(expires_at)
                         try:
                             sent += sock.send(view[sent:], _SEND_FLAGS)
                         except OSError as exc:
-                            self.bytes_sent += sent
                             self._io_failed(exc, "write")
-            self.bytes_sent += total
         finally:
+            self.bytes_sent += sent
             self.operation = None
 
     def _arm_send(self, expires_at: float) -> None:
@@ -267,7 +269,7 @@ class Connection:
 
     def lease(self) -> BufferLease:
         """Lease a pooled buffer for this connection; it must be released before the end."""
-        return self._pool.lease(self.leases)
+        return self._pool.lease(self.leases, stacklevel=2)
 
     # --- failure paths ---------------------------------------------------------
 
