@@ -177,11 +177,16 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler_before in previous.items():
             signal.signal(sig, handler_before)
-    if report is not None:
-        log.info("stopped: %d drained, %d forced, %d stuck thread(s)",
-                 report.drained, report.forced, len(report.stuck))
-        return 0 if report.clean else 1
-    return 1
+    if report is None:
+        return 1
+    log.info("stopped: %d drained, %d forced, %d stuck thread(s)",
+             report.drained, report.forced, len(report.stuck))
+    if not report.clean:
+        # The stuck threads were logged with their stacks; they would keep the
+        # process alive forever, and a daemon's stop must not hang.
+        logging.shutdown()
+        os._exit(1)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
