@@ -5,6 +5,7 @@ from .cancel import CancelToken, Watchdog
 from .config import Config
 from .connection import Connection, ConnectionInfo
 from .deadline import Deadline
+from . import framing
 from .errors import (
     Cancelled,
     CloseReason,
@@ -17,7 +18,7 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from .handler import Handler
+from .handler import FramedHandler, Handler, LineHandler
 from .server import Server, ShutdownReport, StuckThread
 from .stats import ServerStatistics
 
@@ -38,7 +39,10 @@ __all__ = [
     "Deadline",
     "DeadlineExceeded",
     "FrameTooLarge",
+    "framing",
+    "FramedHandler",
     "Handler",
+    "LineHandler",
     "LocalProtocolError",
     "PoolStatistics",
     "ProtocolError",

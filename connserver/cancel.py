@@ -83,9 +83,14 @@ class Abortable(Protocol):
     """What the watchdog needs from a connection."""
 
     cancel_token: CancelToken
+    operation: str | None   # "write" while a write is under way
 
-    def abort(self) -> None:
-        """Wake any thread blocked on the connection's socket (never closes it)."""
+    def abort(self, force: bool = False) -> bool:
+        """Wake a thread blocked reading (or, with ``force``, writing) on the socket.
+
+        Never closes it. Returns True if a write seemed to be under way, so the
+        watchdog should come back and force it if it is still blocked.
+        """
 
 
 class Watchdog:
@@ -94,16 +99,22 @@ class Watchdog:
     ``watch()`` registers a connection with an optional absolute expiry time (in
     the watchdog's clock); at expiry its token is cancelled with ``lifetime``.
     ``abort_soon()`` queues a connection whose token was just cancelled; the
-    watchdog calls its ``abort()`` promptly. Entries of connections that ended
+    watchdog calls its ``abort()`` promptly, which shuts the read side (so the
+    handler may still say goodbye). If a write was under way, the watchdog looks
+    again ``WRITE_FORCE_INTERVAL`` later and forces both sides shut if that write
+    is still blocked. Entries of connections that ended
     are dropped lazily and compacted, so the heap stays within twice the number
     of live connections.
     """
+
+    WRITE_FORCE_INTERVAL = 0.05
 
     def __init__(self, *, name: str = "connserver-watchdog", clock: Clock = monotonic) -> None:
         self._clock = clock
         self._name = name
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[Abortable] = deque()
+        self._recheck: list[tuple[float, int, Abortable]] = []   # writes to force if still blocked
         self._heap: list[tuple[float, int, list]] = []
         self._entries: dict[int, list] = {}   # id(target) -> [target | None]
         self._dead = 0
@@ -174,37 +185,55 @@ class Watchdog:
                     cond.wait(self._wait_timeout())
                 if self._stopping:
                     self._pending.clear()
+                    self._recheck.clear()
                     return
                 to_abort = list(self._pending)
                 self._pending.clear()
                 expired = self._pop_expired()
+                to_force = self._pop_rechecks()
             for target in expired:
                 # cancel() queues the abort through the token's callback.
                 if target.cancel_token.cancel(CloseReason.LIFETIME):
                     self.lifetime_expiries += 1
             for target in to_abort:
-                self._abort(target)
+                if self._abort(target, force=False):
+                    with cond:
+                        heapq.heappush(self._recheck, (self._clock() + self.WRITE_FORCE_INTERVAL,
+                                                       next(self._seq), target))
+            for target in to_force:
+                if target.operation == "write":   # still blocked writing: force it
+                    self._abort(target, force=True)
 
-    def _abort(self, target: Abortable) -> None:
+    def _abort(self, target: Abortable, force: bool) -> bool:
         try:
-            target.abort()
             self.aborts += 1
+            return target.abort(force=force)
         except Exception:  # never let one connection's failure stop the watchdog
             log.exception("aborting %r failed", target)
+            return False
 
     def _due(self) -> bool:
         heap = self._heap
         while heap and heap[0][2][0] is None:
             heapq.heappop(heap)
             self._dead -= 1
-        return bool(heap) and heap[0][0] <= self._clock()
+        now = self._clock()
+        return bool(heap) and heap[0][0] <= now or bool(self._recheck) and self._recheck[0][0] <= now
 
     def _wait_timeout(self) -> float | None:
-        if not self._heap:
+        times = [queue[0][0] for queue in (self._heap, self._recheck) if queue]
+        if not times:
             return None
-        # Wait in real seconds until the earliest expiry on the watchdog's clock;
+        # Wait in real seconds until the earliest time due on the watchdog's clock;
         # with a fake clock, tests call poke() after advancing it.
-        return max(0.0, self._heap[0][0] - self._clock())
+        return max(0.0, min(times) - self._clock())
+
+    def _pop_rechecks(self) -> list[Abortable]:
+        now = self._clock()
+        due = []
+        while self._recheck and self._recheck[0][0] <= now:
+            due.append(heapq.heappop(self._recheck)[2])
+        return due
 
     def _pop_expired(self) -> list[Abortable]:
         now = self._clock()

@@ -22,6 +22,7 @@ DEFAULT_PORT = 7070
 DEFAULT_APP = "echo"
 BUILTIN_APPS = {
     "echo": "connserver.apps.echo:EchoHandler",
+    "framed-echo": "connserver.apps.echo:FramedEchoHandler",
 }
 
 log = logging.getLogger("connserver.cli")
@@ -151,9 +152,9 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("second %s: forcing shutdown now", signal.Signals(signum).name)
             server.force()
         else:
+            stop_requested.set()   # before logging: a second signal may arrive mid-log
             log.info("%s: draining (up to %.1f s)", signal.Signals(signum).name,
                      config.graceful_timeout)
-            stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -93,6 +93,12 @@ class Config:
     tcp_nodelay: bool = _field(
         True, "Disable Nagle's algorithm, so small replies are sent at once.", bool)
 
+    # --- framing ---------------------------------------------------------
+    max_frame_size: int = _field(
+        1024 * 1024, "Largest frame (or line) accepted from a peer, in bytes; a larger "
+        "announced length closes the connection at once (frame_too_large), before any of "
+        "it is read.", int, minimum=1)
+
     # --- buffers ---------------------------------------------------------
     buffer_size: int = _field(
         65536, "Size in bytes of each pooled receive buffer (the most one recv() returns).",

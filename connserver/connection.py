@@ -23,16 +23,17 @@ import errno
 import socket
 import struct
 import threading
-from typing import TYPE_CHECKING, Iterator, NoReturn
+from typing import TYPE_CHECKING, Iterable, Iterator, NoReturn
 
 from .buffers import BufferLease, BufferPool, LeaseAccount
 from .cancel import CancelToken
 from .config import Config
 from .deadline import Clock, monotonic
 from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
-                     RemoteProtocolError)
+                     LocalProtocolError, RemoteProtocolError)
 
 if TYPE_CHECKING:
+    from .framing import Codec
     from .stats import ServerStats
 
 __all__ = ["Connection", "ConnectionInfo"]
@@ -42,6 +43,7 @@ _TIMEVAL = struct.Struct("ll")
 # setsockopt per call; the deadline is then overshot by at most this.
 _TIMEOUT_SLACK = 0.005
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_IOV_MAX = 1024   # buffers per sendmsg (Linux's IOV_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Connection:
         self.outcome: CloseReason | None = None   # what the I/O itself saw: eof, reset, a deadline
         self.close_reason: CloseReason | None = None
         self.queue_bytes = 0   # bytes queued for this connection elsewhere (a hub)
+        self.codec: "Codec | None" = None   # set by FramedHandler / LineHandler
         sock.setblocking(True)
 
     # --- reading -------------------------------------------------------------
@@ -114,7 +117,22 @@ class Connection:
         limit = self._buffer_size if max_bytes is None or max_bytes > self._buffer_size else max_bytes
         if limit <= 0:
             raise ValueError("max_bytes must be positive")
-        phase = self._arm_recv(None)
+        return self._recv_copy(limit, None)
+
+    def recv_part(self, message_expires_at: float | None) -> bytes:
+        """Receive what is available of a message whose deadline is ``message_expires_at``.
+
+        For framing loops: ``None`` means no message has started (the idle timeout
+        applies); otherwise the absolute deadline (on the connection's clock) that
+        the message's first byte started.
+        """
+        if self._cancelled():
+            self._raise_cancelled()
+        return self._recv_copy(self._buffer_size, message_expires_at)
+
+    def _recv_copy(self, limit: int, message_expires_at: float | None) -> bytes:
+        """One recv_into a pooled buffer, returned as an exact-size copy (one copy)."""
+        phase = self._arm_recv(message_expires_at)
         pool = self._pool
         buffer = pool.acquire()
         try:
@@ -209,34 +227,56 @@ class Connection:
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data`` within ``write_timeout`` (an absolute deadline)."""
+        self._send_buffers([data])
+
+    def send_frame(self, payload: bytes) -> None:
+        """Send one frame (header and payload in one ``sendmsg``, no concatenation)."""
+        self._send_buffers(list(self._require_codec().frame_parts(payload)))
+
+    def send_frames(self, payloads: Iterable[bytes]) -> None:
+        """Send several frames coalesced with scatter-gather, under one write deadline."""
+        codec = self._require_codec()
+        buffers: list = []
+        for payload in payloads:
+            buffers.extend(codec.frame_parts(payload))
+        if buffers:
+            self._send_buffers(buffers)
+
+    def _require_codec(self) -> "Codec":
+        if self.codec is None:
+            raise LocalProtocolError("no framing codec on this connection (use FramedHandler "
+                                     "or LineHandler, or set conn.codec)")
+        return self.codec
+
+    def _send_buffers(self, buffers: list) -> None:
+        """Write every buffer with ``sendmsg`` under one absolute write deadline."""
         if self._cancelled():
             self._raise_cancelled()
         expires_at = self._clock() + self._write_timeout
         if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
             expires_at = self._unit_expires_at
-        sock = self._sock
-        total = len(data)
-        sent = 0
+        sendmsg = self._sock.sendmsg
+        sent_total = 0
+        first = 0   # buffers before this index are fully sent
         self.operation = "write"
         self._op_expires_at = expires_at
         try:
-            self._arm_send(expires_at)
-            try:
-                sent = sock.send(data, _SEND_FLAGS)
-            except OSError as exc:
-                self._io_failed(exc, "write")
-            if sent < total:
-                # Partial write: the peer's window is full. Continue under the same
-                # absolute deadline, re-arming the kernel timeout with what is left.
-                with memoryview(data) as view:
-                    while sent < total:
-                        self._arm_send(expires_at)
-                        try:
-                            sent += sock.send(view[sent:], _SEND_FLAGS)
-                        except OSError as exc:
-                            self._io_failed(exc, "write")
+            while first < len(buffers):
+                self._arm_send(expires_at)
+                try:
+                    sent = sendmsg(buffers[first:first + _IOV_MAX], (), _SEND_FLAGS)
+                except OSError as exc:
+                    self._io_failed(exc, "write")
+                sent_total += sent
+                # Partial write: the peer's window is full. Skip what went out and
+                # continue under the same deadline with what is left.
+                while first < len(buffers) and sent >= len(buffers[first]):
+                    sent -= len(buffers[first])
+                    first += 1
+                if sent:
+                    buffers[first] = memoryview(buffers[first])[sent:]
         finally:
-            self.bytes_sent += sent
+            self.bytes_sent += sent_total
             self.operation = None
 
     def _arm_send(self, expires_at: float) -> None:
@@ -317,23 +357,24 @@ class Connection:
 
     # --- ending ----------------------------------------------------------------
 
-    def abort(self, force: bool = False) -> None:
+    def abort(self, force: bool = False) -> bool:
         """Wake any thread blocked on this socket (``shutdown``; never ``close``).
 
         Safe from any thread: on Linux, ``shutdown()`` makes a blocked ``recv`` or
         ``send`` return at once, whereas ``close()`` from another thread does not,
-        and could hit a reused fd number. Unless ``force`` is set or a write is
-        blocked, only the read side is shut, so a cancelled handler can still
-        send a goodbye (:meth:`send_goodbye`).
+        and could hit a reused fd number. Without ``force`` only the read side is
+        shut, so a cancelled handler can still send a goodbye
+        (:meth:`send_goodbye`); the return value says whether a write was under
+        way, which the watchdog then forces shut if it stays blocked.
         """
-        how = socket.SHUT_RDWR if force or self.operation == "write" else socket.SHUT_RD
         with self._close_lock:
             if self._closed:
-                return
+                return False
             try:
-                self._sock.shutdown(how)
+                self._sock.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
             except OSError:
                 pass   # already disconnected: the blocked call has returned anyway
+        return not force and self.operation == "write"
 
     def send_goodbye(self, data: bytes, timeout: float = 1.0) -> bool:
         """Best-effort last write, allowed even after cancellation; never raises.

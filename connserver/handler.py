@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any, MutableMapping
 
 from .cancel import CancelToken
 from .connection import Connection
-from .errors import CloseReason
+from .errors import CloseReason, RemoteProtocolError
+from .framing import Codec, LengthPrefixed, Lines
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Handler", "ConnectionLoggerAdapter"]
+__all__ = ["Handler", "FramedHandler", "LineHandler", "ConnectionLoggerAdapter"]
 
 
 class ConnectionLoggerAdapter(logging.LoggerAdapter):
@@ -76,3 +77,91 @@ class Handler(socketserver.BaseRequestHandler):
 
     def connection_closed(self, reason: CloseReason) -> None:
         """Called once, after the socket was closed, with why it ended."""
+
+
+class _MessageHandler(Handler):
+    """The read loop shared by the framed bases: idle wait, then a read deadline per frame.
+
+    Waiting for a frame's first byte is bounded by ``idle_timeout``; from that
+    byte, the whole frame must arrive within ``read_timeout`` (absolute), so a
+    peer trickling a frame cannot hold the thread longer than that.
+    """
+
+    def make_codec(self) -> Codec:
+        raise NotImplementedError
+
+    def dispatch(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def handle(self) -> None:
+        conn = self.conn
+        codec = conn.codec = self.make_codec()
+        clock = conn._clock
+        read_timeout = self.server.config.read_timeout
+        message_expires_at: float | None = None
+        while True:
+            data = conn.recv_part(message_expires_at)
+            if not data:
+                if codec.pending:
+                    raise RemoteProtocolError(
+                        f"peer closed the connection {codec.pending} bytes into a frame")
+                return
+            frames = codec.feed(data)
+            for frame in frames:
+                self.dispatch(frame)
+            if not codec.pending:
+                message_expires_at = None
+            elif frames or message_expires_at is None:
+                # A new frame started in this chunk: its deadline starts now.
+                message_expires_at = clock() + read_timeout
+
+
+class FramedHandler(_MessageHandler):
+    """Length-prefixed frames: override ``handle_frame``; a returned value is sent back.
+
+    Class variables that may be overridden: ``header`` (``struct`` format of the
+    length prefix, default ``"!I"``). The frame limit is ``Config.max_frame_size``.
+    """
+
+    header = "!I"
+
+    def make_codec(self) -> Codec:
+        return LengthPrefixed(self.server.config.max_frame_size, self.header)
+
+    def dispatch(self, frame: bytes) -> None:
+        reply = self.handle_frame(frame)
+        if reply is not None:
+            self.conn.send_frame(reply)
+
+    def handle_frame(self, frame: bytes) -> bytes | None:
+        """Handle one complete frame; return a frame to send back, or None."""
+        raise NotImplementedError
+
+
+class LineHandler(_MessageHandler):
+    """Text lines: override ``handle_line``; a returned string is sent back as a line.
+
+    Class variables that may be overridden: ``newline`` (``b"\\n"``; a ``\\r``
+    before it is dropped), ``encoding`` (``"utf-8"``), ``errors`` (``"replace"``),
+    ``max_line`` (bytes; default ``Config.max_frame_size``).
+    """
+
+    newline = b"\n"
+    encoding = "utf-8"
+    errors = "replace"
+    max_line: int | None = None
+
+    def make_codec(self) -> Codec:
+        return Lines(self.max_line or self.server.config.max_frame_size, self.newline)
+
+    def dispatch(self, frame: bytes) -> None:
+        reply = self.handle_line(frame.decode(self.encoding, self.errors))
+        if reply is not None:
+            self.send_line(reply)
+
+    def send_line(self, line: str) -> None:
+        self.conn.send_frame(line.encode(self.encoding))
+
+    def handle_line(self, line: str) -> str | None:
+        """Handle one line (without its newline); return a line to send back, or None."""
+        raise NotImplementedError

@@ -191,6 +191,36 @@ def test_cancel_wakes_a_blocked_recv_within_100ms(socketpair):
     assert woke_at[0] - cancelled_at < 0.1
 
 
+def test_cancel_wakes_a_blocked_sendall(socketpair):
+    """A writer blocked on a peer that never reads is forced shut shortly after cancel()."""
+    server_side, client = socketpair
+    shrink_buffers(server_side, client)
+    watchdog = Watchdog()
+    watchdog.start()
+    conn = make_conn(server_side, write_timeout=30.0)
+    conn.cancel_token._on_cancel = lambda: watchdog.abort_soon(conn)
+    outcome: list = []
+
+    def writer():
+        try:
+            conn.sendall(b"x" * (8 * 1024 * 1024))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=writer, name="test-writer")
+    thread.start()
+    try:
+        assert connserver.testing.wait_for(lambda: conn.operation == "write", 10)
+        started = time.monotonic()
+        conn.cancel_token.cancel()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 0.5
+    finally:
+        assert watchdog.stop(10)
+    assert isinstance(outcome[0], connserver.Cancelled)
+
+
 def test_cancellation_is_level_triggered(socketpair):
     """Once cancelled, every later call raises Cancelled again."""
     server_side, client = socketpair

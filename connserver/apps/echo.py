@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..handler import Handler
+from ..handler import FramedHandler, Handler
 
-__all__ = ["EchoHandler"]
+__all__ = ["EchoHandler", "FramedEchoHandler"]
 
 
 class EchoHandler(Handler):
@@ -14,3 +14,10 @@ class EchoHandler(Handler):
         recv, sendall = self.conn.recv, self.conn.sendall
         while data := recv():
             sendall(data)
+
+
+class FramedEchoHandler(FramedHandler):
+    """Length-prefixed echo: each frame comes back as one frame."""
+
+    def handle_frame(self, frame: bytes) -> bytes:
+        return frame

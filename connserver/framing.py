@@ -1,0 +1,144 @@
+"""Framing codecs, sans-I/O: feed bytes in, get complete frames out.
+
+No socket is touched here, so every rule is tested at memory speed. Both
+decoders bound the memory they hold by their limit: a length prefix is checked
+against ``max_frame_size`` the moment the header is complete, before any of the
+body is buffered (an ``0xFFFFFFFF`` prefix costs nothing), and a line longer
+than ``max_line`` is refused as soon as that many bytes arrived without a
+newline.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from .errors import FrameTooLarge, LocalProtocolError
+
+__all__ = ["Codec", "LengthPrefixed", "Lines"]
+
+
+class Codec(Protocol):
+    """What a connection needs to read and write frames."""
+
+    max_frame_size: int
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the frames they completed (maybe none)."""
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held (0 at a frame boundary)."""
+
+    def frame_parts(self, payload: bytes) -> tuple[bytes, ...]:
+        """The buffers that make ``payload`` one frame on the wire (no copy of it)."""
+
+
+class LengthPrefixed:
+    """Frames preceded by a big-endian length header (``struct`` format, default ``!I``)."""
+
+    def __init__(self, max_frame_size: int, header: str = "!I") -> None:
+        if max_frame_size < 0:
+            raise ValueError("max_frame_size must not be negative")
+        self._header = struct.Struct(header)
+        if self._header.format[-1:] not in ("B", "H", "I", "L", "Q") or len(self._header.format.lstrip("!<>=@")) != 1:
+            raise ValueError(f"header must be one unsigned integer format such as '!I', not {header!r}")
+        self.max_frame_size = max_frame_size
+        self._max_encodable = (1 << (8 * self._header.size)) - 1
+        self._buffer = bytearray()
+        self._expected: int | None = None   # body size of the frame being read
+
+    @property
+    def header_size(self) -> int:
+        return self._header.size
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer
+        buffer += data
+        frames: list[bytes] = []
+        header_size = self._header.size
+        offset = 0
+        while True:
+            if self._expected is None:
+                if len(buffer) - offset < header_size:
+                    break
+                (size,) = self._header.unpack_from(buffer, offset)
+                if size > self.max_frame_size:
+                    # Refuse before buffering any of the body.
+                    buffer.clear()
+                    raise FrameTooLarge(size, self.max_frame_size)
+                offset += header_size
+                self._expected = size
+            end = offset + self._expected
+            if len(buffer) < end:
+                break
+            frames.append(bytes(buffer[offset:end]))
+            offset = end
+            self._expected = None
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    def frame_parts(self, payload: bytes) -> tuple[bytes, ...]:
+        size = len(payload)
+        if size > self._max_encodable:
+            raise LocalProtocolError(
+                f"a {size}-byte frame does not fit a {self._header.size}-byte length header")
+        return (self._header.pack(size), payload)
+
+
+class Lines:
+    """Lines ending with ``newline``; a trailing ``\\r`` is dropped when it is ``\\n``."""
+
+    def __init__(self, max_line: int, newline: bytes = b"\n") -> None:
+        if max_line <= 0:
+            raise ValueError("max_line must be positive")
+        if not newline:
+            raise ValueError("newline must not be empty")
+        self.max_frame_size = max_line
+        self.newline = newline
+        self._buffer = bytearray()
+        self._scanned = 0   # bytes already searched for a newline
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer
+        buffer += data
+        lines: list[bytes] = []
+        newline = self.newline
+        start = 0
+        search_from = max(0, self._scanned - len(newline) + 1)
+        while True:
+            index = buffer.find(newline, search_from)
+            if index < 0:
+                break
+            if index - start > self.max_frame_size:
+                buffer.clear()
+                self._scanned = 0
+                raise FrameTooLarge(index - start, self.max_frame_size)
+            line = bytes(buffer[start:index])
+            if newline == b"\n" and line.endswith(b"\r"):
+                line = line[:-1]
+            lines.append(line)
+            start = search_from = index + len(newline)
+        if start:
+            del buffer[:start]
+        if len(buffer) > self.max_frame_size + len(newline) - 1:
+            size = len(buffer)
+            buffer.clear()
+            self._scanned = 0
+            raise FrameTooLarge(size, self.max_frame_size)
+        self._scanned = len(buffer)
+        return lines
+
+    def frame_parts(self, payload: bytes) -> tuple[bytes, ...]:
+        if self.newline in payload:
+            raise LocalProtocolError("a line to send must not contain the newline sequence")
+        return (payload, self.newline)
