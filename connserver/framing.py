@@ -54,7 +54,10 @@ class LengthPrefixed:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        """Bytes of the frame in progress, its header included (0 between frames)."""
+        if self._expected is None:
+            return len(self._buffer)
+        return self._header.size + len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
