@@ -17,8 +17,11 @@ from .errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    SlowConsumer,
 )
 from .handler import FramedHandler, Handler, LineHandler
+from .queues import ByteBoundedQueue, QueueClosed, QueueEmpty, QueueFull
+from .ratelimit import TokenBucket
 from .server import Server, ShutdownReport, StuckThread
 from .stats import ServerStatistics
 
@@ -26,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BufferLease",
+    "ByteBoundedQueue",
     "BufferPool",
     "CancelToken",
     "Cancelled",
@@ -46,11 +50,16 @@ __all__ = [
     "LocalProtocolError",
     "PoolStatistics",
     "ProtocolError",
+    "QueueClosed",
+    "QueueEmpty",
+    "QueueFull",
     "RemoteProtocolError",
     "Server",
     "ServerStatistics",
     "ShutdownReport",
+    "SlowConsumer",
     "StuckThread",
+    "TokenBucket",
     "Watchdog",
     "__version__",
 ]

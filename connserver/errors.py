@@ -6,6 +6,7 @@
      ├── ConfigError                     bad configuration, raised at start-up
      ├── DeadlineExceeded (TimeoutError) an I/O phase ran past its deadline
      ├── ConnectionBroken                the peer reset or vanished (from an OSError)
+     ├── SlowConsumer                    a consumer's queue overflowed (disconnect policy)
      └── ProtocolError
           ├── RemoteProtocolError        the peer broke the protocol
           │    └── FrameTooLarge         ... by announcing an oversized frame
@@ -37,6 +38,7 @@ __all__ = [
     "LocalProtocolError",
     "FrameTooLarge",
     "Cancelled",
+    "SlowConsumer",
 ]
 
 
@@ -116,6 +118,12 @@ class ConnectionBroken(ConnServerError, ConnectionError):
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class SlowConsumer(ConnServerError):
+    """A consumer did not drain its bounded queue; its connection should end."""
+
+    close_reason = CloseReason.SLOW_CONSUMER
 
 
 class ProtocolError(ConnServerError):

@@ -1,0 +1,122 @@
+"""TokenBucket: rate limiting with no timer thread.
+
+The article's Go limiter refills a buffered channel from a ticker goroutine —
+one goroutine per limiter, leaked whenever a limiter is dropped. Here the
+refill is computed from the clock whenever tokens are taken, as
+``golang.org/x/time/rate`` does, so a limiter is plain data: dropping it leaves
+nothing running.
+
+Why not a ``threading.Semaphore`` holding the tokens (the shape first planned):
+a semaphore's ``acquire`` takes one token per call, and byte-rate limits take
+thousands per ``recv``; it also cannot be refilled lazily without a thread.
+A lock around two floats does both, and a waiter sleeps exactly as long as the
+missing tokens need, on the connection's cancel token so cancellation still
+wakes it at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+from .cancel import CancelToken
+from .deadline import Clock, monotonic
+
+__all__ = ["TokenBucket", "BucketStatistics"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketStatistics:
+    rate: float
+    burst: float
+    tokens: float       # available now
+    granted: int        # acquisitions that got their tokens
+    refused: int        # acquisitions that gave up (nowait, or timed out)
+    waited: int         # acquisitions that had to wait
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
+
+    def __init__(self, rate: float, burst: float, *, clock: Clock = monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not rate > 0:
+            raise ValueError("rate must be positive")
+        if not burst >= 1:
+            raise ValueError("burst must be at least 1")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = self.burst
+        self._updated = clock()
+        self._granted = self._refused = self._waited = 0
+
+    def acquire_nowait(self, n: float = 1) -> bool:
+        """Take ``n`` tokens if they are there now."""
+        with self._lock:
+            if self._take(n):
+                self._granted += 1
+                return True
+            self._refused += 1
+            return False
+
+    def acquire(self, n: float = 1, timeout: float | None = None,
+                cancel: CancelToken | None = None) -> bool:
+        """Wait until ``n`` tokens are available and take them.
+
+        Returns False if that would take longer than ``timeout`` (checked up front,
+        without waiting in vain). Raises :class:`~connserver.Cancelled` if
+        ``cancel`` is cancelled while waiting.
+        """
+        if n > self.burst:
+            raise ValueError(f"cannot take {n} tokens at once from a bucket of {self.burst:g}")
+        waited = False
+        started = self._clock()
+        while True:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            with self._lock:
+                if self._take(n):
+                    self._granted += 1
+                    self._waited += waited
+                    return True
+                delay = (n - self._tokens) / self.rate
+                if timeout is not None and self._clock() + delay > started + timeout:
+                    self._refused += 1
+                    return False
+            waited = True
+            if cancel is not None:
+                cancel.wait_cancelled(delay)
+            else:
+                self._sleep(delay)
+
+    def delay_for(self, n: float = 1) -> float:
+        """Seconds until ``n`` tokens will be available (0 if they are now)."""
+        with self._lock:
+            self._refill()
+            return max(0.0, (n - self._tokens) / self.rate)
+
+    def statistics(self) -> BucketStatistics:
+        with self._lock:
+            self._refill()
+            return BucketStatistics(rate=self.rate, burst=self.burst, tokens=self._tokens,
+                                    granted=self._granted, refused=self._refused,
+                                    waited=self._waited)
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = now - self._updated
+        if elapsed > 0:
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+        self._updated = now
+
+    def _take(self, n: float) -> bool:
+        self._refill()
+        if self._tokens >= n:
+            self._tokens -= n
+            return True
+        return False
