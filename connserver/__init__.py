@@ -20,6 +20,7 @@ from .errors import (
     SlowConsumer,
 )
 from .handler import FramedHandler, Handler, LineHandler
+from .hub import Hub, Subscription
 from .queues import ByteBoundedQueue, QueueClosed, QueueEmpty, QueueFull
 from .ratelimit import TokenBucket
 from .server import Server, ShutdownReport, StuckThread
@@ -46,6 +47,7 @@ __all__ = [
     "framing",
     "FramedHandler",
     "Handler",
+    "Hub",
     "LineHandler",
     "LocalProtocolError",
     "PoolStatistics",
@@ -59,6 +61,7 @@ __all__ = [
     "ShutdownReport",
     "SlowConsumer",
     "StuckThread",
+    "Subscription",
     "TokenBucket",
     "Watchdog",
     "__version__",

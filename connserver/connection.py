@@ -34,6 +34,7 @@ from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, 
 
 if TYPE_CHECKING:
     from .framing import Codec
+    from .hub import Subscription
     from .stats import ServerStats
 
 __all__ = ["Connection", "ConnectionInfo"]
@@ -102,6 +103,7 @@ class Connection:
         self.close_reason: CloseReason | None = None
         self.queue_bytes = 0   # bytes queued for this connection elsewhere (a hub)
         self.codec: "Codec | None" = None   # set by FramedHandler / LineHandler
+        self._subscription: "Subscription | None" = None   # set by Hub.subscribe
         sock.setblocking(True)
 
     # --- reading -------------------------------------------------------------
@@ -249,9 +251,16 @@ class Connection:
         return self.codec
 
     def _send_buffers(self, buffers: list) -> None:
-        """Write every buffer with ``sendmsg`` under one absolute write deadline."""
+        """Write every buffer with ``sendmsg`` under one absolute write deadline.
+
+        While subscribed to a hub, the bytes go on the subscription's queue
+        instead, so only the hub's writer writes to the socket and order holds.
+        """
         if self._cancelled():
             self._raise_cancelled()
+        if self._subscription is not None:
+            self._subscription.send(b"".join(buffers))
+            return
         expires_at = self._clock() + self._write_timeout
         if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
             expires_at = self._unit_expires_at
@@ -384,6 +393,11 @@ class Connection:
         :class:`~connserver.Cancelled` once the connection is cancelled.
         """
         expires_at = self._clock() + min(timeout, self._write_timeout)
+        if self._subscription is not None:
+            # Take the write side back from the hub, with whatever it had half sent.
+            unsent = self._subscription.close()
+            if unsent:
+                data = b"".join(bytes(part) for part in unsent) + data
         sent = 0
         try:
             with memoryview(data) as view:

@@ -140,12 +140,17 @@ class ByteBoundedQueue:
     def get_nowait(self) -> bytes:
         return self.get(timeout=0)
 
-    def drain_nowait(self, max_bytes: int) -> list[bytes]:
-        """Take items from the front until ``max_bytes`` would be passed (at least one)."""
+    def drain_nowait(self, max_bytes: int, max_items: int = 1024) -> list[bytes]:
+        """Take up to ``max_items`` items from the front without passing ``max_bytes``.
+
+        Always at least one item if any is queued (even one larger than ``max_bytes``).
+        The default of 1024 items is Linux's IOV_MAX, the most one ``sendmsg`` takes.
+        """
         with self._lock:
             taken: list[bytes] = []
             total = 0
-            while self._items and (not taken or total + len(self._items[0]) <= max_bytes):
+            while self._items and len(taken) < max_items and (
+                    not taken or total + len(self._items[0]) <= max_bytes):
                 item = self._pop()
                 taken.append(item)
                 total += len(item)

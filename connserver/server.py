@@ -21,7 +21,7 @@ import socketserver
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .buffers import BufferPool
 from .cancel import CancelToken, Watchdog
@@ -30,11 +30,14 @@ from .connection import Connection, ConnectionInfo, format_peer
 from .deadline import Clock, monotonic
 from .errors import Cancelled, CloseReason, ConnServerError, LocalProtocolError
 from .handler import Handler
+from .hub import Hub
 from .limits import ConnectionLimiter
 from .stats import ServerStatistics, ServerStats
 from .threads import HandlerThreadPool
 
 __all__ = ["Server", "ShutdownReport", "StuckThread"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("connserver.server")
 conn_log = logging.getLogger("connserver.conn")
@@ -123,6 +126,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._shutdown_lock = threading.Lock()
         self._backing_off = False
         self._rejecting = False
+        self._resources: dict[Any, Any] = {}
+        self._resources_lock = threading.Lock()
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)
 
     # --- the caller's API -------------------------------------------------------
@@ -188,6 +193,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                             len(remaining), grace)
                 self._force_now.clear()
                 self._wait_registry_empty(_FORCE_WAIT_INTERVAL)
+            self._close_resources()
             alive = self._threads.shutdown(timeout=0.5 if remaining else 2.0)
             if not self._watchdog.stop(timeout=2.0):
                 alive.append(self._watchdog._thread)  # type: ignore[arg-type]
@@ -234,6 +240,26 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._registry_cond:
             conn = self._registry.get(conn_id)
         return conn is not None and conn.cancel_token.cancel(reason)
+
+    def resource(self, key: Any, factory: Callable[[], T]) -> T:
+        """The server-wide object for ``key``, made by ``factory`` on first use.
+
+        For state shared by connections (a hub, a chat room). Objects with a
+        ``close()`` method are closed at shutdown, after the connections ended.
+        """
+        with self._resources_lock:
+            try:
+                return self._resources[key]
+            except KeyError:
+                if self._stopping.is_set():
+                    raise RuntimeError("server is shutting down") from None
+                value = self._resources[key] = factory()
+                return value
+
+    def hub(self, name: str = "default", **options: Any) -> Hub:
+        """The server's hub called ``name`` (made on first use with ``options``)."""
+        options.setdefault("write_timeout", self.config.write_timeout)
+        return self.resource(("hub", name), lambda: Hub(name=name, clock=self._clock, **options))
 
     @property
     def accepting(self) -> bool:
@@ -397,6 +423,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def _end_connection(self, conn: Connection, address: Any, reason: CloseReason) -> None:
         self._watchdog.unwatch(conn)
+        if conn._subscription is not None:
+            conn._subscription.close()   # before close(): the hub's writer uses the fd
         conn.close()
         conn.close_reason = reason
         conn.cancel_token._detach()
@@ -444,6 +472,19 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         elif not self._serve_done.wait(5.0):
             log.error("serve_forever() did not return within 5 s of shutdown")
         self._close_listener()
+
+    def _close_resources(self) -> None:
+        with self._resources_lock:
+            resources, self._resources = list(self._resources.values()), {}
+        for resource in resources:
+            close = getattr(resource, "close", None)
+            if close is None:
+                continue
+            try:
+                if close() is False:
+                    log.error("%r did not close in time", resource)
+            except Exception:
+                log.exception("closing %r failed", resource)
 
     def _close_listener(self) -> None:
         if self.socket.fileno() != -1:

@@ -1,0 +1,162 @@
+"""Hub: fan-out that a stalled subscriber cannot stall, with one writer thread per hub."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+
+import pytest
+
+import connserver
+from connserver import CloseReason, Hub
+from connserver.testing import wait_for
+from tests.conftest import Recorder, connect, wait_closed
+
+
+class Subscriber(connserver.Handler):
+    """Subscribes to the test hub and waits for the peer to leave.
+
+    A client that says "S" is the stalled one: it gets a 64 KiB queue; the others
+    get the hub's 2 MiB, enough to absorb the whole burst.
+    """
+
+    policy = "disconnect"
+
+    def handle(self):
+        self.conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        hub = self.server.hub("test")
+        kind = self.conn.recv(1)
+        with hub.subscribe(self.conn, policy=self.policy,
+                           max_queue_bytes=64 * 1024 if kind == b"S" else None):
+            while self.conn.recv():
+                pass
+
+
+def read_all(clients: list[socket.socket], expected: int, timeout: float = 30.0) -> dict:
+    """Read from every client until each has `expected` bytes (bounded in time)."""
+    received = {client: bytearray() for client in clients}
+    with selectors.DefaultSelector() as selector:
+        for client in clients:
+            client.setblocking(False)
+            selector.register(client, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(0.5):
+                chunk = key.fileobj.recv(65536)
+                received[key.fileobj] += chunk
+                if not chunk or len(received[key.fileobj]) >= expected:
+                    selector.unregister(key.fileobj)
+    return received
+
+
+def test_stalled_subscriber_cannot_stall_the_others(serve):
+    """50 readers get all 10,000 messages in order; the stalled one is disconnected."""
+    server = serve(Subscriber, idle_timeout=60.0)
+    hub = server.hub("test", max_queue_bytes=2 * 1024 * 1024, max_queue_items=16384)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(server.server_address)
+    stalled.sendall(b"S")
+    readers = [connect(server) for _ in range(50)]
+    for client in readers:
+        client.sendall(b"N")
+    try:
+        assert wait_for(lambda: hub.statistics().subscribers == 51)
+        messages = [b"%06d:" % i + b"m" * 93 + b"\n" for i in range(10_000)]
+        expected = b"".join(messages)
+        result: dict = {}
+        reader = threading.Thread(target=lambda: result.update(read_all(readers, len(expected))),
+                                  name="test-readers")
+        reader.start()
+        slowest = 0.0
+        for message in messages:
+            started = time.monotonic()
+            hub.publish(message)
+            slowest = max(slowest, time.monotonic() - started)
+        reader.join(60)
+        assert not reader.is_alive()
+        for client in readers:
+            assert result[client] == expected
+        assert slowest < 0.5, f"publish took {slowest:.3f} s"
+        stats = wait_for(lambda: server.stats() if server.stats().close_reasons.get("slow_consumer")
+                         else None)
+        assert stats.close_reasons == {"slow_consumer": 1}
+        assert hub.statistics().slow_consumers == 1
+    finally:
+        stalled.close()
+        for client in readers:
+            client.close()
+    wait_closed(server, 51)
+    assert hub.statistics().subscribers == 0 and hub.statistics().queued_bytes == 0
+
+
+def test_drop_oldest_keeps_the_subscriber_and_bounds_its_queue(serve):
+    """drop_oldest keeps a stalled subscriber connected with a bounded queue."""
+    class Dropper(Subscriber):
+        policy = "drop_oldest"
+
+    server = serve(Dropper, idle_timeout=60.0)
+    hub = server.hub("test", max_queue_bytes=64 * 1024)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(server.server_address)
+    stalled.sendall(b"S")
+    try:
+        assert wait_for(lambda: hub.statistics().subscribers == 1)
+        for i in range(5000):
+            hub.publish(b"x" * 100)
+        stats = hub.statistics()
+        assert stats.queued_bytes <= 64 * 1024 and stats.dropped > 0
+        assert server.stats().connections_active == 1
+    finally:
+        stalled.close()
+    wait_closed(server, 1)
+
+
+def test_own_writes_are_queued_in_order_with_broadcasts(serve):
+    """While subscribed, conn.sendall goes through the hub, in order with publishes."""
+    class Announcer(connserver.Handler):
+        def handle(self):
+            hub = self.server.hub("order")
+            with hub.subscribe(self.conn):
+                hub.publish(b"one\n")
+                self.conn.sendall(b"two\n")
+                hub.publish(b"three\n")
+                self.conn.recv()
+
+    server = serve(Announcer)
+    with connect(server) as client:
+        received = b""
+        while received.count(b"\n") < 3:
+            received += client.recv(100)
+        assert received == b"one\ntwo\nthree\n"
+    wait_closed(server, 1)
+
+
+def test_subscriber_blocked_on_a_full_socket_meets_the_write_deadline():
+    """A subscriber whose socket takes nothing for write_timeout is cancelled."""
+    server_side, client = socket.socketpair()
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn = connserver.Connection(server_side, "peer", id=1, config=connserver.Config(),
+                                 pool=connserver.BufferPool(4096, 1))
+    hub = Hub(name="deadline", max_queue_bytes=1 << 20, write_timeout=0.2)
+    try:
+        with hub.subscribe(conn):
+            for _ in range(200):
+                hub.publish(b"x" * 1000)
+            assert conn.cancel_token.wait_cancelled(10)
+            assert conn.cancel_token.reason is CloseReason.WRITE_DEADLINE
+        assert hub.statistics().write_deadlines == 1
+    finally:
+        assert hub.close()
+        conn.close()
+        client.close()
+
+
+def test_hub_refuses_a_blocking_policy():
+    """publish() must never block, so the block policy is not allowed."""
+    with pytest.raises(ValueError):
+        Hub(policy="block")
