@@ -19,8 +19,9 @@ from .handler import Handler
 __all__ = ["main", "build_parser", "load_handler", "BUILTIN_APPS", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 7070
-DEFAULT_APP = "echo"
+DEFAULT_APP = "chat"
 BUILTIN_APPS = {
+    "chat": "connserver.apps.chat:ChatHandler",
     "echo": "connserver.apps.echo:EchoHandler",
     "framed-echo": "connserver.apps.echo:FramedEchoHandler",
 }

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from .errors import FrameTooLarge, LocalProtocolError
 
-__all__ = ["Codec", "LengthPrefixed", "Lines"]
+__all__ = ["Codec", "LengthPrefixed", "Lines", "LineTooLong"]
 
 
 class Codec(Protocol):
@@ -94,28 +94,54 @@ class LengthPrefixed:
         return (self._header.pack(size), payload)
 
 
-class Lines:
-    """Lines ending with ``newline``; a trailing ``\\r`` is dropped when it is ``\\n``."""
+class LineTooLong:
+    """Stands in the output of ``Lines(..., discard_long=True)`` for a line it dropped."""
 
-    def __init__(self, max_line: int, newline: bytes = b"\n") -> None:
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size   # bytes seen of the line (at least the limit + 1)
+
+    def __repr__(self) -> str:
+        return f"LineTooLong({self.size})"
+
+
+class Lines:
+    """Lines ending with ``newline``; a trailing ``\\r`` is dropped when it is ``\\n``.
+
+    A line longer than ``max_line`` raises :class:`~connserver.FrameTooLarge`, or,
+    with ``discard_long=True``, is skipped up to its newline and reported by a
+    :class:`LineTooLong` in the output, so the connection can carry on.
+    """
+
+    def __init__(self, max_line: int, newline: bytes = b"\n", *, discard_long: bool = False) -> None:
         if max_line <= 0:
             raise ValueError("max_line must be positive")
         if not newline:
             raise ValueError("newline must not be empty")
         self.max_frame_size = max_line
         self.newline = newline
+        self.discard_long = discard_long
         self._buffer = bytearray()
-        self._scanned = 0   # bytes already searched for a newline
+        self._scanned = 0        # bytes already searched for a newline
+        self._discarding = 0     # > 0: inside an over-long line, this many bytes dropped
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + self._discarding
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list:
+        newline = self.newline
+        lines: list = []
+        if self._discarding:
+            index = data.find(newline)
+            if index < 0:
+                self._discarding += len(data)
+                return lines
+            self._discarding = 0
+            data = data[index + len(newline):]
         buffer = self._buffer
         buffer += data
-        lines: list[bytes] = []
-        newline = self.newline
         start = 0
         search_from = max(0, self._scanned - len(newline) + 1)
         while True:
@@ -123,13 +149,12 @@ class Lines:
             if index < 0:
                 break
             if index - start > self.max_frame_size:
-                buffer.clear()
-                self._scanned = 0
-                raise FrameTooLarge(index - start, self.max_frame_size)
-            line = bytes(buffer[start:index])
-            if newline == b"\n" and line.endswith(b"\r"):
-                line = line[:-1]
-            lines.append(line)
+                self._too_long(lines, index - start)
+            else:
+                line = bytes(buffer[start:index])
+                if newline == b"\n" and line.endswith(b"\r"):
+                    line = line[:-1]
+                lines.append(line)
             start = search_from = index + len(newline)
         if start:
             del buffer[:start]
@@ -137,9 +162,18 @@ class Lines:
             size = len(buffer)
             buffer.clear()
             self._scanned = 0
-            raise FrameTooLarge(size, self.max_frame_size)
+            self._too_long(lines, size)
+            self._discarding = size
+            return lines
         self._scanned = len(buffer)
         return lines
+
+    def _too_long(self, lines: list, size: int) -> None:
+        if not self.discard_long:
+            self._buffer.clear()
+            self._scanned = 0
+            raise FrameTooLarge(size, self.max_frame_size)
+        lines.append(LineTooLong(size))
 
     def frame_parts(self, payload: bytes) -> tuple[bytes, ...]:
         if self.newline in payload:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, MutableMapping
 from .cancel import CancelToken
 from .connection import Connection
 from .errors import CloseReason, RemoteProtocolError
-from .framing import Codec, LengthPrefixed, Lines
+from .framing import Codec, LengthPrefixed, Lines, LineTooLong
 
 if TYPE_CHECKING:
     from .server import Server
@@ -62,8 +62,13 @@ class Handler(socketserver.BaseRequestHandler):
         self.cancel = request.cancel_token
         self.id = request.id
         self.peer = client_address
+        self.server = server
         request._handler = self
+        self._prepare()
         super().__init__(request, client_address, server)
+
+    def _prepare(self) -> None:
+        """Hook for the framework's bases, before ``setup()``."""
 
     @functools.cached_property
     def logger(self) -> ConnectionLoggerAdapter:
@@ -93,9 +98,14 @@ class _MessageHandler(Handler):
     def dispatch(self, frame: bytes) -> None:
         raise NotImplementedError
 
+    def _prepare(self) -> None:
+        # Before setup(), so a greeting sent there is already framed.
+        self.conn.codec = self.make_codec()
+
     def handle(self) -> None:
         conn = self.conn
-        codec = conn.codec = self.make_codec()
+        codec = conn.codec
+        assert codec is not None
         clock = conn._clock
         read_timeout = self.server.config.read_timeout
         message_expires_at: float | None = None
@@ -143,21 +153,31 @@ class LineHandler(_MessageHandler):
 
     Class variables that may be overridden: ``newline`` (``b"\\n"``; a ``\\r``
     before it is dropped), ``encoding`` (``"utf-8"``), ``errors`` (``"replace"``),
-    ``max_line`` (bytes; default ``Config.max_frame_size``).
+    ``max_line`` (bytes; default ``Config.max_frame_size``), ``discard_long_lines``
+    (False: a longer line ends the connection with ``frame_too_large``; True: it
+    is skipped and ``line_too_long(size)`` is called).
     """
 
     newline = b"\n"
     encoding = "utf-8"
     errors = "replace"
     max_line: int | None = None
+    discard_long_lines = False
 
     def make_codec(self) -> Codec:
-        return Lines(self.max_line or self.server.config.max_frame_size, self.newline)
+        return Lines(self.max_line or self.server.config.max_frame_size, self.newline,
+                     discard_long=self.discard_long_lines)
 
-    def dispatch(self, frame: bytes) -> None:
+    def dispatch(self, frame: bytes | LineTooLong) -> None:
+        if isinstance(frame, LineTooLong):
+            self.line_too_long(frame.size)
+            return
         reply = self.handle_line(frame.decode(self.encoding, self.errors))
         if reply is not None:
             self.send_line(reply)
+
+    def line_too_long(self, size: int) -> None:
+        """A line over ``max_line`` was skipped (only with ``discard_long_lines``)."""
 
     def send_line(self, line: str) -> None:
         self.conn.send_frame(line.encode(self.encoding))

@@ -79,7 +79,7 @@ class Subscription:
         return self.hub._deliver((self,), data) == 1
 
     def close(self) -> list:
-        """Unsubscribe (idempotent); returns bytes taken for sending but not yet sent."""
+        """Unsubscribe (idempotent); returns the buffers queued but not yet sent."""
         return self.hub._unsubscribe(self)
 
     def __enter__(self) -> "Subscription":
@@ -159,7 +159,7 @@ class Hub:
                 if sub.conn._subscription is sub:
                     sub.conn._subscription = None
         sub.queue.close()
-        sub.queue.clear()
+        unsent.extend(sub.queue.drain_nowait(sub.queue.max_bytes, sub.queue.max_items))
         sub.conn.queue_bytes = 0
         with self._lock:
             self._dropped += sub.queue.statistics().dropped

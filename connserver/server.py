@@ -127,7 +127,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._backing_off = False
         self._rejecting = False
         self._resources: dict[Any, Any] = {}
-        self._resources_lock = threading.Lock()
+        self._resources_lock = threading.RLock()   # a factory may ask for another resource
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)
 
     # --- the caller's API -------------------------------------------------------

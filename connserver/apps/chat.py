@@ -1,0 +1,142 @@
+"""A line-based chat room on the Hub that works with ``nc`` and ``telnet``.
+
+Try it: ``connserver serve chat``, then ``nc 127.0.0.1 7070`` in two terminals.
+Commands: ``/nick NAME``, ``/who``, ``/quit``, ``/help``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from ..errors import Cancelled, CloseReason
+from ..handler import LineHandler
+from ..hub import Hub, Subscription
+
+__all__ = ["ChatHandler", "ChatRoom"]
+
+NICK_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,24}")
+# Control characters (terminal escapes included) are removed from what others see.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")
+HELP = "* Commands: /nick NAME, /who, /quit, /help. Anything else is said to the room."
+
+
+class ChatRoom:
+    """The nicknames and the hub of one server's chat room."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._lock = threading.Lock()
+        self._nicks: dict[str, str] = {}   # lower-case -> as chosen; one entry per member
+
+    def claim(self, nick: str, previous: str | None = None) -> bool:
+        """Take ``nick`` (giving up ``previous``); False if someone else has it."""
+        key = nick.lower()
+        with self._lock:
+            if key in self._nicks and key != (previous or "").lower():
+                return False
+            if previous is not None:
+                self._nicks.pop(previous.lower(), None)
+            self._nicks[key] = nick
+            return True
+
+    def release(self, nick: str) -> None:
+        with self._lock:
+            self._nicks.pop(nick.lower(), None)
+
+    def nicks(self) -> list[str]:
+        with self._lock:
+            return sorted(self._nicks.values(), key=str.lower)
+
+    def announce(self, text: str, exclude: object = None) -> None:
+        self.hub.publish(text.encode() + b"\n", exclude=exclude)
+
+
+class ChatHandler(LineHandler):
+    """Asks for a nickname, then relays lines to everyone else in the room."""
+
+    max_line = 1024
+    discard_long_lines = True
+
+    nick: str | None = None
+    subscription: Subscription | None = None
+
+    @property
+    def room(self) -> ChatRoom:
+        server = self.server
+        return server.resource("chat-room", lambda: ChatRoom(server.hub("chat")))
+
+    def setup(self) -> None:
+        self.send_line("* Welcome to connserver chat! Choose a nickname:")
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _Quit:
+            return
+        except Cancelled as cancelled:
+            self.conn.send_goodbye(f"* Disconnected: {cancelled.reason.value}. Bye!\n".encode())
+            raise
+
+    def finish(self) -> None:
+        if self.nick is None:
+            return
+        if self.subscription is not None:
+            self.subscription.close()
+        self.room.release(self.nick)
+        # At shutdown everyone leaves at once: N notices to N members is N² for nothing.
+        if self.cancel.reason is not CloseReason.SHUTDOWN:
+            self.room.announce(f"* {self.nick} left")
+
+    def line_too_long(self, size: int) -> None:
+        self.send_line(f"* Line too long (over {self.max_line} bytes); not sent.")
+
+    def handle_line(self, line: str) -> str | None:
+        line = line.strip()
+        if self.nick is None:
+            return self._choose_nick(line)
+        if not line:
+            return None
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            return self._command(command.lower(), argument.strip())
+        text = _CONTROL.sub("", line)
+        self.room.announce(f"<{self.nick}> {text}", exclude=self.subscription)
+        return None
+
+    def _choose_nick(self, nick: str) -> str:
+        if not NICK_PATTERN.fullmatch(nick):
+            return "* A nickname is 1-24 letters, digits, '_', '-' or '.'. Choose a nickname:"
+        room = self.room
+        if not room.claim(nick):
+            return f"* {nick} is taken. Choose a nickname:"
+        self.nick = nick
+        self.subscription = room.hub.subscribe(self.conn, name=nick)
+        room.announce(f"* {nick} joined", exclude=self.subscription)
+        return f"* You are {nick}; {len(room.nicks())} online. {HELP}"
+
+    def _command(self, command: str, argument: str) -> str | None:
+        if command == "/quit":
+            self.send_line("* Bye!")
+            self.conn.send_goodbye(b"")   # flush what the hub had queued for us
+            raise _Quit
+        if command == "/who":
+            return "* Online: " + ", ".join(self.room.nicks())
+        if command == "/nick":
+            if not NICK_PATTERN.fullmatch(argument):
+                return "* Usage: /nick NAME (1-24 letters, digits, '_', '-' or '.')"
+            old = self.nick
+            if not self.room.claim(argument, previous=old):
+                return f"* {argument} is taken."
+            self.nick = argument
+            if self.subscription is not None:
+                self.subscription.name = argument
+            self.room.announce(f"* {old} is now {argument}", exclude=self.subscription)
+            return f"* You are now {argument}."
+        if command == "/help":
+            return HELP
+        return f"* Unknown command {command}. {HELP}"
+
+
+class _Quit(Exception):
+    """Ends the read loop after /quit."""
