@@ -2,11 +2,13 @@
 
 A thread blocked in ``recv()`` cannot be interrupted by setting a flag, and on
 Linux ``close()`` from another thread does not wake it either (and risks the fd
-number being reused under it). What does wake it is ``shutdown(SHUT_RDWR)`` on
-the socket: the blocked call returns at once. So cancelling is two steps: set
-the token (the level-triggered truth every later call checks) and ask the
-watchdog to shut the socket down. The watchdog also enforces ``max_lifetime``
-from a heap of expiry times, so no connection needs a timer thread of its own.
+number being reused under it). What does wake it is ``shutdown()`` on the
+socket: the blocked call returns at once. So cancelling is two steps: set the
+token (the level-triggered truth every later call checks) and ask the watchdog
+to shut the socket down — the read side first, so the handler can still send a
+goodbye, and both sides shortly after if a write stays blocked. The watchdog
+also enforces ``max_lifetime`` from a heap of expiry times, so no connection
+needs a timer thread of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable, Protocol
 
 from .deadline import Clock, monotonic
 from .errors import Cancelled, CloseReason
+from .threads import block_async_signals
 
 __all__ = ["CancelToken", "Watchdog", "Abortable"]
 
@@ -104,7 +107,7 @@ class Watchdog:
     again ``WRITE_FORCE_INTERVAL`` later and forces both sides shut if that write
     is still blocked. Entries of connections that ended
     are dropped lazily and compacted, so the heap stays within twice the number
-    of live connections.
+    of live connections (plus a small constant).
     """
 
     WRITE_FORCE_INTERVAL = 0.05
@@ -165,6 +168,8 @@ class Watchdog:
     def abort_soon(self, target: Abortable) -> None:
         """Queue ``target.abort()`` on the watchdog thread (cheap, never blocks)."""
         with self._cond:
+            if self._stopping:
+                return   # nothing would drain the queue; the server forces sockets itself
             self._pending.append(target)
             self._cond.notify()
 
@@ -178,6 +183,7 @@ class Watchdog:
             return len(self._entries)
 
     def _run(self) -> None:
+        block_async_signals()
         cond = self._cond
         while True:
             with cond:
@@ -193,8 +199,11 @@ class Watchdog:
                 to_force = self._pop_rechecks()
             for target in expired:
                 # cancel() queues the abort through the token's callback.
-                if target.cancel_token.cancel(CloseReason.LIFETIME):
-                    self.lifetime_expiries += 1
+                try:
+                    if target.cancel_token.cancel(CloseReason.LIFETIME):
+                        self.lifetime_expiries += 1
+                except Exception:   # a failing callback must not stop the watchdog
+                    log.exception("cancelling %r at its lifetime failed", target)
             for target in to_abort:
                 if self._abort(target, force=False):
                     with cond:

@@ -95,6 +95,7 @@ class Connection:
         self._unit_expires_at: float | None = None
         self._op_expires_at: float | None = None
         self.leases = LeaseAccount()
+        self.thread_ident = threading.get_ident()   # the owning handler thread
         self.created_at = clock()
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -148,6 +149,7 @@ class Connection:
             self.operation = None
         if received:
             self.bytes_received += received
+            self.outcome = None   # a handler that recovered from a deadline is not judged by it
         else:
             self._saw_eof()
         return data
@@ -192,6 +194,7 @@ class Connection:
                         return b""
                     if message_expires_at is None:
                         message_expires_at = self._clock() + self._read_timeout
+                        self.outcome = None
                     received += count
                     self.bytes_received += count
             finally:
@@ -339,17 +342,18 @@ class Connection:
             self._deadline_exceeded(phase)
         if isinstance(exc, (socket.timeout,)):
             self._deadline_exceeded(phase)
-        if self.outcome is None:
-            self.outcome = CloseReason.RESET
+        self.outcome = CloseReason.RESET
         raise ConnectionBroken(f"connection broken during {phase}: {exc.strerror or exc}",
                                exc.errno) from exc
 
     def _deadline_exceeded(self, phase: str) -> NoReturn:
         self.operation = None
-        error = DeadlineExceeded(phase, {"idle": self._idle_timeout, "read": self._read_timeout,
-                                         "write": self._write_timeout}.get(phase))
-        if self.outcome is None:
-            self.outcome = error.close_reason
+        # Name the configured timeout only when it is what bound this call.
+        timeout = None if self._unit_expires_at is not None else {
+            "idle": self._idle_timeout, "read": self._read_timeout,
+            "write": self._write_timeout}.get(phase)
+        error = DeadlineExceeded(phase, timeout)
+        self.outcome = error.close_reason
         if self._stats is not None:
             self._stats.count_deadline(phase)
         raise error
@@ -357,8 +361,7 @@ class Connection:
     def _saw_eof(self) -> None:
         if self._cancelled():
             self._raise_cancelled()
-        if self.outcome is None:
-            self.outcome = CloseReason.EOF
+        self.outcome = CloseReason.EOF
 
     def _raise_cancelled(self) -> NoReturn:
         self.operation = None

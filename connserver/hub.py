@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Iterable
 from .deadline import Clock, monotonic
 from .errors import CloseReason, SlowConsumer
 from .queues import ByteBoundedQueue, OverflowPolicy, QueueClosed
+from .threads import block_async_signals
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -241,6 +242,7 @@ class Hub:
 
     def _run(self) -> None:
         assert self._epoll is not None and self._wake_r is not None
+        block_async_signals()
         wake_fd = self._wake_r.fileno()
         while True:
             with self._lock:

@@ -121,6 +121,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._serve_done = threading.Event()
         self._serve_done.set()
         self._accept_thread: threading.Thread | None = None
+        self._serving_thread: threading.Thread | None = None
         self._watchdog_started = False
         self._shutdown_report: ShutdownReport | None = None
         self._shutdown_lock = threading.Lock()
@@ -128,7 +129,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._rejecting = False
         self._resources: dict[Any, Any] = {}
         self._resources_lock = threading.RLock()   # a factory may ask for another resource
-        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
+        try:
+            super().__init__(server_address, RequestHandlerClass, bind_and_activate)
+        except BaseException:
+            self._wakeup_r.close()
+            self._wakeup_w.close()
+            raise
 
     # --- the caller's API -------------------------------------------------------
 
@@ -150,6 +156,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if self._stopping.is_set():
             return
         self._serve_done.clear()
+        self._serving_thread = threading.current_thread()
         try:
             self._start_watchdog()
             self.socket.setblocking(False)
@@ -166,11 +173,16 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                             self._accept_burst()
         finally:
             self._accepting.clear()
+            self._serving_thread = None
+            if self._stopping.is_set():
+                self._close_listener()
             self._serve_done.set()
 
     def shutdown(self, grace: float | None = None) -> ShutdownReport:  # type: ignore[override]
         """Stop accepting, drain for up to ``grace`` seconds, force, and report.
 
+        Safe to call from any thread: a signal handler in the thread running
+        ``serve_forever()``, or a handler thread (which is then not waited for).
         Returns the same report if called again.
         """
         with self._shutdown_lock:
@@ -178,36 +190,38 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 return self._shutdown_report
             grace = self.config.graceful_timeout if grace is None else grace
             started = self._clock()
-            self._stop_accepting()
-            with self._registry_cond:
-                live = list(self._registry.values())
-            for conn in live:
-                conn.cancel_token.cancel(CloseReason.SHUTDOWN)
-            self._wait_registry_empty(grace)
-            with self._registry_cond:
-                remaining = list(self._registry.values())
-            for conn in remaining:
-                conn.abort(force=True)
-            if remaining:
-                log.warning("forced %d connection(s) shut after the %.1f s grace",
-                            len(remaining), grace)
-                self._force_now.clear()
-                self._wait_registry_empty(_FORCE_WAIT_INTERVAL)
-            self._close_resources()
-            alive = self._threads.shutdown(timeout=0.5 if remaining else 2.0)
-            if not self._watchdog.stop(timeout=2.0):
-                alive.append(self._watchdog._thread)  # type: ignore[arg-type]
-            stuck = tuple(_describe_thread(thread) for thread in alive if thread is not None)
+            try:
+                self._stop_accepting()
+                with self._registry_cond:
+                    everyone = list(self._registry.values())
+                live = self._others_live()   # the caller's own connection is not waited for
+                for conn in everyone:
+                    conn.cancel_token.cancel(CloseReason.SHUTDOWN)
+                self._wait_drained(grace)
+                remaining = self._others_live()
+                for conn in remaining:
+                    conn.abort(force=True)
+                if remaining:
+                    log.warning("forced %d connection(s) shut after the %.1f s grace",
+                                len(remaining), grace)
+                    self._force_now.clear()
+                    self._wait_drained(_FORCE_WAIT_INTERVAL)
+                self._close_resources()
+                alive = self._threads.shutdown(timeout=0.5 if remaining else 2.0)
+            finally:
+                if not self._watchdog.stop(timeout=2.0) and self._watchdog._thread is not None:
+                    alive = [*locals().get("alive", []), self._watchdog._thread]
+            stuck = tuple(_describe_thread(thread) for thread in alive)
             for thread in stuck:
                 log.error("thread %s still alive after shutdown (connection %s):\n%s",
                           thread.name, thread.conn_id, thread.stack)
-            self._close_listener()
-            with self._registry_cond:
-                still_live = len(self._registry)
+            if self._serving_thread is not threading.current_thread():
+                self._close_listener()
+            forced = len({id(c) for c in remaining} - {id(c) for c in self._others_live()})
             self._shutdown_report = ShutdownReport(
-                connections_at_start=len(live), drained=len(live) - len(remaining),
-                forced=len(remaining) - still_live if remaining else 0, stuck=stuck,
-                duration=self._clock() - started)
+                connections_at_start=len(live),
+                drained=len({id(c) for c in live} - {id(c) for c in remaining}),
+                forced=forced, stuck=stuck, duration=self._clock() - started)
             return self._shutdown_report
 
     def force(self) -> None:
@@ -278,6 +292,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _accept_burst(self) -> None:
         hold_slot_first = self.config.on_limit == "wait"
         for _ in range(_ACCEPT_BURST):
+            if self._stopping.is_set():
+                return
             if hold_slot_first and not self._limiter.try_acquire_slot():
                 return   # back to the loop, which waits for a slot before accepting
             try:
@@ -336,11 +352,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._rejecting = False
         try:
             self.process_request(sock, address)
-        except BaseException:
+        except Exception as exc:
+            # E.g. "can't start new thread": refuse this one, keep accepting.
             self._limiter.release_ip(ip)
             self._limiter.release_slot()
-            sock.close()
-            raise
+            self._reject(sock, address, CloseReason.LIMIT, f"cannot start a handler thread: {exc}")
+            self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
 
     def _reject(self, sock: socket.socket, address: Any, reason: CloseReason, why: str) -> None:
         sock.close()
@@ -358,6 +375,28 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def _serve_connection(self, job: tuple[socket.socket, Any]) -> None:
         sock, address = job
+        try:
+            conn = self._open_connection(sock, address)
+        except BaseException:
+            log.exception("setting up the connection from %s failed", format_peer(address))
+            sock.close()
+            self._limiter.release_ip(_ip_of(address))
+            self._limiter.release_slot()
+            return
+        token = conn.cancel_token
+        reason = CloseReason.ERROR
+        try:
+            self._set_socket_options(sock)
+            self.finish_request(conn, address)
+        except BaseException as exc:
+            reason = self._classify_failure(conn, exc)
+        else:
+            reason = token.reason or conn.outcome or CloseReason.CLOSED
+        finally:
+            self._end_connection(conn, address, reason)
+
+    def _open_connection(self, sock: socket.socket, address: Any) -> Connection:
+        """Wrap, register and watch a newly accepted socket (on its handler thread)."""
         conn_id = self._next_id()
         threading.current_thread().name = f"connserver-conn-{conn_id}"
         token = CancelToken()
@@ -373,16 +412,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if lifetime is not None:
             jitter = 1.0 - random.uniform(0.0, self.config.lifetime_jitter)
             self._watchdog.watch(conn, conn.created_at + lifetime * jitter)
-        reason = CloseReason.ERROR
-        try:
-            self._set_socket_options(sock)
-            self.finish_request(conn, address)
-        except BaseException as exc:
-            reason = self._classify_failure(conn, exc)
-        else:
-            reason = token.reason or conn.outcome or CloseReason.CLOSED
-        finally:
-            self._end_connection(conn, address, reason)
+        return conn
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         self.RequestHandlerClass(request, client_address, self)
@@ -422,24 +452,26 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return isinstance(exc, OSError) and conn.cancel_token.cancelled
 
     def _end_connection(self, conn: Connection, address: Any, reason: CloseReason) -> None:
-        self._watchdog.unwatch(conn)
-        if conn._subscription is not None:
-            conn._subscription.close()   # before close(): the hub's writer uses the fd
-        conn.close()
-        conn.close_reason = reason
-        conn.cancel_token._detach()
+        try:
+            self._watchdog.unwatch(conn)
+            if conn._subscription is not None:
+                conn._subscription.close()   # before close(): the hub's writer uses the fd
+        finally:
+            conn.close()
+            conn.close_reason = reason
+            conn.cancel_token._detach()
         handler = conn.__dict__.pop("_handler", None)
         try:
             self._pool.check_account(conn.leases, f"connection #{conn.id}")
             if handler is not None:
                 try:
                     handler.connection_closed(reason)
-                except Exception:
+                except BaseException:
                     conn_log.exception("#%d %s connection_closed() raised", conn.id, conn.peer_label)
         finally:
             with self._registry_cond:
                 self._registry.pop(conn.id, None)
-                if not self._registry:
+                if self._stopping.is_set():
                     self._registry_cond.notify_all()
             self._limiter.release_ip(_ip_of(address))
             self._limiter.release_slot()
@@ -467,7 +499,11 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._wakeup_w.send(b"\0")
         except OSError:
             pass
-        if self._accept_thread is not None:
+        if self._serving_thread is threading.current_thread():
+            # Called from a signal handler that interrupted serve_forever(): it sees
+            # the wake-up byte once we return, and closes the listener itself.
+            return
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(5.0)
         elif not self._serve_done.wait(5.0):
             log.error("serve_forever() did not return within 5 s of shutdown")
@@ -487,15 +523,22 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 log.exception("closing %r failed", resource)
 
     def _close_listener(self) -> None:
-        if self.socket.fileno() != -1:
-            self.socket.close()
-        for sock in (self._wakeup_r, self._wakeup_w):
-            sock.close()
+        self.socket.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
 
-    def _wait_registry_empty(self, timeout: float) -> bool:
+    def _others_live(self) -> list[Connection]:
+        """Live connections, except the caller's own (when a handler shuts us down)."""
+        me = threading.get_ident()
+        with self._registry_cond:
+            return [conn for conn in self._registry.values() if conn.thread_ident != me]
+
+    def _wait_drained(self, timeout: float) -> bool:
+        me = threading.get_ident()
         with self._registry_cond:
             return self._registry_cond.wait_for(
-                lambda: not self._registry or self._force_now.is_set(), timeout)
+                lambda: self._force_now.is_set() or all(
+                    conn.thread_ident == me for conn in self._registry.values()), timeout)
 
 
 def _ip_of(address: Any) -> str:

@@ -15,8 +15,11 @@ A thread serving connection 42 is named ``connserver-conn-42``; a spare one
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
+import signal
 import threading
+import time
 from typing import Callable, Generic, TypeVar
 
 __all__ = ["HandlerThreadPool"]
@@ -25,6 +28,20 @@ Job = TypeVar("Job")
 
 SPARE_NAME = "connserver-spare"
 _STACK_SIZE_LOCK = threading.Lock()
+# Asynchronous signals are for the main thread. Delivered to a handler thread, one
+# would interrupt a blocking call that CPython then restarts with the kernel timeout
+# in full, overshooting the connection's deadline.
+_ASYNC_SIGNALS = {getattr(signal, name) for name in (
+    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGALRM",
+    "SIGWINCH", "SIGIO") if hasattr(signal, name)}
+
+log = logging.getLogger("connserver.server")
+
+
+def block_async_signals() -> None:
+    """Keep asynchronous signals away from the calling (non-main) thread."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is not threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
 
 
 class HandlerThreadPool(Generic[Job]):
@@ -62,15 +79,20 @@ class HandlerThreadPool(Generic[Job]):
             return self._busy, self._idle
 
     def shutdown(self, timeout: float) -> list[threading.Thread]:
-        """Stop spare threads; wait up to ``timeout`` for all; return those still alive."""
+        """Stop spare threads; wait up to ``timeout`` in all; return those still alive.
+
+        The calling thread is never waited for (a handler may shut its server down).
+        """
         with self._lock:
             self._stopping = True
             for _ in range(self._idle):
                 self._jobs.put(None)
             self._idle = 0
-            threads = list(self._threads)
+            me = threading.current_thread()
+            threads = [thread for thread in self._threads if thread is not me]
+        deadline = time.monotonic() + timeout
         for thread in threads:
-            thread.join(timeout)   # the caller bounds the total by draining first
+            thread.join(max(0.0, deadline - time.monotonic()))
         return [thread for thread in threads if thread.is_alive()]
 
     def _start_thread(self, job: Job) -> None:
@@ -98,10 +120,13 @@ class HandlerThreadPool(Generic[Job]):
     def _work(self, job: Job | None) -> None:
         me = threading.current_thread()
         spare_name = me.name
+        block_async_signals()
         try:
             while job is not None:
                 try:
                     self._run(job)
+                except BaseException:   # a bug in the runner: log it, keep the books right
+                    log.exception("handler thread %s: unexpected error", me.name)
                 finally:
                     job = None
                     me.name = spare_name
@@ -120,11 +145,11 @@ class HandlerThreadPool(Generic[Job]):
             return self._jobs.get(timeout=self._spare_timeout)
         except queue.Empty:
             with self._lock:
-                if self._stopping:
-                    return None   # shutdown() queued a sentinel for every idle thread
-                # A job may have been queued for us as the wait timed out.
+                # A job may have been queued for us as the wait timed out: run it
+                # (even when stopping; its connection is then cancelled at once).
                 try:
                     return self._jobs.get_nowait()
                 except queue.Empty:
-                    self._idle -= 1
+                    if not self._stopping:   # shutdown() already zeroed the count
+                        self._idle -= 1
                     return None
