@@ -82,6 +82,10 @@ class Config:
     thread_stack_size: int = _field(
         0, "Stack size in bytes for handler threads; 0 keeps the interpreter's default. "
         "Otherwise at least 32768.", int, minimum=0)
+    min_spare_threads: int = _field(
+        8, "Handler threads kept started and waiting ahead of demand, so a new connection "
+        "is handed to a running thread at once instead of waiting for one to start.",
+        int, minimum=0)
     max_spare_threads: int = _field(
         64, "Handler threads kept waiting for the next connection after theirs ends, so "
         "that churn does not pay for a thread start per connection.", int, minimum=0)
@@ -110,6 +114,8 @@ class Config:
     def __post_init__(self) -> None:
         for name, spec in _specs():
             _check(name, spec, getattr(self, name))
+        if self.max_spare_threads < self.min_spare_threads:
+            raise ConfigError("max_spare_threads", "must not be less than min_spare_threads")
         if self.thread_stack_size and self.thread_stack_size < 32768:
             raise ConfigError("thread_stack_size", "must be 0 (default) or at least 32768")
 

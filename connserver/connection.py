@@ -232,7 +232,27 @@ class Connection:
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data`` within ``write_timeout`` (an absolute deadline)."""
-        self._send_buffers([data])
+        if self._cancelled():
+            self._raise_cancelled()
+        if self._subscription is not None or self._unit_expires_at is not None:
+            self._send_buffers([data])
+            return
+        # Fast path: a fresh write deadline is always write_timeout away, so the
+        # kernel timeout already set for the last write usually fits unchanged.
+        self.operation = "write"
+        self._op_expires_at = expires_at = self._clock() + self._write_timeout
+        if self._sndtimeo != self._write_timeout:
+            self._set_timeout(socket.SO_SNDTIMEO, self._write_timeout)
+            self._sndtimeo = self._write_timeout
+        try:
+            sent = self._sock.send(data, _SEND_FLAGS)
+        except OSError as exc:
+            self._io_failed(exc, "write")
+        self.operation = None
+        self.bytes_sent += sent
+        if sent < len(data):
+            # The peer's window filled up: finish under the same absolute deadline.
+            self._send_buffers([memoryview(data)[sent:]], expires_at)
 
     def send_frame(self, payload: bytes) -> None:
         """Send one frame (header and payload in one ``sendmsg``, no concatenation)."""
@@ -253,7 +273,7 @@ class Connection:
                                      "or LineHandler, or set conn.codec)")
         return self.codec
 
-    def _send_buffers(self, buffers: list) -> None:
+    def _send_buffers(self, buffers: list, expires_at: float | None = None) -> None:
         """Write every buffer with ``sendmsg`` under one absolute write deadline.
 
         While subscribed to a hub, the bytes go on the subscription's queue
@@ -264,9 +284,10 @@ class Connection:
         if self._subscription is not None:
             self._subscription.send(b"".join(buffers))
             return
-        expires_at = self._clock() + self._write_timeout
-        if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
-            expires_at = self._unit_expires_at
+        if expires_at is None:
+            expires_at = self._clock() + self._write_timeout
+            if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
+                expires_at = self._unit_expires_at
         sendmsg = self._sock.sendmsg
         sent_total = 0
         first = 0   # buffers before this index are fully sent

@@ -108,9 +108,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                                           self.config.max_connections_per_ip)
         self._watchdog = Watchdog(clock=clock)
         self._threads = HandlerThreadPool(
-            self._serve_connection, max_spare=self.config.max_spare_threads,
+            self._serve_connection, min_spare=self.config.min_spare_threads,
+            max_spare=self.config.max_spare_threads,
             spare_timeout=self.config.spare_thread_timeout,
-            stack_size=self.config.thread_stack_size)
+            stack_size=self.config.thread_stack_size, discard=self._discard_job)
         self._registry: dict[int, Connection] = {}
         self._registry_cond = threading.Condition(threading.Lock())
         self._next_id = iter(range(1, sys.maxsize)).__next__
@@ -159,6 +160,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._serving_thread = threading.current_thread()
         try:
             self._start_watchdog()
+            self._threads.start()
             self.socket.setblocking(False)
             with selectors.DefaultSelector() as selector:
                 selector.register(self.socket, selectors.EVENT_READ)
@@ -394,6 +396,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             reason = token.reason or conn.outcome or CloseReason.CLOSED
         finally:
             self._end_connection(conn, address, reason)
+
+    def _discard_job(self, job: tuple[socket.socket, Any]) -> None:
+        """A connection accepted but never given a thread (the pool shut down first)."""
+        sock, address = job
+        sock.close()
+        self._limiter.release_ip(_ip_of(address))
+        self._limiter.release_slot()
+        self._stats.rejected_at_accept(CloseReason.SHUTDOWN)
 
     def _open_connection(self, sock: socket.socket, address: Any) -> Connection:
         """Wrap, register and watch a newly accepted socket (on its handler thread)."""

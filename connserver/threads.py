@@ -1,15 +1,23 @@
-"""Handler threads: one per connection, reused across connections.
+"""Handler threads: one per connection, started ahead of need, reused after.
 
-Each connection still gets a thread of its own for its whole life (blocking
-I/O, one thread per connection). What is reused is the thread *after* its
-connection ended: it waits up to ``spare_thread_timeout`` for the next
-connection instead of exiting, so a server under churn does not pay for a
-thread start (and the start handshake, which must win the GIL) per connection.
-At most ``max_spare_threads`` wait; the rest exit at once. Connections are
-handed to spare threads in FIFO order.
+Each connection gets a thread of its own for its whole life (blocking I/O, one
+thread per connection). What the pool changes is *when* threads start and
+what happens after their connection ends:
 
-A thread serving connection 42 is named ``connserver-conn-42``; a spare one
-``connserver-spare-<n>``.
+- The accept loop never starts a thread. ``Thread.start()`` waits until the
+  new thread has run, and under load that means winning the GIL against every
+  busy handler: stdlib's ``ThreadingTCPServer`` leaves new clients waiting
+  seconds for that. Here the accept loop only queues the connection (FIFO);
+  a spawner thread keeps ``min_spare`` threads waiting ahead of demand and
+  starts more whenever connections are queued with no thread to take them;
+  each new thread starts one more while more are wanted, so a burst is met
+  by a doubling number of starters rather than one at a time.
+- A thread whose connection ended waits up to ``spare_timeout`` for the next
+  one instead of exiting (at most ``max_spare`` wait; the rest exit), so churn
+  does not pay a thread start per connection.
+
+Threads are named ``connserver-conn-<id>`` while serving connection ``id`` and
+``connserver-spare-<n>`` while waiting; the spawner is ``connserver-spawner``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import threading
 import time
 from typing import Callable, Generic, TypeVar
 
-__all__ = ["HandlerThreadPool"]
+__all__ = ["HandlerThreadPool", "block_async_signals"]
 
 Job = TypeVar("Job")
 
@@ -45,60 +53,119 @@ def block_async_signals() -> None:
 
 
 class HandlerThreadPool(Generic[Job]):
-    """Runs ``run(job)`` for each submitted job on a thread of its own."""
+    """Runs ``run(job)`` for each submitted job, each on a thread of its own.
 
-    def __init__(self, run: Callable[[Job], None], *, max_spare: int, spare_timeout: float,
-                 stack_size: int = 0) -> None:
+    ``surplus`` is the number of threads waiting for a job minus the jobs queued:
+    negative means connections are waiting for a thread. The spawner keeps it at
+    ``min_spare`` or above; ``discard(job)`` is called for jobs still queued when
+    the pool shuts down, so their sockets can be closed.
+    """
+
+    def __init__(self, run: Callable[[Job], None], *, min_spare: int, max_spare: int,
+                 spare_timeout: float, stack_size: int = 0,
+                 discard: Callable[[Job], None] | None = None) -> None:
         self._run = run
-        self._max_spare = max_spare
+        self._discard = discard
+        self._min_spare = min_spare
+        self._max_spare = max(max_spare, min_spare)
         self._spare_timeout = spare_timeout
         self._stack_size = stack_size
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0          # threads waiting in _jobs.get()
-        self._busy = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._surplus = 0       # threads waiting for a job - jobs queued
+        self._starting = 0      # threads the spawner is starting
+        self._busy = 0          # threads running a job
         self._threads: set[threading.Thread] = set()
         self._stopping = False
+        self._spawner: threading.Thread | None = None
         self._spawned = itertools.count(1)
 
+    def start(self) -> None:
+        """Start the spawner (and so the first ``min_spare`` threads)."""
+        with self._cond:
+            if self._spawner is not None:
+                return
+            self._spawner = threading.Thread(target=self._spawn_loop, name="connserver-spawner")
+        self._spawner.start()
+
     def submit(self, job: Job) -> None:
-        """Run ``job`` on a spare thread, or on a new one if none is waiting."""
-        with self._lock:
+        """Queue ``job`` for the next waiting thread; never waits for a thread to start."""
+        with self._cond:
             if self._stopping:
                 raise RuntimeError("handler thread pool is shut down")
             self._busy += 1
-            if self._idle:
-                self._idle -= 1
-                self._jobs.put(job)
-                return
-        self._start_thread(job)
+            self._surplus -= 1
+            self._jobs.put(job)
+            if self._surplus + self._starting < self._min_spare or self._surplus < 0:
+                self._cond.notify_all()
+        if self._spawner is None:
+            self.start()
 
     def counts(self) -> tuple[int, int]:
-        """(threads serving a job, spare threads waiting)."""
-        with self._lock:
-            return self._busy, self._idle
+        """(jobs being run or queued, spare threads waiting)."""
+        with self._cond:
+            return self._busy, max(0, self._surplus)
 
     def shutdown(self, timeout: float) -> list[threading.Thread]:
-        """Stop spare threads; wait up to ``timeout`` in all; return those still alive.
+        """Stop every thread; wait up to ``timeout`` in all; return those still alive.
 
         The calling thread is never waited for (a handler may shut its server down).
         """
-        with self._lock:
+        with self._cond:
             self._stopping = True
-            for _ in range(self._idle):
-                self._jobs.put(None)
-            self._idle = 0
+            self._cond.notify_all()
             me = threading.current_thread()
-            threads = [thread for thread in self._threads if thread is not me]
+            threads = [t for t in self._threads if t is not me]
+            for _ in range(len(self._threads)):
+                self._jobs.put(None)
         deadline = time.monotonic() + timeout
+        if self._spawner is not None and self._spawner is not me:
+            self._spawner.join(max(0.0, deadline - time.monotonic()))
+            if self._spawner.is_alive():
+                threads.append(self._spawner)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._discard_queued()
         return [thread for thread in threads if thread.is_alive()]
 
-    def _start_thread(self, job: Job) -> None:
-        thread = threading.Thread(target=self._work, args=(job,),
-                                  name=f"{SPARE_NAME}-{next(self._spawned)}")
-        with self._lock:
+    def _discard_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and self._discard is not None:
+                with self._cond:
+                    self._busy -= 1
+                self._discard(job)
+
+    # --- the spawner ----------------------------------------------------------------
+
+    def _spawn_loop(self) -> None:
+        block_async_signals()
+        while True:
+            with self._cond:
+                while not self._stopping and self._wanted() <= 0:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._starting += 1
+            try:
+                self._start_thread()
+            except Exception as exc:
+                with self._cond:
+                    self._starting -= 1
+                log.error("cannot start a handler thread: %s; retrying in 1 s", exc)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, 1.0)
+
+    def _wanted(self) -> int:
+        return self._min_spare - self._surplus - self._starting if self._surplus >= 0 \
+            else -self._surplus - self._starting
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._work, name=f"{SPARE_NAME}-{next(self._spawned)}")
+        with self._cond:
             self._threads.add(thread)
         try:
             if self._stack_size:
@@ -112,17 +179,33 @@ class HandlerThreadPool(Generic[Job]):
             else:
                 thread.start()
         except BaseException:
-            with self._lock:
+            with self._cond:
                 self._threads.discard(thread)
-                self._busy -= 1
             raise
 
-    def _work(self, job: Job | None) -> None:
+    # --- the handler threads ----------------------------------------------------------
+
+    def _work(self) -> None:
         me = threading.current_thread()
         spare_name = me.name
         block_async_signals()
+        with self._cond:
+            self._starting -= 1
+            self._surplus += 1
+            help_spawn = not self._stopping and self._wanted() > 0
+            if help_spawn:
+                self._starting += 1
+        if help_spawn:
+            # Each start waits for the new thread to win the GIL once; under load that
+            # is tens of milliseconds. Every new thread starting one more doubles the
+            # rate at which a burst of connections gets its threads.
+            try:
+                self._start_thread()
+            except Exception:
+                with self._cond:
+                    self._starting -= 1
         try:
-            while job is not None:
+            while (job := self._next_job()) is not None:
                 try:
                     self._run(job)
                 except BaseException:   # a bug in the runner: log it, keep the books right
@@ -130,26 +213,28 @@ class HandlerThreadPool(Generic[Job]):
                 finally:
                     job = None
                     me.name = spare_name
-                job = self._next_job()
+                    with self._cond:
+                        self._busy -= 1
+                        if self._stopping or self._surplus >= self._max_spare:
+                            return
+                        self._surplus += 1
         finally:
-            with self._lock:
+            with self._cond:
                 self._threads.discard(me)
 
     def _next_job(self) -> Job | None:
-        with self._lock:
-            self._busy -= 1
-            if self._stopping or self._idle >= self._max_spare:
-                return None
-            self._idle += 1
-        try:
-            return self._jobs.get(timeout=self._spare_timeout)
-        except queue.Empty:
-            with self._lock:
-                # A job may have been queued for us as the wait timed out: run it
-                # (even when stopping; its connection is then cancelled at once).
-                try:
-                    return self._jobs.get_nowait()
-                except queue.Empty:
-                    if not self._stopping:   # shutdown() already zeroed the count
-                        self._idle -= 1
-                    return None
+        """Wait for a job; None to exit. The caller has counted itself in ``surplus``."""
+        while True:
+            try:
+                return self._jobs.get(timeout=self._spare_timeout)
+            except queue.Empty:
+                with self._cond:
+                    # A job may have been queued for us as the wait timed out: run it
+                    # (even when stopping; its connection is then cancelled at once).
+                    try:
+                        return self._jobs.get_nowait()
+                    except queue.Empty:
+                        pass
+                    if self._stopping or self._surplus > self._min_spare:
+                        self._surplus -= 1
+                        return None

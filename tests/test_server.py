@@ -375,7 +375,7 @@ def test_churn_mixed_with_deadlines_and_failures_returns_to_baseline(serve):
             self.conn.sendall(data)
             self.conn.recv()       # the client closes: eof
 
-    server = serve(Mixed, idle_timeout=0.3, spare_thread_timeout=0.5)
+    server = serve(Mixed, idle_timeout=0.3, spare_thread_timeout=0.5, min_spare_threads=0)
     baseline_threads = {t.ident for t in threading.enumerate()}
     baseline_fds = set(connserver.testing.open_fds())
     for _ in range(2000):
