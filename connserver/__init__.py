@@ -16,6 +16,7 @@ from .errors import (
     FrameTooLarge,
     LocalProtocolError,
     ProtocolError,
+    RateLimited,
     RemoteProtocolError,
     SlowConsumer,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "QueueClosed",
     "QueueEmpty",
     "QueueFull",
+    "RateLimited",
     "RemoteProtocolError",
     "Server",
     "ServerStatistics",

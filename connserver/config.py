@@ -97,6 +97,27 @@ class Config:
     tcp_nodelay: bool = _field(
         True, "Disable Nagle's algorithm, so small replies are sent at once.", bool)
 
+    # --- rate limits -----------------------------------------------------
+    rate: float | None = _field(
+        None, "Per-connection rate limit: messages per second for framed and line handlers, "
+        "bytes per second for raw recv(); none by default.", float, minimum=0.0,
+        exclusive_minimum=True, nullable=True)
+    burst: float | None = _field(
+        None, "How far a connection may run ahead of its rate (tokens saved up); default "
+        "one second's worth of the rate.", float, minimum=1.0, nullable=True)
+    ip_rate: float | None = _field(
+        None, "Rate limit shared by all connections from one peer address (same units as "
+        "rate, burst one second's worth); none by default.", float, minimum=0.0,
+        exclusive_minimum=True, nullable=True)
+    server_rate: float | None = _field(
+        None, "Rate limit shared by every connection of the server (same units as rate, "
+        "burst one second's worth); none by default.", float, minimum=0.0,
+        exclusive_minimum=True, nullable=True)
+    on_rate_limit: str = _field(
+        "wait", "Over a rate limit: 'wait' stops reading until tokens are back, so TCP "
+        "pushes back on the client; 'close' ends the connection (rate_limited).",
+        str, choices=("wait", "close"))
+
     # --- framing ---------------------------------------------------------
     max_frame_size: int = _field(
         1024 * 1024, "Largest frame (or line) accepted from a peer, in bytes; a larger "

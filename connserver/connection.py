@@ -30,11 +30,12 @@ from .cancel import CancelToken
 from .config import Config
 from .deadline import Clock, monotonic
 from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
-                     LocalProtocolError, RemoteProtocolError)
+                     LocalProtocolError, RateLimited, RemoteProtocolError)
 
 if TYPE_CHECKING:
     from .framing import Codec
     from .hub import Subscription
+    from .ratelimit import TokenBucket
     from .stats import ServerStats
 
 __all__ = ["Connection", "ConnectionInfo"]
@@ -105,6 +106,9 @@ class Connection:
         self.queue_bytes = 0   # bytes queued for this connection elsewhere (a hub)
         self.codec: "Codec | None" = None   # set by FramedHandler / LineHandler
         self._subscription: "Subscription | None" = None   # set by Hub.subscribe
+        self.rate_limiters: tuple[TokenBucket, ...] = ()   # set by the server from Config
+        self.rate_unit = "bytes"   # what raw recv() charges; message handlers charge frames
+        self._wait_when_limited = config.on_rate_limit == "wait"
         sock.setblocking(True)
 
     # --- reading -------------------------------------------------------------
@@ -150,6 +154,8 @@ class Connection:
         if received:
             self.bytes_received += received
             self.outcome = None   # a handler that recovered from a deadline is not judged by it
+            if self.rate_limiters and self.rate_unit == "bytes":
+                self.charge(received)
         else:
             self._saw_eof()
         return data
@@ -339,6 +345,29 @@ class Connection:
             yield
         finally:
             self._unit_expires_at = previous
+
+    def charge(self, amount: float = 1) -> None:
+        """Take ``amount`` (bytes or messages) from every rate limiter of this connection.
+
+        With ``on_rate_limit="wait"`` this blocks (cancel-aware) until the tokens are
+        there, and since nothing is read meanwhile, TCP pushes back on the client;
+        with ``"close"`` it raises :class:`~connserver.RateLimited` instead.
+        """
+        for bucket in self.rate_limiters:
+            remaining = amount
+            while remaining > 0:   # more than a burst at once: take it a burst at a time
+                step = min(remaining, bucket.burst)
+                if self._wait_when_limited:
+                    if not bucket.acquire_nowait(step):
+                        self.operation = "rate_wait"
+                        try:
+                            bucket.acquire(step, cancel=self.cancel_token)
+                        finally:
+                            self.operation = None
+                elif not bucket.acquire_nowait(step):
+                    self.outcome = CloseReason.RATE_LIMITED
+                    raise RateLimited(f"over the rate limit of {bucket.rate:g}/s")
+                remaining -= step
 
     def lease(self) -> BufferLease:
         """Lease a pooled buffer for this connection; it must be released before the end."""

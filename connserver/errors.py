@@ -7,6 +7,7 @@
      ├── DeadlineExceeded (TimeoutError) an I/O phase ran past its deadline
      ├── ConnectionBroken                the peer reset or vanished (from an OSError)
      ├── SlowConsumer                    a consumer's queue overflowed (disconnect policy)
+     ├── RateLimited                     a peer exceeded its rate (on_rate_limit="close")
      └── ProtocolError
           ├── RemoteProtocolError        the peer broke the protocol
           │    └── FrameTooLarge         ... by announcing an oversized frame
@@ -39,6 +40,7 @@ __all__ = [
     "FrameTooLarge",
     "Cancelled",
     "SlowConsumer",
+    "RateLimited",
 ]
 
 
@@ -124,6 +126,12 @@ class SlowConsumer(ConnServerError):
     """A consumer did not drain its bounded queue; its connection should end."""
 
     close_reason = CloseReason.SLOW_CONSUMER
+
+
+class RateLimited(ConnServerError):
+    """A peer sent faster than its rate allows, and the policy is to close."""
+
+    close_reason = CloseReason.RATE_LIMITED
 
 
 class ProtocolError(ConnServerError):

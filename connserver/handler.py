@@ -101,6 +101,7 @@ class _MessageHandler(Handler):
     def _prepare(self) -> None:
         # Before setup(), so a greeting sent there is already framed.
         self.conn.codec = self.make_codec()
+        self.conn.rate_unit = "messages"
 
     def handle(self) -> None:
         conn = self.conn
@@ -117,7 +118,10 @@ class _MessageHandler(Handler):
                         f"peer closed the connection {codec.pending} bytes into a frame")
                 return
             frames = codec.feed(data)
+            limited = bool(conn.rate_limiters)
             for frame in frames:
+                if limited:
+                    conn.charge(1)
                 self.dispatch(frame)
             if not codec.pending:
                 message_expires_at = None

@@ -24,7 +24,7 @@ from typing import Callable
 from .cancel import CancelToken
 from .deadline import Clock, monotonic
 
-__all__ = ["TokenBucket", "BucketStatistics"]
+__all__ = ["TokenBucket", "BucketStatistics", "BucketTable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,3 +120,64 @@ class TokenBucket:
             self._tokens -= n
             return True
         return False
+
+
+class BucketTable:
+    """Token buckets per key (a peer address), shared by that key's connections.
+
+    An entry lives while a connection holds it, and after that only until its
+    bucket has refilled: a full bucket is the same as a fresh one, so dropping
+    it loses nothing. The table is therefore bounded by the live keys plus those
+    seen within the last refill time, and by ``max_entries`` in any case.
+    """
+
+    def __init__(self, rate: float, burst: float, *, clock: Clock = monotonic,
+                 max_entries: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: dict[str, list] = {}   # key -> [bucket, holders]
+        self._released: dict[str, None] = {}  # keys with no holder, oldest first
+
+    def acquire(self, key: str) -> TokenBucket:
+        with self._lock:
+            self._sweep()
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = [TokenBucket(self.rate, self.burst, clock=self._clock), 0]
+            entry[1] += 1
+            self._released.pop(key, None)
+            return entry[0]
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                if entry[0].delay_for(self.burst) <= 0:
+                    del self._entries[key]   # full: nothing to remember
+                else:
+                    self._released[key] = None
+            self._sweep()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _sweep(self) -> None:
+        """Drop released entries whose bucket is full again (oldest first, a few at a time)."""
+        over = len(self._entries) - self._max_entries
+        for _ in range(max(4, over)):
+            if not self._released:
+                return
+            key = next(iter(self._released))
+            bucket = self._entries[key][0]
+            if over <= 0 and bucket.delay_for(bucket.burst) > 0:
+                return   # not full yet: the rest wait for later calls
+            del self._released[key]
+            del self._entries[key]
+            over -= 1

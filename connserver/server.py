@@ -32,6 +32,7 @@ from .errors import Cancelled, CloseReason, ConnServerError, LocalProtocolError
 from .handler import Handler
 from .hub import Hub
 from .limits import ConnectionLimiter
+from .ratelimit import BucketTable, TokenBucket
 from .stats import ServerStatistics, ServerStats
 from .threads import HandlerThreadPool
 
@@ -107,6 +108,11 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._limiter = ConnectionLimiter(self.config.max_connections,
                                           self.config.max_connections_per_ip)
         self._watchdog = Watchdog(clock=clock)
+        config = self.config
+        self._ip_buckets = (BucketTable(config.ip_rate, max(1.0, config.ip_rate), clock=clock)
+                            if config.ip_rate else None)
+        self._server_bucket = (TokenBucket(config.server_rate, max(1.0, config.server_rate),
+                                           clock=clock) if config.server_rate else None)
         self._threads = HandlerThreadPool(
             self._serve_connection, min_spare=self.config.min_spare_threads,
             max_spare=self.config.max_spare_threads,
@@ -397,6 +403,18 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         finally:
             self._end_connection(conn, address, reason)
 
+    def _rate_limiters_for(self, address: Any) -> tuple[TokenBucket, ...]:
+        config = self.config
+        limiters = []
+        if config.rate:
+            limiters.append(TokenBucket(config.rate, config.burst or max(1.0, config.rate),
+                                        clock=self._clock))
+        if self._ip_buckets is not None:
+            limiters.append(self._ip_buckets.acquire(_ip_of(address)))
+        if self._server_bucket is not None:
+            limiters.append(self._server_bucket)
+        return tuple(limiters)
+
     def _discard_job(self, job: tuple[socket.socket, Any]) -> None:
         """A connection accepted but never given a thread (the pool shut down first)."""
         sock, address = job
@@ -413,6 +431,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
                           cancel_token=token, stats=self._stats, clock=self._clock)
         token._on_cancel = functools.partial(self._watchdog.abort_soon, conn)
+        conn.rate_limiters = self._rate_limiters_for(address)
         with self._registry_cond:
             self._registry[conn_id] = conn
         self._stats.opened()
@@ -485,6 +504,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     self._registry_cond.notify_all()
             self._limiter.release_ip(_ip_of(address))
             self._limiter.release_slot()
+            if self._ip_buckets is not None:
+                self._ip_buckets.release(_ip_of(address))
             self._stats.closed(reason)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s",

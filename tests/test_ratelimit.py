@@ -81,3 +81,36 @@ def test_bad_parameters(rate, burst):
     """Rates and bursts that can never work are refused."""
     with pytest.raises(ValueError):
         TokenBucket(rate, burst)
+
+
+def test_bucket_table_shares_per_key_and_forgets_refilled_entries():
+    """Connections from one address share a bucket; the entry goes once it is full again."""
+    from connserver.ratelimit import BucketTable
+
+    clock = FakeClock()
+    table = BucketTable(rate=10, burst=10, clock=clock)
+    first, second = table.acquire("10.0.0.1"), table.acquire("10.0.0.1")
+    assert first is second and table.acquire("10.0.0.2") is not first
+    assert first.acquire_nowait(10) and not second.acquire_nowait()
+    table.release("10.0.0.1")
+    table.release("10.0.0.1")
+    table.release("10.0.0.2")
+    assert len(table) == 1          # 10.0.0.2 was full: dropped at once
+    assert table.acquire("10.0.0.1") is first   # not refilled yet: remembered
+    table.release("10.0.0.1")
+    clock.advance(1.0)
+    table.acquire("10.0.0.3")
+    table.release("10.0.0.3")
+    assert len(table) == 0
+
+
+def test_bucket_table_is_bounded():
+    """However many addresses come and go, the table keeps at most max_entries."""
+    from connserver.ratelimit import BucketTable
+
+    table = BucketTable(rate=1, burst=1, clock=FakeClock(), max_entries=50)
+    for index in range(1000):
+        bucket = table.acquire(f"10.0.{index // 256}.{index % 256}")
+        bucket.acquire_nowait()   # leave it not full, so only the bound removes it
+        table.release(f"10.0.{index // 256}.{index % 256}")
+    assert len(table) <= 54
