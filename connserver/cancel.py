@@ -17,6 +17,7 @@ import heapq
 import itertools
 import logging
 import threading
+import weakref
 from collections import deque
 from typing import Callable, Protocol
 
@@ -112,12 +113,18 @@ class Watchdog:
 
     WRITE_FORCE_INTERVAL = 0.05
 
-    def __init__(self, *, name: str = "connserver-watchdog", clock: Clock = monotonic) -> None:
+    def __init__(self, *, name: str = "connserver-watchdog", clock: Clock = monotonic,
+                 stuck_timeout: float | None = None,
+                 on_stuck: Callable[[Abortable], None] | None = None) -> None:
         self._clock = clock
         self._name = name
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[Abortable] = deque()
-        self._recheck: list[tuple[float, int, Abortable]] = []   # writes to force if still blocked
+        # Checks due later, on weak references so they pin nothing: ("write", a write
+        # to force if still blocked) and ("stuck", a cancelled connection still open).
+        self._recheck: list[tuple[float, int, weakref.ref, str]] = []
+        self._stuck_timeout = stuck_timeout
+        self._on_stuck = on_stuck
         self._heap: list[tuple[float, int, list]] = []
         self._entries: dict[int, list] = {}   # id(target) -> [target | None]
         self._dead = 0
@@ -196,7 +203,7 @@ class Watchdog:
                 to_abort = list(self._pending)
                 self._pending.clear()
                 expired = self._pop_expired()
-                to_force = self._pop_rechecks()
+                rechecks = self._pop_rechecks()
             for target in expired:
                 # cancel() queues the abort through the token's callback.
                 try:
@@ -206,12 +213,22 @@ class Watchdog:
                     log.exception("cancelling %r at its lifetime failed", target)
             for target in to_abort:
                 if self._abort(target, force=False):
-                    with cond:
-                        heapq.heappush(self._recheck, (self._clock() + self.WRITE_FORCE_INTERVAL,
-                                                       next(self._seq), target))
-            for target in to_force:
-                if target.operation == "write":   # still blocked writing: force it
-                    self._abort(target, force=True)
+                    self._recheck_later(target, self.WRITE_FORCE_INTERVAL, "write")
+                if self._stuck_timeout is not None:
+                    self._recheck_later(target, self._stuck_timeout, "stuck")
+            for target, kind in rechecks:
+                if kind == "write" and target.operation == "write":
+                    self._abort(target, force=True)   # still blocked writing: force it
+                elif kind == "stuck" and not getattr(target, "closed", True) and self._on_stuck:
+                    try:
+                        self._on_stuck(target)
+                    except Exception:
+                        log.exception("reporting stuck %r failed", target)
+
+    def _recheck_later(self, target: Abortable, delay: float, kind: str) -> None:
+        with self._cond:
+            heapq.heappush(self._recheck, (self._clock() + delay, next(self._seq),
+                                           weakref.ref(target), kind))
 
     def _abort(self, target: Abortable, force: bool) -> bool:
         try:
@@ -237,11 +254,14 @@ class Watchdog:
         # with a fake clock, tests call poke() after advancing it.
         return max(0.0, min(times) - self._clock())
 
-    def _pop_rechecks(self) -> list[Abortable]:
+    def _pop_rechecks(self) -> list[tuple[Abortable, str]]:
         now = self._clock()
         due = []
         while self._recheck and self._recheck[0][0] <= now:
-            due.append(heapq.heappop(self._recheck)[2])
+            _, _, ref, kind = heapq.heappop(self._recheck)
+            target = ref()
+            if target is not None:
+                due.append((target, kind))
         return due
 
     def _pop_expired(self) -> list[Abortable]:

@@ -12,7 +12,7 @@ import threading
 from typing import Any, Sequence
 
 from . import __version__
-from .config import Config, config_fields
+from .config import Config, config_fields, parse_address
 from .errors import ConfigError
 from .handler import Handler
 
@@ -60,8 +60,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(field.name), dest=field.name, default=argparse.SUPPRESS,
                                action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(_flag(field.name), dest=field.name, default=argparse.SUPPRESS,
-                               metavar=(spec.kind.__name__.upper() if not spec.choices else None),
+            group.add_argument(_flag(field.name), *spec.aliases, dest=field.name,
+                               default=argparse.SUPPRESS,
+                               metavar=None if spec.choices else spec.metavar or spec.kind.__name__.upper(),
                                choices=spec.choices, type=_parse_value(spec.kind, spec.nullable),
                                help=help_text.replace("%", "%%"))
 
@@ -88,14 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_bind(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"--bind {text!r}: expected HOST:PORT (or [IPv6]:PORT)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if int(port) > 65535:
-        raise UsageError(f"--bind {text!r}: port out of range")
-    return host, int(port)
+    try:
+        return parse_address(text, "--bind")
+    except ConfigError as exc:
+        raise UsageError(f"--bind {text!r}: expected HOST:PORT (or [IPv6]:PORT)") from exc
 
 
 def load_handler(spec: str) -> type[Handler]:

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Config", "config_fields", "FieldSpec"]
+__all__ = ["Config", "config_fields", "FieldSpec", "parse_address"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,8 @@ class FieldSpec:
     exclusive_minimum: bool = False  # e.g. timeouts must be > 0
     choices: tuple[str, ...] | None = None
     nullable: bool = False           # None is allowed and means "no limit"
+    aliases: tuple[str, ...] = ()    # extra command-line flags, e.g. ("--admin",)
+    metavar: str | None = None       # how the CLI help names the value
 
 
 def _field(default: Any, help: str, kind: type, **spec: Any) -> Any:
@@ -61,6 +63,9 @@ class Config:
         0.1, "Fraction of max_lifetime by which each connection's lifetime is randomly "
         "shortened, so connections opened together do not all recycle together.",
         float, minimum=0.0, maximum=0.5)
+    stuck_thread_timeout: float = _timeout(
+        10.0, "Seconds a cancelled connection's handler may take to end before its thread "
+        "is reported as stuck (logged with its stack, counted in stats).")
     graceful_timeout: float = _timeout(
         30.0, "Seconds a shutdown waits for connections to finish after cancelling them, "
         "before forcing their sockets shut.")
@@ -118,6 +123,13 @@ class Config:
         "pushes back on the client; 'close' ends the connection (rate_limited).",
         str, choices=("wait", "close"))
 
+    # --- administration ---------------------------------------------------
+    admin_address: str | None = _field(
+        None, "HOST:PORT (or PORT, meaning 127.0.0.1:PORT) for the admin HTTP endpoint: "
+        "/healthz, /stats, /connections, /metrics, /debug/threads, /debug/memory. Off by "
+        "default; bind it to loopback unless you mean to expose it.", str, nullable=True,
+        aliases=("--admin",), metavar="HOST:PORT")
+
     # --- framing ---------------------------------------------------------
     max_frame_size: int = _field(
         1024 * 1024, "Largest frame (or line) accepted from a peer, in bytes; a larger "
@@ -135,6 +147,8 @@ class Config:
     def __post_init__(self) -> None:
         for name, spec in _specs():
             _check(name, spec, getattr(self, name))
+        if self.admin_address is not None:
+            parse_address(self.admin_address, "admin_address", default_host="127.0.0.1")
         if self.max_spare_threads < self.min_spare_threads:
             raise ConfigError("max_spare_threads", "must not be less than min_spare_threads")
         if self.thread_stack_size and self.thread_stack_size < 32768:
@@ -175,6 +189,18 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_address(text: str, field: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (or ``PORT`` with a default host) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep and default_host is not None:
+        host, port = default_host, text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(field, f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
+    return host, int(port)
 
 
 def _specs() -> Iterator[tuple[str, FieldSpec]]:

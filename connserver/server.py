@@ -23,6 +23,7 @@ import threading
 import traceback
 from typing import Any, Callable, TypeVar
 
+from .admin import AdminServer
 from .buffers import BufferPool
 from .cancel import CancelToken, Watchdog
 from .config import Config
@@ -95,7 +96,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, server_address: Any, RequestHandlerClass: type[Handler],
                  config: Config | None = None, *, bind_and_activate: bool = True,
-                 clock: Clock = monotonic) -> None:
+                 clock: Clock = monotonic, name: str | None = None) -> None:
         self.config = config if config is not None else Config()
         if not (isinstance(RequestHandlerClass, type) and issubclass(RequestHandlerClass, Handler)):
             raise TypeError("RequestHandlerClass must be a subclass of connserver.Handler")
@@ -107,7 +108,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._pool = BufferPool(self.config.buffer_size, self.config.pool_max_free)
         self._limiter = ConnectionLimiter(self.config.max_connections,
                                           self.config.max_connections_per_ip)
-        self._watchdog = Watchdog(clock=clock)
+        self.name = name
+        self._prefix = "connserver" if name is None else f"connserver-{name}"
+        self._watchdog = Watchdog(name=f"{self._prefix}-watchdog", clock=clock,
+                                  stuck_timeout=self.config.stuck_thread_timeout,
+                                  on_stuck=self._report_stuck)
+        self._stuck: set[int] = set()   # ids of live connections reported stuck
         config = self.config
         self._ip_buckets = (BucketTable(config.ip_rate, max(1.0, config.ip_rate), clock=clock)
                             if config.ip_rate else None)
@@ -117,7 +123,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._serve_connection, min_spare=self.config.min_spare_threads,
             max_spare=self.config.max_spare_threads,
             spare_timeout=self.config.spare_thread_timeout,
-            stack_size=self.config.thread_stack_size, discard=self._discard_job)
+            stack_size=self.config.thread_stack_size, discard=self._discard_job,
+            name_prefix=self._prefix)
         self._registry: dict[int, Connection] = {}
         self._registry_cond = threading.Condition(threading.Lock())
         self._next_id = iter(range(1, sys.maxsize)).__next__
@@ -136,12 +143,19 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._rejecting = False
         self._resources: dict[Any, Any] = {}
         self._resources_lock = threading.RLock()   # a factory may ask for another resource
+        self._admin: AdminServer | None = None
         try:
             super().__init__(server_address, RequestHandlerClass, bind_and_activate)
         except BaseException:
             self._wakeup_r.close()
             self._wakeup_w.close()
             raise
+        if self.config.admin_address is not None:
+            try:
+                self._admin = AdminServer(self, self.config.admin_address)
+            except BaseException:
+                self._close_listener()
+                raise
 
     # --- the caller's API -------------------------------------------------------
 
@@ -149,7 +163,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """Serve in a background thread (``connserver-accept``); return once accepting."""
         if self._accept_thread is not None:
             raise RuntimeError("server already started")
-        self._accept_thread = threading.Thread(target=self.serve_forever, name="connserver-accept")
+        self._accept_thread = threading.Thread(target=self.serve_forever, name=f"{self._prefix}-accept")
         self._accept_thread.start()
         if not self._accepting.wait(timeout):
             raise RuntimeError("server did not start accepting within %.1f s" % timeout)
@@ -167,6 +181,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         try:
             self._start_watchdog()
             self._threads.start()
+            if self._admin is not None and not self._admin.server._accepting.is_set():
+                self._admin.start()
             self.socket.setblocking(False)
             with selectors.DefaultSelector() as selector:
                 selector.register(self.socket, selectors.EVENT_READ)
@@ -217,6 +233,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._close_resources()
                 alive = self._threads.shutdown(timeout=0.5 if remaining else 2.0)
             finally:
+                if self._admin is not None:   # last, so /healthz said 503 during the drain
+                    self._admin.close()
                 if not self._watchdog.stop(timeout=2.0) and self._watchdog._thread is not None:
                     alive = [*locals().get("alive", []), self._watchdog._thread]
             stuck = tuple(_describe_thread(thread) for thread in alive)
@@ -244,13 +262,30 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                                               or self._watchdog_started):
             self.shutdown(grace=0.0)
         self._close_listener()
+        if self._admin is not None:
+            self._admin.close()
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """Where the admin endpoint listens, if ``Config.admin_address`` is set."""
+        return None if self._admin is None else self._admin.address
 
     def __exit__(self, *exc_info: object) -> None:
         self.server_close()
 
     def stats(self) -> ServerStatistics:
         busy, spare = self._threads.counts()
-        return self._stats.snapshot(handler_threads=busy, spare_threads=spare)
+        return self._stats.snapshot(handler_threads=busy, spare_threads=spare,
+                                    stuck_threads=len(self._stuck))
+
+    def _report_stuck(self, conn: Connection) -> None:
+        """The watchdog found a cancelled connection's handler still running."""
+        self._stuck.add(conn.id)
+        frame = sys._current_frames().get(conn.thread_ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+        log.warning("#%d %s handler still running %.1f s after its connection was cancelled "
+                    "(%s); it does not check for cancellation:\n%s", conn.id, conn.peer_label,
+                    self.config.stuck_thread_timeout, conn.cancel_token.reason, stack)
 
     def connections(self) -> list[ConnectionInfo]:
         with self._registry_cond:
@@ -426,7 +461,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _open_connection(self, sock: socket.socket, address: Any) -> Connection:
         """Wrap, register and watch a newly accepted socket (on its handler thread)."""
         conn_id = self._next_id()
-        threading.current_thread().name = f"connserver-conn-{conn_id}"
+        threading.current_thread().name = f"{self._prefix}-conn-{conn_id}"
         token = CancelToken()
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
                           cancel_token=token, stats=self._stats, clock=self._clock)
@@ -506,7 +541,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._limiter.release_slot()
             if self._ip_buckets is not None:
                 self._ip_buckets.release(_ip_of(address))
-            self._stats.closed(reason)
+            self._stuck.discard(conn.id)
+            self._stats.closed(reason, conn.bytes_received, conn.bytes_sent)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s",
                                 conn.id, conn.peer_label, self._clock() - conn.created_at,
@@ -582,7 +618,7 @@ def _describe_thread(thread: threading.Thread) -> StuckThread:
     frame = sys._current_frames().get(thread.ident or -1)
     stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
     conn_id = None
-    if thread.name.startswith("connserver-conn-"):
+    if "-conn-" in thread.name:
         try:
             conn_id = int(thread.name.rsplit("-", 1)[1])
         except ValueError:

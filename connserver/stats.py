@@ -25,6 +25,9 @@ class ServerStatistics:
     handler_threads: int          # threads serving a connection now
     spare_threads: int            # threads waiting for the next connection
     uptime: float
+    bytes_received: int = 0       # by connections that have ended
+    bytes_sent: int = 0
+    stuck_threads: int = 0        # cancelled connections whose handler has not ended in time
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,6 +43,8 @@ class ServerStats:
         self.active = 0
         self.total = 0
         self.rejected = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
         self._reasons: collections.Counter[str] = collections.Counter()
         self._deadlines: collections.Counter[str] = collections.Counter()
 
@@ -48,10 +53,12 @@ class ServerStats:
             self.active += 1
             self.total += 1
 
-    def closed(self, reason: CloseReason) -> None:
+    def closed(self, reason: CloseReason, bytes_received: int = 0, bytes_sent: int = 0) -> None:
         with self._lock:
             self.active -= 1
             self._reasons[reason.value] += 1
+            self.bytes_received += bytes_received
+            self.bytes_sent += bytes_sent
 
     def rejected_at_accept(self, reason: CloseReason = CloseReason.LIMIT) -> None:
         with self._lock:
@@ -62,10 +69,13 @@ class ServerStats:
         with self._lock:
             self._deadlines[phase] += 1
 
-    def snapshot(self, handler_threads: int = 0, spare_threads: int = 0) -> ServerStatistics:
+    def snapshot(self, handler_threads: int = 0, spare_threads: int = 0,
+                 stuck_threads: int = 0) -> ServerStatistics:
         with self._lock:
             return ServerStatistics(
                 connections_active=self.active, connections_total=self.total,
                 connections_rejected=self.rejected, close_reasons=dict(self._reasons),
                 deadline_hits=dict(self._deadlines), handler_threads=handler_threads,
-                spare_threads=spare_threads, uptime=self._clock() - self.started_at)
+                spare_threads=spare_threads, uptime=self._clock() - self.started_at,
+                bytes_received=self.bytes_received, bytes_sent=self.bytes_sent,
+                stuck_threads=stuck_threads)

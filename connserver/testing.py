@@ -6,7 +6,10 @@
 - fixture ``connserver_server``: ``connserver_server(HandlerClass, **config)``
   starts a server on 127.0.0.1 port 0; it is shut down and checked at teardown.
 - marker ``@pytest.mark.connserver_leakcheck``: fail the test if it leaves a
-  thread or an fd behind, listing the survivors with their stacks.
+  thread or an fd behind, listing the survivors with their stacks (and, for
+  servers from the fixture, a live connection or an outstanding buffer lease).
+- :func:`assert_no_leaks`: run a workload repeatedly and fail, naming what
+  grew, if threads or fds do not come back or memory grows on every cycle.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import time
 import traceback
 from typing import Any, Callable, Iterator
 
-__all__ = ["FakeClock", "LeakSnapshot", "leak_snapshot", "find_leaks", "wait_for"]
+__all__ = ["FakeClock", "LeakSnapshot", "leak_snapshot", "find_leaks", "wait_for",
+           "assert_no_leaks", "LeakError", "server_leaks"]
 
 
 class FakeClock:
@@ -103,6 +107,62 @@ def find_leaks(before: LeakSnapshot, timeout: float = 5.0) -> list[str]:
     return problems
 
 
+class LeakError(AssertionError):
+    """What assert_no_leaks found; the message names what grew."""
+
+
+def server_leaks(server: Any) -> list[str]:
+    """Connections, per-address entries or buffer leases a stopped server still holds."""
+    problems = []
+    live = server.connections()
+    if live:
+        problems.append(f"{len(live)} connection(s) still registered: {[i.id for i in live]}")
+    if server.limiter.addresses_tracked():
+        problems.append(f"{server.limiter.addresses_tracked()} per-address limit entries left")
+    leased = server.buffer_pool.statistics().leased
+    if leased:
+        problems.append(f"{leased} pooled buffer(s) still leased")
+    return problems
+
+
+def assert_no_leaks(workload: Callable[[], Any], cycles: int = 5, warmup: int = 2,
+                    settle_timeout: float = 5.0) -> None:
+    """Run ``workload()`` ``warmup + cycles`` times; fail if anything leaks.
+
+    Threads and fds must come back to what they were after the warm-up (waiting up
+    to ``settle_timeout`` each cycle for handler threads to finish). Memory is
+    judged the way CPython's refleak hunter judges it: allocated blocks must not
+    grow on *every* cycle, so noise passes and a steady leak does not. When they
+    do grow, pympler names the types that grew.
+    """
+    import gc
+
+    from .diagnostics import MemoryTracker
+
+    for _ in range(warmup):
+        workload()
+    gc.collect()
+    before = leak_snapshot()
+    tracker = MemoryTracker()
+    tracker.set_baseline()
+    gc.collect()
+    blocks = [sys.getallocatedblocks()]
+    for _ in range(cycles):
+        workload()
+        wait_for(lambda: not _new_threads(before) and not (open_fds() - before.fds), settle_timeout)
+        gc.collect()
+        blocks.append(sys.getallocatedblocks())
+    problems = find_leaks(before, timeout=settle_timeout)
+    deltas = [after - prior for prior, after in zip(blocks, blocks[1:])]
+    if cycles >= 2 and all(delta > 0 for delta in deltas):
+        grown = ", ".join(f"{row.type_name} +{row.count} ({row.size:+d} B)"
+                          for row in tracker.growth(8) if row.count > 0)
+        problems.append(f"allocated blocks grew on every cycle {deltas}; types that grew: "
+                        f"{grown or 'none named'}")
+    if problems:
+        raise LeakError("workload leaks:\n" + "\n".join(problems))
+
+
 # --- the pytest plugin ---------------------------------------------------------------
 
 try:
@@ -124,16 +184,19 @@ if pytest is not None:
         before = leak_snapshot()
         yield
         problems = find_leaks(before)
+        for server in getattr(request.node, "_connserver_servers", ()):
+            problems.extend(server_leaks(server))
         if problems:
             pytest.fail("test left resources behind:\n" + "\n".join(problems), pytrace=False)
 
     @pytest.fixture
-    def connserver_server() -> Iterator[Callable[..., Any]]:
+    def connserver_server(request: Any) -> Iterator[Callable[..., Any]]:
         """Factory: ``connserver_server(HandlerClass, **config)`` -> a running Server."""
         from .config import Config
         from .server import Server
 
         servers: list[Server] = []
+        request.node._connserver_servers = servers   # for the leak-check marker
 
         def start(handler: type, address: tuple[str, int] = ("127.0.0.1", 0), **config: Any) -> Server:
             server = Server(address, handler, Config(**config))
@@ -147,6 +210,9 @@ if pytest is not None:
             report = server.shutdown(grace=2.0)
             server.server_close()
             stuck.extend(report.stuck)
-        if stuck:
+        # A test may provoke a stuck handler on purpose; it must have ended it by now.
+        names = {thread.name for thread in stuck}
+        survivors = wait_for(lambda: not [t for t in threading.enumerate() if t.name in names])
+        if not survivors:
             pytest.fail("handler threads still alive after shutdown:\n" +
                         "\n".join(f"{t.name}:\n{t.stack}" for t in stuck), pytrace=False)

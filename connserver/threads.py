@@ -34,7 +34,6 @@ __all__ = ["HandlerThreadPool", "block_async_signals"]
 
 Job = TypeVar("Job")
 
-SPARE_NAME = "connserver-spare"
 _STACK_SIZE_LOCK = threading.Lock()
 # Asynchronous signals are for the main thread. Delivered to a handler thread, one
 # would interrupt a blocking call that CPython then restarts with the kernel timeout
@@ -63,7 +62,8 @@ class HandlerThreadPool(Generic[Job]):
 
     def __init__(self, run: Callable[[Job], None], *, min_spare: int, max_spare: int,
                  spare_timeout: float, stack_size: int = 0,
-                 discard: Callable[[Job], None] | None = None) -> None:
+                 discard: Callable[[Job], None] | None = None,
+                 name_prefix: str = "connserver") -> None:
         self._run = run
         self._discard = discard
         self._min_spare = min_spare
@@ -79,13 +79,14 @@ class HandlerThreadPool(Generic[Job]):
         self._stopping = False
         self._spawner: threading.Thread | None = None
         self._spawned = itertools.count(1)
+        self._prefix = name_prefix
 
     def start(self) -> None:
         """Start the spawner (and so the first ``min_spare`` threads)."""
         with self._cond:
             if self._spawner is not None:
                 return
-            self._spawner = threading.Thread(target=self._spawn_loop, name="connserver-spawner")
+            self._spawner = threading.Thread(target=self._spawn_loop, name=f"{self._prefix}-spawner")
         self._spawner.start()
 
     def submit(self, job: Job) -> None:
@@ -164,7 +165,7 @@ class HandlerThreadPool(Generic[Job]):
             else -self._surplus - self._starting
 
     def _start_thread(self) -> None:
-        thread = threading.Thread(target=self._work, name=f"{SPARE_NAME}-{next(self._spawned)}")
+        thread = threading.Thread(target=self._work, name=f"{self._prefix}-spare-{next(self._spawned)}")
         with self._cond:
             self._threads.add(thread)
         try:

@@ -29,24 +29,9 @@ def socketpair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 @pytest.fixture
-def serve():
-    """Factory: serve(HandlerClass, **config) -> started Server on 127.0.0.1:0."""
-    servers: list[connserver.Server] = []
-
-    def start(handler: type, address=("127.0.0.1", 0), **config) -> connserver.Server:
-        server = connserver.Server(address, handler, connserver.Config(**config))
-        servers.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in servers:
-        report = server.shutdown(grace=2.0)
-        server.server_close()
-        # A test may provoke a stuck thread on purpose; it must have ended it by now.
-        stuck = {t.name for t in report.stuck}
-        assert wait_for(lambda: not [t for t in threading.enumerate() if t.name in stuck]), \
-            [t.name + "\n" + t.stack for t in report.stuck]
+def serve(connserver_server):
+    """serve(HandlerClass, **config) -> started Server on 127.0.0.1:0 (the plugin's fixture)."""
+    return connserver_server
 
 
 def connect(server: connserver.Server, source: str | None = None, timeout: float = 10.0) -> socket.socket:

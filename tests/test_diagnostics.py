@@ -1,0 +1,87 @@
+"""Diagnostics: census, memory tracking, footprint, stuck-thread reports."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import connserver
+from connserver import diagnostics
+from connserver.apps.echo import EchoHandler
+from connserver.testing import wait_for
+from tests.conftest import connect, wait_closed
+from tests.test_server import roundtrip
+
+
+def test_census_counts_threads_by_role_fds_and_memory(serve):
+    """census() sees the server's threads by role, its connections, fds and RSS."""
+    server = serve(EchoHandler, min_spare_threads=2)
+    with connect(server) as client:
+        assert roundtrip(client) == b"ping"
+        look = wait_for(lambda: (c := diagnostics.census(server)).threads_by_role.get("spare") == 2 and c)
+        assert look.threads_by_role["conn"] == 1
+        assert look.threads_by_role["watchdog"] == 1 and look.threads_by_role["accept"] == 1
+        assert look.connections == 1 and look.pool_leases == 0
+        assert look.fds > 0 and look.rss_bytes > 1_000_000 and look.allocated_blocks > 0
+    wait_closed(server, 1)
+
+
+def test_thread_role_names():
+    """Roles come from the thread-name prefix; numbers are ids, not roles."""
+    assert diagnostics.thread_role("connserver-conn-42") == "conn"
+    assert diagnostics.thread_role("connserver-admin-conn-3") == "admin-conn"
+    assert diagnostics.thread_role("connserver-watchdog") == "watchdog"
+    assert diagnostics.thread_role("MainThread") == "other"
+
+
+def test_memory_tracker_names_the_type_that_grew():
+    """MemoryTracker reports growth by type since its baseline."""
+    class LeakyThing:
+        pass
+
+    tracker = diagnostics.MemoryTracker()
+    tracker.set_baseline()
+    kept = [LeakyThing() for _ in range(5000)]
+    grown = {row.type_name: row for row in tracker.growth(50)}
+    assert any("LeakyThing" in name and row.count >= 5000 for name, row in grown.items())
+    assert tracker.top(5)
+    del kept
+
+
+def test_footprint_of_one_connection_excludes_shared_state(serve):
+    """footprint(handler, conn) is a few KiB, not the whole server."""
+    sizes = []
+
+    class Measured(EchoHandler):
+        def setup(self):
+            sizes.append(diagnostics.footprint(self, self.conn))
+
+    server = serve(Measured)
+    with connect(server) as client:
+        assert roundtrip(client) == b"ping"
+    wait_closed(server, 1)
+    assert 1000 < sizes[0] < 64 * 1024
+
+
+def test_a_handler_that_ignores_cancellation_is_reported_stuck(serve, caplog):
+    """A cancelled connection whose handler keeps running is logged with its stack and counted."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    class Deaf(connserver.Handler):
+        def handle(self):
+            entered.set()
+            release.wait(10)   # not cancel-aware
+
+    caplog.set_level(logging.WARNING, logger="connserver.server")
+    server = serve(Deaf, stuck_thread_timeout=0.2)
+    with connect(server):
+        assert entered.wait(10)
+        conn_id = server.connections()[0].id
+        assert server.cancel(conn_id)
+        assert wait_for(lambda: server.stats().stuck_threads == 1)
+        assert any("does not check for cancellation" in r.getMessage() and "release.wait" in r.getMessage()
+                   for r in caplog.records)
+        release.set()
+    wait_closed(server, 1)
+    assert server.stats().stuck_threads == 0
