@@ -54,11 +54,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server settings (also keys of the --config TOML file)")
     for field, spec in config_fields():
         default = field.default
-        shown = "none" if default is None else str(default).lower() if spec.kind is bool else default
+        shown = ("none" if default is None else str(default).lower() if spec.kind is bool
+                 else ", ".join(default) or "none" if spec.kind is tuple else default)
         help_text = f"{spec.help} (default: {shown})"
         if spec.kind is bool:
             group.add_argument(_flag(field.name), dest=field.name, default=argparse.SUPPRESS,
                                action=argparse.BooleanOptionalAction, help=help_text)
+        elif spec.kind is tuple:
+            group.add_argument(_flag(field.name), *spec.aliases, dest=field.name,
+                               default=argparse.SUPPRESS, action="append",
+                               metavar=spec.metavar or "VALUE", help=help_text.replace("%", "%%"))
         else:
             group.add_argument(_flag(field.name), *spec.aliases, dest=field.name,
                                default=argparse.SUPPRESS,

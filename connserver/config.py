@@ -9,6 +9,7 @@ declarations, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -130,6 +131,26 @@ class Config:
         "default; bind it to loopback unless you mean to expose it.", str, nullable=True,
         aliases=("--admin",), metavar="HOST:PORT")
 
+    # --- PROXY protocol and TLS ---------------------------------------------
+    proxy_protocol: bool = _field(
+        False, "Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy / "
+        "send-proxy-v2 send) before anything else; the handler then sees the client's real "
+        "address. Requires trusted_proxy.", bool)
+    trusted_proxy: tuple[str, ...] = _field(
+        (), "Addresses (CIDR) allowed to send PROXY headers; any other peer is closed "
+        "(protocol_error). Repeat the flag for several.", tuple, metavar="CIDR")
+    tls_cert: str | None = _field(
+        None, "PEM certificate chain file: serve TLS (the handshake runs on the connection's "
+        "own thread, under handshake_timeout).", str, nullable=True, metavar="FILE")
+    tls_key: str | None = _field(
+        None, "PEM private key file for tls_cert (may be omitted if the cert file holds it).",
+        str, nullable=True, metavar="FILE")
+    tls_client_ca: str | None = _field(
+        None, "PEM CA file: require and verify client certificates (mutual TLS).",
+        str, nullable=True, metavar="FILE")
+    tls_min_version: str = _field(
+        "1.2", "Lowest TLS version accepted.", str, choices=("1.2", "1.3"))
+
     # --- framing ---------------------------------------------------------
     max_frame_size: int = _field(
         1024 * 1024, "Largest frame (or line) accepted from a peer, in bytes; a larger "
@@ -146,7 +167,23 @@ class Config:
 
     def __post_init__(self) -> None:
         for name, spec in _specs():
+            if spec.kind is tuple and isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
             _check(name, spec, getattr(self, name))
+        for network in self.trusted_proxy:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError("trusted_proxy", f"{network!r} is not an address or CIDR") from None
+        if self.proxy_protocol and not self.trusted_proxy:
+            raise ConfigError("trusted_proxy", "proxy_protocol needs at least one trusted_proxy "
+                              "(never accept client addresses from just anyone)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(name, f"no such file: {path!r}")
+        if self.tls_cert is None and (self.tls_key or self.tls_client_ca):
+            raise ConfigError("tls_cert", "tls_key and tls_client_ca need tls_cert")
         if self.admin_address is not None:
             parse_address(self.admin_address, "admin_address", default_host="127.0.0.1")
         if self.max_spare_threads < self.min_spare_threads:
@@ -221,6 +258,10 @@ def _check(name: str, spec: FieldSpec, value: Any) -> None:
     if spec.kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false, not {value!r}")
+        return
+    if spec.kind is tuple:
+        if not isinstance(value, tuple) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(name, f"must be a list of strings, not {value!r}")
         return
     if spec.kind is str:
         if not isinstance(value, str):

@@ -20,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import math
+import select
 import socket
+import ssl
 import struct
 import threading
 from typing import TYPE_CHECKING, Iterable, Iterator, NoReturn
@@ -108,6 +111,11 @@ class Connection:
         self.queue_bytes = 0   # bytes queued for this connection elsewhere (a hub)
         self.codec: "Codec | None" = None   # set by FramedHandler / LineHandler
         self._subscription: "Subscription | None" = None   # set by Hub.subscribe
+        self.tls = False            # set by start_tls(); TLS changes how I/O is done
+        self.accounted_ip: str | None = None   # the address max_connections_per_ip counted
+        self.rate_ip: str | None = None        # the address whose ip_rate bucket we hold
+        self._recv_flags = _DONTWAIT
+        self._send_flags = _SEND_FLAGS
         self.rate_limiters: tuple[TokenBucket, ...] = ()   # set by the server from Config
         self.rate_unit = "bytes"   # what raw recv() charges; message handlers charge frames
         self._wait_when_limited = config.on_rate_limit == "wait"
@@ -148,7 +156,7 @@ class Connection:
         try:
             try:
                 # Data is waiting, so this never blocks.
-                received = self._sock.recv_into(buffer, limit, _DONTWAIT)
+                received = self._sock.recv_into(buffer, limit, self._recv_flags)
             except BlockingIOError:
                 received = -1   # taken by a shutdown() in between: report it as such
             except OSError as exc:
@@ -173,6 +181,8 @@ class Connection:
         cost the pool nothing.
         """
         phase = self._arm_recv(message_expires_at)
+        if self.tls:
+            return self._wait_readable_tls(phase)
         try:
             ready = self._sock.recv_into(self._peek, 1, socket.MSG_PEEK)
         except OSError as exc:
@@ -182,6 +192,47 @@ class Connection:
         if not ready:
             self._saw_eof()
         return bool(ready)
+
+    def _wait_readable_tls(self, phase: str) -> bool:
+        """TLS: bytes may wait decrypted inside OpenSSL, or as records on the socket."""
+        if self._sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self._fileno, select.POLLIN)
+        try:
+            remaining = (self._op_expires_at or 0.0) - self._clock()
+            if remaining <= 0 or not poller.poll(max(1, math.ceil(remaining * 1000))):
+                self._deadline_exceeded(phase)
+        finally:
+            self.operation = None
+        return True   # data, or an end of stream the read will report
+
+    def start_tls(self, context: "ssl.SSLContext", timeout: float) -> None:
+        """Run the server side of a TLS handshake within ``timeout`` (absolute).
+
+        On this connection's own thread, so a client that never finishes its
+        handshake holds up no one else.
+        """
+        sock = context.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
+        self._sock = sock
+        self.tls = True
+        self._recv_flags = self._send_flags = 0   # SSLSocket refuses flags
+        self._rcvtimeo = self._sndtimeo = None
+        self.operation = "handshake"
+        try:
+            # In timeout mode CPython's do_handshake keeps one deadline across all its
+            # waits, so a client trickling its handshake cannot stretch it.
+            sock.settimeout(timeout)
+            sock.do_handshake()
+        except OSError as exc:
+            self._io_failed(exc, "handshake")
+        finally:
+            self.operation = None
+
+    def _tls_sendmsg(self, buffers: list, ancillary: object, flags: int) -> int:
+        # SSLSocket has no sendmsg: one joined write instead of scatter-gather.
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        return self._sock.send(data)
 
     def recv_exactly(self, size: int) -> bytes:
         """Receive exactly ``size`` bytes, or ``b""`` if the stream ends before the first.
@@ -243,7 +294,6 @@ class Connection:
             self._op_expires_at = self._clock() + self._idle_timeout
             if self._rcvtimeo != self._idle_timeout:
                 self._set_timeout(socket.SO_RCVTIMEO, self._idle_timeout)
-                self._rcvtimeo = self._idle_timeout
             return "idle"
         remaining = expires_at - self._clock()
         phase = "read"
@@ -256,7 +306,6 @@ class Connection:
         current = self._rcvtimeo
         if current is None or not (remaining <= current <= remaining + _TIMEOUT_SLACK):
             self._set_timeout(socket.SO_RCVTIMEO, remaining)
-            self._rcvtimeo = remaining
         return phase
 
     # --- writing -------------------------------------------------------------
@@ -274,9 +323,8 @@ class Connection:
         self._op_expires_at = expires_at = self._clock() + self._write_timeout
         if self._sndtimeo != self._write_timeout:
             self._set_timeout(socket.SO_SNDTIMEO, self._write_timeout)
-            self._sndtimeo = self._write_timeout
         try:
-            sent = self._sock.send(data, _SEND_FLAGS)
+            sent = self._sock.send(data, self._send_flags)
         except OSError as exc:
             self._io_failed(exc, "write")
         self.operation = None
@@ -319,7 +367,7 @@ class Connection:
             expires_at = self._clock() + self._write_timeout
             if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
                 expires_at = self._unit_expires_at
-        sendmsg = self._sock.sendmsg
+        sendmsg = self._sock.sendmsg if not self.tls else self._tls_sendmsg
         sent_total = 0
         first = 0   # buffers before this index are fully sent
         self.operation = "write"
@@ -352,7 +400,6 @@ class Connection:
         current = self._sndtimeo
         if current is None or not (remaining <= current <= remaining + _TIMEOUT_SLACK):
             self._set_timeout(socket.SO_SNDTIMEO, remaining)
-            self._sndtimeo = remaining
 
     # --- deadlines, leases -----------------------------------------------------
 
@@ -394,6 +441,11 @@ class Connection:
                     raise RateLimited(f"over the rate limit of {bucket.rate:g}/s")
                 remaining -= step
 
+    def set_peer(self, peer: object) -> None:
+        """The client's real address, learned from a PROXY header."""
+        self.peer = peer
+        self.peer_label = format_peer(peer)
+
     def lease(self) -> BufferLease:
         """Lease a pooled buffer for this connection; it must be released before the end."""
         return self._pool.lease(self.leases, stacklevel=2)
@@ -401,18 +453,36 @@ class Connection:
     # --- failure paths ---------------------------------------------------------
 
     def _set_timeout(self, option: int, seconds: float) -> None:
+        """Give the kernel (or, for TLS, CPython) the time this call may take; cached."""
+        receiving = option == socket.SO_RCVTIMEO
+        if self.tls:
+            # SO_RCVTIMEO does not bound an SSL read on a blocking socket (CPython
+            # retries in its own poll), so TLS connections use Python's timeouts,
+            # one value for both directions.
+            self._sock.settimeout(max(seconds, 1e-6))
+            self._rcvtimeo, self._sndtimeo = (seconds, None) if receiving else (None, seconds)
+            return
         # A zero timeval means "no timeout" to the kernel: never send one.
         micros = max(1, int(seconds * 1_000_000))
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, option,
                                   _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000))
         except OSError as exc:
-            self._io_failed(exc, "write" if option == socket.SO_SNDTIMEO else "read")
+            self._io_failed(exc, "read" if receiving else "write")
+        if receiving:
+            self._rcvtimeo = seconds
+        else:
+            self._sndtimeo = seconds
 
     def _io_failed(self, exc: OSError, phase: str) -> NoReturn:
         self.operation = None
         if self._cancelled():
             self._raise_cancelled()
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+                exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError,
+                      ssl.SSLWantWriteError)):
+            self.outcome = CloseReason.PROTOCOL_ERROR
+            raise RemoteProtocolError(f"TLS {phase} failed: {exc.reason or exc}") from exc
         if isinstance(exc, BlockingIOError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             self._deadline_exceeded(phase)
         if isinstance(exc, (socket.timeout,)):
@@ -458,7 +528,9 @@ class Connection:
             if self._closed:
                 return False
             try:
-                self._sock.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
+                # socket.socket's own shutdown: SSLSocket.shutdown would drop the TLS
+                # state under the owning thread's feet.
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR if force else socket.SHUT_RD)
             except OSError:
                 pass   # already disconnected: the blocked call has returned anyway
         return not force and self.operation == "write"
@@ -484,8 +556,7 @@ class Connection:
                     if remaining <= 0:
                         return False
                     self._set_timeout(socket.SO_SNDTIMEO, remaining)
-                    self._sndtimeo = remaining
-                    sent += self._sock.send(view[sent:], _SEND_FLAGS)
+                    sent += self._sock.send(view[sent:], self._send_flags)
         except (OSError, ConnServerError, Cancelled):
             return False
         finally:
@@ -499,7 +570,7 @@ class Connection:
                 return
             self._closed = True
             try:
-                self._sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
             except OSError:
                 pass
             self._sock.close()

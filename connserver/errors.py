@@ -8,6 +8,7 @@
      ├── ConnectionBroken                the peer reset or vanished (from an OSError)
      ├── SlowConsumer                    a consumer's queue overflowed (disconnect policy)
      ├── RateLimited                     a peer exceeded its rate (on_rate_limit="close")
+     ├── LimitExceeded                   a connection limit refused the peer
      └── ProtocolError
           ├── RemoteProtocolError        the peer broke the protocol
           │    └── FrameTooLarge         ... by announcing an oversized frame
@@ -41,6 +42,7 @@ __all__ = [
     "Cancelled",
     "SlowConsumer",
     "RateLimited",
+    "LimitExceeded",
 ]
 
 
@@ -132,6 +134,12 @@ class RateLimited(ConnServerError):
     """A peer sent faster than its rate allows, and the policy is to close."""
 
     close_reason = CloseReason.RATE_LIMITED
+
+
+class LimitExceeded(ConnServerError):
+    """A connection limit (such as max_connections_per_ip) refused this peer."""
+
+    close_reason = CloseReason.LIMIT
 
 
 class ProtocolError(ConnServerError):

@@ -53,8 +53,8 @@ class ConnectionLimiter:
             self._per_ip[ip] = count + 1
             return True
 
-    def release_ip(self, ip: str) -> None:
-        if self.max_per_ip is None:
+    def release_ip(self, ip: str | None) -> None:
+        if self.max_per_ip is None or ip is None:
             return
         with self._lock:
             count = self._per_ip.get(ip, 0) - 1

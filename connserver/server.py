@@ -29,10 +29,14 @@ from .cancel import CancelToken, Watchdog
 from .config import Config
 from .connection import Connection, ConnectionInfo, format_peer
 from .deadline import Clock, monotonic
-from .errors import Cancelled, CloseReason, ConnServerError, LocalProtocolError
+from .errors import (Cancelled, CloseReason, ConnServerError, LimitExceeded, LocalProtocolError,
+                     RemoteProtocolError)
 from .handler import Handler
 from .hub import Hub
 from .limits import ConnectionLimiter
+from .preamble import TrustedNetworks, read_proxy_header
+from .tls import server_context
+from .listeners import describe
 from .ratelimit import BucketTable, TokenBucket
 from .stats import ServerStatistics, ServerStats
 from .threads import HandlerThreadPool
@@ -119,6 +123,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                             if config.ip_rate else None)
         self._server_bucket = (TokenBucket(config.server_rate, max(1.0, config.server_rate),
                                            clock=clock) if config.server_rate else None)
+        self._trusted_proxies = (TrustedNetworks(config.trusted_proxy)
+                                 if config.proxy_protocol else None)
+        self._tls_context = server_context(config) if config.tls_cert else None
         self._threads = HandlerThreadPool(
             self._serve_connection, min_spare=self.config.min_spare_threads,
             max_spare=self.config.max_spare_threads,
@@ -141,6 +148,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._shutdown_lock = threading.Lock()
         self._backing_off = False
         self._rejecting = False
+        self._extra_listeners: list[socket.socket] = []
         self._resources: dict[Any, Any] = {}
         self._resources_lock = threading.RLock()   # a factory may ask for another resource
         self._admin: AdminServer | None = None
@@ -183,18 +191,19 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._threads.start()
             if self._admin is not None and not self._admin.server._accepting.is_set():
                 self._admin.start()
-            self.socket.setblocking(False)
             with selectors.DefaultSelector() as selector:
-                selector.register(self.socket, selectors.EVENT_READ)
+                for listener in self.listeners:
+                    listener.setblocking(False)
+                    selector.register(listener, selectors.EVENT_READ)
+                    log.info("accepting on %s", describe(listener))
                 selector.register(self._wakeup_r, selectors.EVENT_READ)
                 self._accepting.set()
-                log.info("accepting on %s", format_peer(self.server_address))
                 while not self._stopping.is_set():
                     if self.config.on_limit == "wait" and not self._wait_for_slot():
                         break
                     for key, _ in selector.select():
-                        if key.fileobj is self.socket and not self._stopping.is_set():
-                            self._accept_burst()
+                        if key.fileobj is not self._wakeup_r and not self._stopping.is_set():
+                            self._accept_burst(key.fileobj)
         finally:
             self._accepting.clear()
             self._serving_thread = None
@@ -266,6 +275,37 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._admin.close()
 
     @property
+    def listeners(self) -> list[socket.socket]:
+        """Every listening socket: the one socketserver made, and any added."""
+        return [self.socket, *self._extra_listeners]
+
+    def add_listener(self, listener: socket.socket) -> None:
+        """Also accept on ``listener`` (bound and listening: TCP, Unix, or inherited).
+
+        Call before serving. All listeners share the limits, pool and registry.
+        """
+        if self._accepting.is_set():
+            raise RuntimeError("add listeners before serving")
+        self._extra_listeners.append(listener)
+
+    @classmethod
+    def from_listeners(cls, listeners: "list[socket.socket]", RequestHandlerClass: type[Handler],
+                       config: Config | None = None, **options: Any) -> "Server":
+        """A server on sockets made elsewhere (``--bind``, ``--fd``, systemd activation)."""
+        if not listeners:
+            raise ValueError("at least one listener is needed")
+        first = listeners[0]
+        server = cls(first.getsockname() if first.family != socket.AF_UNIX else ("127.0.0.1", 0),
+                     RequestHandlerClass, config, bind_and_activate=False, **options)
+        server.socket.close()
+        server.socket = first
+        server.address_family = first.family
+        server.server_address = first.getsockname()
+        for listener in listeners[1:]:
+            server.add_listener(listener)
+        return server
+
+    @property
     def admin_address(self) -> tuple[str, int] | None:
         """Where the admin endpoint listens, if ``Config.admin_address`` is set."""
         return None if self._admin is None else self._admin.address
@@ -332,7 +372,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     # --- accepting --------------------------------------------------------------
 
-    def _accept_burst(self) -> None:
+    def _accept_burst(self, listener: socket.socket) -> None:
         hold_slot_first = self.config.on_limit == "wait"
         for _ in range(_ACCEPT_BURST):
             if self._stopping.is_set():
@@ -340,7 +380,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             if hold_slot_first and not self._limiter.try_acquire_slot():
                 return   # back to the loop, which waits for a slot before accepting
             try:
-                sock, address = self.socket.accept()
+                sock, address = listener.accept()
             except OSError as exc:
                 if hold_slot_first:
                     self._limiter.release_slot()
@@ -387,17 +427,20 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._reject(sock, address, CloseReason.LIMIT,
                          f"max_connections={self.config.max_connections} reached")
             return
-        if not self._limiter.try_acquire_ip(ip):
+        # Behind a PROXY-protocol balancer the peer is the balancer: the client's
+        # address (and so its per-address limit) is known only after the header.
+        accounted_ip = None if self._trusted_proxies is not None else ip
+        if accounted_ip is not None and not self._limiter.try_acquire_ip(accounted_ip):
             self._limiter.release_slot()
             self._reject(sock, address, CloseReason.LIMIT,
                          f"max_connections_per_ip={self.config.max_connections_per_ip} reached")
             return
         self._rejecting = False
         try:
-            self.process_request(sock, address)
+            self._threads.submit((sock, address, accounted_ip))
         except Exception as exc:
             # E.g. "can't start new thread": refuse this one, keep accepting.
-            self._limiter.release_ip(ip)
+            self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()
             self._reject(sock, address, CloseReason.LIMIT, f"cannot start a handler thread: {exc}")
             self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
@@ -412,25 +455,26 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the accepted socket to a handler thread (never blocks on the handler)."""
-        self._threads.submit((request, client_address))
+        self._threads.submit((request, client_address, _ip_of(client_address)))
 
     # --- one connection, on its handler thread -------------------------------------
 
-    def _serve_connection(self, job: tuple[socket.socket, Any]) -> None:
-        sock, address = job
+    def _serve_connection(self, job: tuple[socket.socket, Any, str | None]) -> None:
+        sock, address, accounted_ip = job
         try:
-            conn = self._open_connection(sock, address)
+            conn = self._open_connection(sock, address, accounted_ip)
         except BaseException:
             log.exception("setting up the connection from %s failed", format_peer(address))
             sock.close()
-            self._limiter.release_ip(_ip_of(address))
+            self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()
             return
         token = conn.cancel_token
         reason = CloseReason.ERROR
         try:
             self._set_socket_options(sock)
-            self.finish_request(conn, address)
+            self._run_preamble(conn)
+            self.finish_request(conn, conn.peer)
         except BaseException as exc:
             reason = self._classify_failure(conn, exc)
         else:
@@ -438,27 +482,52 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         finally:
             self._end_connection(conn, address, reason)
 
-    def _rate_limiters_for(self, address: Any) -> tuple[TokenBucket, ...]:
+    def _run_preamble(self, conn: Connection) -> None:
+        """The PROXY header, then TLS, then the rate limiters (which need the real peer)."""
+        expires_at = self._clock() + self.config.handshake_timeout
+        if self._trusted_proxies is not None:
+            proxy = _ip_of(conn.peer)
+            if proxy not in self._trusted_proxies:
+                raise RemoteProtocolError(f"PROXY header expected from a trusted proxy, "
+                                          f"not from {proxy}")
+            header = read_proxy_header(conn, expires_at)
+            if header.command == "PROXY" and header.source is not None:
+                conn.set_peer(header.source)
+            ip = _ip_of(conn.peer)
+            if not self._limiter.try_acquire_ip(ip):
+                raise LimitExceeded(f"max_connections_per_ip={self.config.max_connections_per_ip}"
+                                    f" reached for {ip}")
+            conn.accounted_ip = ip
+        if self._tls_context is not None:
+            remaining = expires_at - self._clock()
+            if remaining <= 0:
+                conn._deadline_exceeded("handshake")
+            conn.start_tls(self._tls_context, remaining)
+        conn.rate_limiters = self._rate_limiters_for(conn)
+
+    def _rate_limiters_for(self, conn: Connection) -> tuple[TokenBucket, ...]:
         config = self.config
         limiters = []
         if config.rate:
             limiters.append(TokenBucket(config.rate, config.burst or max(1.0, config.rate),
                                         clock=self._clock))
         if self._ip_buckets is not None:
-            limiters.append(self._ip_buckets.acquire(_ip_of(address)))
+            conn.rate_ip = _ip_of(conn.peer)
+            limiters.append(self._ip_buckets.acquire(conn.rate_ip))
         if self._server_bucket is not None:
             limiters.append(self._server_bucket)
         return tuple(limiters)
 
-    def _discard_job(self, job: tuple[socket.socket, Any]) -> None:
+    def _discard_job(self, job: tuple[socket.socket, Any, str | None]) -> None:
         """A connection accepted but never given a thread (the pool shut down first)."""
-        sock, address = job
+        sock, address, accounted_ip = job
         sock.close()
-        self._limiter.release_ip(_ip_of(address))
+        self._limiter.release_ip(accounted_ip)
         self._limiter.release_slot()
         self._stats.rejected_at_accept(CloseReason.SHUTDOWN)
 
-    def _open_connection(self, sock: socket.socket, address: Any) -> Connection:
+    def _open_connection(self, sock: socket.socket, address: Any,
+                         accounted_ip: str | None) -> Connection:
         """Wrap, register and watch a newly accepted socket (on its handler thread)."""
         conn_id = self._next_id()
         threading.current_thread().name = f"{self._prefix}-conn-{conn_id}"
@@ -466,7 +535,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
                           cancel_token=token, stats=self._stats, clock=self._clock)
         token._on_cancel = functools.partial(self._watchdog.abort_soon, conn)
-        conn.rate_limiters = self._rate_limiters_for(address)
+        conn.accounted_ip = accounted_ip
         with self._registry_cond:
             self._registry[conn_id] = conn
         self._stats.opened()
@@ -537,10 +606,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._registry.pop(conn.id, None)
                 if self._stopping.is_set():
                     self._registry_cond.notify_all()
-            self._limiter.release_ip(_ip_of(address))
+            self._limiter.release_ip(conn.accounted_ip)
             self._limiter.release_slot()
-            if self._ip_buckets is not None:
-                self._ip_buckets.release(_ip_of(address))
+            if conn.rate_ip is not None and self._ip_buckets is not None:
+                self._ip_buckets.release(conn.rate_ip)
             self._stuck.discard(conn.id)
             self._stats.closed(reason, conn.bytes_received, conn.bytes_sent)
             if access_log.isEnabledFor(logging.INFO):
@@ -590,7 +659,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 log.exception("closing %r failed", resource)
 
     def _close_listener(self) -> None:
-        self.socket.close()
+        for listener in self.listeners:
+            listener.close()
         self._wakeup_r.close()
         self._wakeup_w.close()
 

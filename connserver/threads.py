@@ -125,6 +125,8 @@ class HandlerThreadPool(Generic[Job]):
             if self._spawner.is_alive():
                 threads.append(self._spawner)
         for thread in threads:
+            if thread.ident is None:
+                continue   # being started right now: it will see _stopping and exit
             thread.join(max(0.0, deadline - time.monotonic()))
         self._discard_queued()
         return [thread for thread in threads if thread.is_alive()]

@@ -68,4 +68,4 @@ def test_every_field_has_help_and_a_kind():
     """The CLI and docs are generated from the declarations, so each must be complete."""
     for field, spec in config_fields():
         assert spec.help.strip(), field.name
-        assert spec.kind in (int, float, bool, str), field.name
+        assert spec.kind in (int, float, bool, str, tuple), field.name
