@@ -205,6 +205,10 @@ class Connection:
                 self._deadline_exceeded(phase)
         finally:
             self.operation = None
+        if self._cancelled():
+            # Woken by the watchdog's shutdown: reading now would make OpenSSL see a
+            # truncated stream and fail the session, and the goodbye with it.
+            self._raise_cancelled()
         return True   # data, or an end of stream the read will report
 
     def start_tls(self, context: "ssl.SSLContext", timeout: float) -> None:

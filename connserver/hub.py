@@ -30,7 +30,7 @@ import threading
 from typing import TYPE_CHECKING, Iterable
 
 from .deadline import Clock, monotonic
-from .errors import CloseReason, SlowConsumer
+from .errors import CloseReason, LocalProtocolError, SlowConsumer
 from .queues import ByteBoundedQueue, OverflowPolicy, QueueClosed
 from .threads import block_async_signals
 
@@ -128,6 +128,10 @@ class Hub:
     def subscribe(self, conn: "Connection", *, policy: OverflowPolicy | None = None,
                   max_queue_bytes: int | None = None, name: str | None = None) -> Subscription:
         """Subscribe ``conn``; unsubscribed when the block exits or the connection ends."""
+        if conn.tls:
+            # The writer thread would write while the handler thread reads, and an
+            # OpenSSL connection must not be used from two threads at once.
+            raise LocalProtocolError("hub subscriptions over TLS are not supported yet")
         policy = policy or self.policy
         if policy not in HUB_POLICIES:
             raise ValueError(f"hub policy must be one of {', '.join(HUB_POLICIES)}, not {policy!r}")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["read_proxy_header", "TrustedNetworks"]
 
 _PEEK_LIMIT = 16 + MAX_V2_PAYLOAD
+_TIMER_SLACK = 0.005
 
 
 class TrustedNetworks:
@@ -58,6 +59,9 @@ def read_proxy_header(conn: "Connection", expires_at: float) -> ProxyHeader:
                 if seen:   # wait until more than what we have seen has arrived
                     more = sock.recv(need or seen + 1, socket.MSG_PEEK | socket.MSG_WAITALL)
                     if len(more) <= seen:
+                        # A waiting-for-all read that times out returns what it has.
+                        if expires_at - conn._clock() <= _TIMER_SLACK:
+                            conn._deadline_exceeded("handshake")
                         raise RemoteProtocolError("connection closed inside the PROXY header")
                 data = sock.recv(_PEEK_LIMIT, socket.MSG_PEEK)
             except OSError as exc:
