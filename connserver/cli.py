@@ -6,13 +6,13 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
-import threading
 from typing import Any, Sequence
 
 from . import __version__
 from .config import Config, config_fields, parse_address
+from .listeners import systemd_listen_fds
+from .logsetup import configure_logging
 from .errors import ConfigError
 from .handler import Handler
 
@@ -79,16 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"connserver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="run a server", description="Run a connserver server until SIGTERM/SIGINT.")
+        "serve", help="run a server",
+        description="Run a connserver server until SIGTERM/SIGINT (drain, then exit 0; a "
+                    "second signal forces the rest shut). SIGUSR1 logs a census and thread "
+                    "dump; SIGHUP reopens the log file.")
     serve.add_argument("app", nargs="?", default=DEFAULT_APP,
-                       help="module:HandlerClass, or a built-in: "
-                            f"{', '.join(BUILTIN_APPS)} (default: {DEFAULT_APP})")
-    serve.add_argument("--bind", metavar="HOST:PORT", default=f"127.0.0.1:{DEFAULT_PORT}",
-                       help=f"address to listen on; [::1]:PORT for IPv6 "
-                            f"(default: 127.0.0.1:{DEFAULT_PORT}; use 0.0.0.0:PORT for all interfaces)")
-    serve.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
-    serve.add_argument("--log-level", default="info",
-                       choices=("debug", "info", "warning", "error"), help="(default: info)")
+                       help="module:HandlerClass (the current directory is importable), or a "
+                            f"built-in: {', '.join(BUILTIN_APPS)} (default: {DEFAULT_APP})")
+    where = serve.add_argument_group("where to listen")
+    where.add_argument("--bind", metavar="ADDRESS", action="append", default=None,
+                       help="HOST:PORT, [IPv6]:PORT or unix:/path (created with mode 0600); "
+                            f"repeatable (default: 127.0.0.1:{DEFAULT_PORT}; all interfaces "
+                            "only with an explicit --bind 0.0.0.0:PORT)")
+    where.add_argument("--fd", metavar="N", type=int, action="append", default=[],
+                       help="serve on an inherited listening socket; repeatable (systemd "
+                            "socket activation via LISTEN_FDS is picked up by itself)")
+    process = serve.add_argument_group("process")
+    process.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
+    process.add_argument("--workers", metavar="N", type=int, default=None,
+                         help="pre-fork N worker processes sharing the port (SO_REUSEPORT), "
+                              "to use every core (default: one process, no supervisor)")
+    process.add_argument("--worker-max-connections", metavar="N", type=int, default=None,
+                         help="recycle a worker after about N connections (±10%% jitter); "
+                              "a last line of defence against slow leaks in handler code")
+    process.add_argument("--log-level", default="info",
+                         choices=("debug", "info", "warning", "error"), help="(default: info)")
+    process.add_argument("--log-format", default="text", choices=("text", "json"),
+                         help="(default: text)")
+    process.add_argument("--log-file", metavar="FILE",
+                         help="log to FILE instead of stderr; SIGHUP reopens it")
+    process.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                         help="one line per closed connection on connserver.access (default: on)")
     add_config_arguments(serve)
     return parser
 
@@ -131,66 +152,40 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .server import Server   # imported here so `connserver --help` stays fast
+    from .daemon import DaemonOptions, make_listeners, run_daemon
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format, args.log_file, args.access_log)
     try:
         config = build_config(args)
         handler = load_handler(args.app)
-        address = parse_bind(args.bind)
+        if args.workers is not None and args.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        if args.worker_max_connections is not None and args.worker_max_connections < 1:
+            raise UsageError("--worker-max-connections must be at least 1")
+        binds = args.bind or ([] if args.fd or systemd_listen_fds()
+                              else [f"127.0.0.1:{DEFAULT_PORT}"])
+        for bind in binds:
+            if not bind.startswith("unix:"):
+                parse_bind(bind)
     except (ConfigError, UsageError) as exc:
         print(f"connserver: error: {exc}", file=sys.stderr)
         return 2
+    options = DaemonOptions(handler=handler, config=config, binds=binds, fds=args.fd,
+                            worker_max_connections=args.worker_max_connections)
     try:
-        server = Server(address, handler, config)
+        if args.workers is not None:
+            from .supervisor import run_supervisor
+
+            return run_supervisor(options, args.workers)
+        listeners = make_listeners(binds, args.fd, config.backlog)
+        return run_daemon(options, listeners)
+    except ConfigError as exc:
+        print(f"connserver: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"connserver: error: cannot listen on {args.bind}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"connserver: error: cannot listen on {', '.join(binds) or 'the given fds'}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return 1
-    stop_requested = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stop_requested.is_set():
-            log.warning("second %s: forcing shutdown now", signal.Signals(signum).name)
-            server.force()
-        else:
-            stop_requested.set()   # before logging: a second signal may arrive mid-log
-            log.info("%s: draining (up to %.1f s)", signal.Signals(signum).name,
-                     config.graceful_timeout)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with server:
-            server.start()
-            host, port = server.server_address[:2]
-            log.info("listening on %s", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-            stop_requested.wait()
-            done = threading.Event()
-            result: list = []
-
-            def drain() -> None:
-                try:
-                    result.append(server.shutdown(config.graceful_timeout))
-                finally:
-                    done.set()
-
-            threading.Thread(target=drain, name="connserver-shutdown").start()
-            done.wait()
-            report = result[0] if result else None
-    finally:
-        for sig, handler_before in previous.items():
-            signal.signal(sig, handler_before)
-    if report is None:
-        return 1
-    log.info("stopped: %d drained, %d forced, %d stuck thread(s)",
-             report.drained, report.forced, len(report.stuck))
-    if not report.clean:
-        # The stuck threads were logged with their stacks; they would keep the
-        # process alive forever, and a daemon's stop must not hang.
-        logging.shutdown()
-        os._exit(1)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import functools
 import logging
-import os
 import random
 import selectors
 import socket
@@ -149,6 +148,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._backing_off = False
         self._rejecting = False
         self._extra_listeners: list[socket.socket] = []
+        self._recycle_limit: int | None = None
+        self._recycle: Callable[[], None] | None = None
+        self._admitted = 0
         self._resources: dict[Any, Any] = {}
         self._resources_lock = threading.RLock()   # a factory may ask for another resource
         self._admin: AdminServer | None = None
@@ -278,6 +280,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def listeners(self) -> list[socket.socket]:
         """Every listening socket: the one socketserver made, and any added."""
         return [self.socket, *self._extra_listeners]
+
+    def recycle_after(self, connections: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the accept thread) once ``connections`` were admitted.
+
+        For recycling a whole worker process as a last line of defence against slow
+        leaks in handler code; the callback usually starts a graceful shutdown.
+        """
+        self._recycle_limit, self._recycle = connections, callback
 
     def add_listener(self, listener: socket.socket) -> None:
         """Also accept on ``listener`` (bound and listening: TCP, Unix, or inherited).
@@ -436,6 +446,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                          f"max_connections_per_ip={self.config.max_connections_per_ip} reached")
             return
         self._rejecting = False
+        self._admitted += 1
+        if self._recycle is not None and self._admitted == self._recycle_limit:
+            self._recycle()
         try:
             self._threads.submit((sock, address, accounted_ip))
         except Exception as exc:

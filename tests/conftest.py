@@ -65,3 +65,84 @@ class Recorder:
         with self.lock:
             self.items.append(item)
         self.event.set()
+
+
+class Daemon:
+    """A `python -m connserver serve ...` subprocess, always killed at the end."""
+
+    def __init__(self, cwd, *args: str, env: dict | None = None, pass_fds=()) -> None:
+        import os
+        import subprocess
+        import sys
+
+        full_env = dict(os.environ, PYTHONPATH=str(cwd), PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "connserver", "serve", *args],
+                                     cwd=cwd, env=full_env, stderr=subprocess.PIPE, bufsize=0,
+                                     pass_fds=tuple(pass_fds))
+        self.lines: list[str] = []
+        self._partial = b""
+
+    def read_until(self, pattern: str, timeout: float = 20.0):
+        """Read stderr lines until one matches ``pattern`` (regex); return the match.
+
+        Unbuffered reads split into lines here, so select() never misses a line
+        sitting in a reader's buffer.
+        """
+        import os
+        import re
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stderr.fileno()
+        while True:
+            while b"\n" in self._partial:
+                raw, self._partial = self._partial.split(b"\n", 1)
+                line = raw.decode(errors="replace") + "\n"
+                self.lines.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._partial += chunk
+        raise AssertionError(f"daemon never logged {pattern!r}; it said:\n{''.join(self.lines)}")
+
+    def port(self) -> int:
+        return int(self.read_until(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        rest = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+        return "".join(self.lines) + self._partial.decode(errors="replace") + rest
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """Factory: daemon(*args, env=...) -> a started Daemon, killed at teardown."""
+    started: list[Daemon] = []
+
+    def start(*args: str, env: dict | None = None, pass_fds=()) -> Daemon:
+        process = Daemon(tmp_path, *args, env=env, pass_fds=pass_fds)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()

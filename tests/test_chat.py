@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 from connserver.apps.chat import ChatHandler
 from tests.conftest import connect, wait_closed

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -15,6 +12,27 @@ import pytest
 
 from connserver import Config, cli
 from connserver.config import config_fields
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """cli.main() configures logging as a daemon should; put it back for other tests."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    access = logging.getLogger("connserver.access")
+    access_disabled = access.disabled
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    access.disabled = access_disabled
 
 
 def test_every_config_field_is_a_flag():
@@ -86,52 +104,20 @@ def test_load_handler_imports_from_the_current_directory(tmp_path, monkeypatch):
     sys.modules.pop("myapp", None)
 
 
-def _start_daemon(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "connserver", "serve", *args, "--bind", "127.0.0.1:0"],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
-    proc.kill()
-    proc.wait(10)
-    pytest.fail("the daemon did not report its address")
-
-
-def _read_until(proc: subprocess.Popen, text: str) -> None:
-    assert proc.stderr is not None
-    for line in proc.stderr:   # bounded by the test's timeout
-        if text in line:
-            return
-    pytest.fail(f"the daemon exited before logging {text!r}")
-
-
-def test_sigterm_drains_and_exits_zero(tmp_path):
+def test_sigterm_drains_and_exits_zero(daemon):
     """SIGTERM: clients are cancelled with reason shutdown and the process exits 0."""
-    proc, port = _start_daemon(tmp_path, "echo")
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.sendall(b"hi")
-            assert client.recv(10) == b"hi"
-            proc.send_signal(signal.SIGTERM)
-            assert client.recv(10) == b""
-        assert proc.wait(20) == 0
-        assert "reason=shutdown" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stderr.close()
+    process = daemon("echo", "--bind", "127.0.0.1:0")
+    port = process.port()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"hi")
+        assert client.recv(10) == b"hi"
+        process.signal(signal.SIGTERM)
+        assert client.recv(10) == b""
+    assert process.wait() == 0
+    assert "reason=shutdown" in process.output()
 
 
-def test_second_signal_forces_shutdown(tmp_path):
+def test_second_signal_forces_shutdown(daemon, tmp_path):
     """A second SIGTERM ends the grace period at once, forcing sockets shut."""
     (tmp_path / "lingering.py").write_text(textwrap.dedent("""
         import connserver
@@ -145,20 +131,15 @@ def test_second_signal_forces_shutdown(tmp_path):
                     # on the raw socket, until the shutdown is forced.
                     self.conn.socket.sendall(b"x" * (64 << 20))
     """))
-    proc, port = _start_daemon(tmp_path, "lingering:Lingering", "--graceful-timeout", "60")
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.sendall(b"hi")
-            assert client.recv(2) == b"hi"   # the handler is now blocked in recv()
-            proc.send_signal(signal.SIGTERM)
-            _read_until(proc, "draining")
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(20) == 0
-            assert time.monotonic() - started < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stderr.close()
+    process = daemon("lingering:Lingering", "--bind", "127.0.0.1:0", "--graceful-timeout", "60")
+    port = process.port()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"hi")
+        assert client.recv(2) == b"hi"   # the handler is now blocked in recv()
+        process.signal(signal.SIGTERM)
+        process.read_until("draining")
+        started = time.monotonic()
+        process.signal(signal.SIGTERM)
+        assert process.wait() == 0
+        assert time.monotonic() - started < 5

@@ -12,7 +12,7 @@ import pytest
 import connserver
 from connserver import CloseReason, Hub
 from connserver.testing import wait_for
-from tests.conftest import Recorder, connect, wait_closed
+from tests.conftest import connect, wait_closed
 
 
 class Subscriber(connserver.Handler):

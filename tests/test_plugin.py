@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-import connserver
 from connserver.apps.echo import EchoHandler
 from connserver.testing import LeakError, assert_no_leaks
 
