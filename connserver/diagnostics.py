@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Census", "census", "thread_role", "thread_stacks", "MemoryTracker", "TypeGrowth",
+__all__ = ["Census", "census", "thread_role", "thread_stacks", "stack_of", "MemoryTracker", "TypeGrowth",
            "footprint", "open_fd_count", "rss_bytes"]
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -83,15 +83,16 @@ def census(server: "Server | None" = None) -> Census:
         connections=connections, pool_leases=leases)
 
 
+def stack_of(ident: int | None) -> str:
+    """The formatted current stack of the thread ``ident`` (for reports and logs)."""
+    frame = sys._current_frames().get(ident or -1)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
+
+
 def thread_stacks(threads: Iterable[threading.Thread] | None = None) -> list[tuple[str, str]]:
     """(name, formatted stack) of each thread (all threads by default)."""
-    frames = sys._current_frames()
-    result = []
-    for thread in threads if threads is not None else threading.enumerate():
-        frame = frames.get(thread.ident or -1)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
-        result.append((thread.name, stack))
-    return result
+    return [(thread.name, stack_of(thread.ident))
+            for thread in (threads if threads is not None else threading.enumerate())]
 
 
 @dataclasses.dataclass(frozen=True)

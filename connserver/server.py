@@ -9,7 +9,6 @@ any handler thread that is still alive with its stack. It never waits forever.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import logging
@@ -19,7 +18,6 @@ import socket
 import socketserver
 import sys
 import threading
-import traceback
 from typing import Any, Callable, TypeVar
 
 from .admin import AdminServer
@@ -28,8 +26,8 @@ from .cancel import CancelToken, Watchdog
 from .config import Config
 from .connection import Connection, ConnectionInfo, format_peer
 from .deadline import Clock, monotonic
-from .errors import (Cancelled, CloseReason, ConnServerError, LimitExceeded, LocalProtocolError,
-                     RemoteProtocolError)
+from .diagnostics import stack_of
+from .errors import CloseReason, LimitExceeded, RemoteProtocolError
 from .handler import Handler
 from .hub import Hub
 from .limits import ConnectionLimiter
@@ -37,6 +35,8 @@ from .preamble import TrustedNetworks, read_proxy_header
 from .tls import server_context
 from .listeners import describe
 from .ratelimit import BucketTable, TokenBucket
+from .outcome import classify_failure, ip_of
+from .report import ShutdownReport, StuckThread, describe_thread
 from .stats import ServerStatistics, ServerStats
 from .threads import HandlerThreadPool
 
@@ -53,31 +53,6 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BACKOFF_INTERVAL = 0.1
 _ACCEPT_BURST = 64          # connections accepted per wake-up before checking for shutdown
 _FORCE_WAIT_INTERVAL = 1.0  # extra wait after forcing sockets shut
-_PEER_RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-
-
-@dataclasses.dataclass(frozen=True)
-class StuckThread:
-    """A handler thread still alive after shutdown: its name, connection and stack."""
-
-    name: str
-    conn_id: int | None
-    stack: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ShutdownReport:
-    """What ``shutdown()`` did."""
-
-    connections_at_start: int   # live when shutdown began
-    drained: int                # ended within the grace period
-    forced: int                 # had their sockets forced shut after the grace
-    stuck: tuple[StuckThread, ...]  # threads still alive at the end
-    duration: float
-
-    @property
-    def clean(self) -> bool:
-        return not self.stuck
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -248,7 +223,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     self._admin.close()
                 if not self._watchdog.stop(timeout=2.0) and self._watchdog._thread is not None:
                     alive = [*locals().get("alive", []), self._watchdog._thread]
-            stuck = tuple(_describe_thread(thread) for thread in alive)
+            stuck = tuple(describe_thread(thread) for thread in alive)
             for thread in stuck:
                 log.error("thread %s still alive after shutdown (connection %s):\n%s",
                           thread.name, thread.conn_id, thread.stack)
@@ -331,8 +306,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _report_stuck(self, conn: Connection) -> None:
         """The watchdog found a cancelled connection's handler still running."""
         self._stuck.add(conn.id)
-        frame = sys._current_frames().get(conn.thread_ident)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+        stack = stack_of(conn.thread_ident)
         log.warning("#%d %s handler still running %.1f s after its connection was cancelled "
                     "(%s); it does not check for cancellation:\n%s", conn.id, conn.peer_label,
                     self.config.stuck_thread_timeout, conn.cancel_token.reason, stack)
@@ -422,7 +396,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return not self._stopping.is_set()
 
     def _admit(self, sock: socket.socket, address: Any, slot_held: bool) -> None:
-        ip = _ip_of(address)
+        ip = ip_of(address)
         try:
             allowed = self.verify_request(sock, address)
         except Exception:
@@ -468,7 +442,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the accepted socket to a handler thread (never blocks on the handler)."""
-        self._threads.submit((request, client_address, _ip_of(client_address)))
+        self._threads.submit((request, client_address, ip_of(client_address)))
 
     # --- one connection, on its handler thread -------------------------------------
 
@@ -489,7 +463,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._run_preamble(conn)
             self.finish_request(conn, conn.peer)
         except BaseException as exc:
-            reason = self._classify_failure(conn, exc)
+            reason = classify_failure(conn, exc)
         else:
             reason = token.reason or conn.outcome or CloseReason.CLOSED
         finally:
@@ -499,14 +473,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """The PROXY header, then TLS, then the rate limiters (which need the real peer)."""
         expires_at = self._clock() + self.config.handshake_timeout
         if self._trusted_proxies is not None:
-            proxy = _ip_of(conn.peer)
+            proxy = ip_of(conn.peer)
             if proxy not in self._trusted_proxies:
                 raise RemoteProtocolError(f"PROXY header expected from a trusted proxy, "
                                           f"not from {proxy}")
             header = read_proxy_header(conn, expires_at)
             if header.command == "PROXY" and header.source is not None:
                 conn.set_peer(header.source)
-            ip = _ip_of(conn.peer)
+            ip = ip_of(conn.peer)
             if not self._limiter.try_acquire_ip(ip):
                 raise LimitExceeded(f"max_connections_per_ip={self.config.max_connections_per_ip}"
                                     f" reached for {ip}")
@@ -525,7 +499,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             limiters.append(TokenBucket(config.rate, config.burst or max(1.0, config.rate),
                                         clock=self._clock))
         if self._ip_buckets is not None:
-            conn.rate_ip = _ip_of(conn.peer)
+            conn.rate_ip = ip_of(conn.peer)
             limiters.append(self._ip_buckets.acquire(conn.rate_ip))
         if self._server_bucket is not None:
             limiters.append(self._server_bucket)
@@ -569,33 +543,6 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-    def _classify_failure(self, conn: Connection, exc: BaseException) -> CloseReason:
-        """Map what ended the handler to a close reason, logging it as it deserves."""
-        logger = conn_log
-        prefix = f"#{conn.id} {conn.peer_label}"
-        if isinstance(exc, Cancelled):
-            logger.debug("%s cancelled (%s)", prefix, exc.reason.value)
-            return exc.reason
-        if isinstance(exc, ConnServerError) and not isinstance(exc, LocalProtocolError):
-            reason = exc.close_reason
-            if reason is CloseReason.ERROR:
-                logger.error("%s handler failed: %s", prefix, exc, exc_info=exc)
-            else:
-                logger.info("%s closing: %s", prefix, exc)
-            return reason
-        if isinstance(exc, _PEER_RESETS):
-            logger.info("%s closing: peer reset (%s)", prefix, exc)
-            return CloseReason.RESET
-        if self.cancel_is_cause(conn, exc):
-            return conn.cancel_token.reason or CloseReason.CANCELLED
-        logger.error("%s handler raised %s", prefix, type(exc).__name__, exc_info=exc)
-        return CloseReason.ERROR
-
-    @staticmethod
-    def cancel_is_cause(conn: Connection, exc: BaseException) -> bool:
-        """An OSError on a socket the watchdog shut down is the cancellation showing."""
-        return isinstance(exc, OSError) and conn.cancel_token.cancelled
 
     def _end_connection(self, conn: Connection, address: Any, reason: CloseReason) -> None:
         try:
@@ -689,21 +636,3 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return self._registry_cond.wait_for(
                 lambda: self._force_now.is_set() or all(
                     conn.thread_ident == me for conn in self._registry.values()), timeout)
-
-
-def _ip_of(address: Any) -> str:
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    return "unix"
-
-
-def _describe_thread(thread: threading.Thread) -> StuckThread:
-    frame = sys._current_frames().get(thread.ident or -1)
-    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
-    conn_id = None
-    if "-conn-" in thread.name:
-        try:
-            conn_id = int(thread.name.rsplit("-", 1)[1])
-        except ValueError:
-            pass
-    return StuckThread(name=thread.name, conn_id=conn_id, stack=stack)

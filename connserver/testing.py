@@ -19,7 +19,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Callable, Iterator
 
 __all__ = ["FakeClock", "LeakSnapshot", "leak_snapshot", "find_leaks", "wait_for",
@@ -93,12 +92,11 @@ def find_leaks(before: LeakSnapshot, timeout: float = 5.0) -> list[str]:
     thread finishes its cleanup just after its client sees the socket close.
     """
     wait_for(lambda: not _new_threads(before) and not (open_fds() - before.fds), timeout)
+    from .diagnostics import stack_of
+
     problems = []
-    frames = sys._current_frames()
     for thread in _new_threads(before):
-        frame = frames.get(thread.ident or -1)
-        stack = "".join(traceback.format_stack(frame)) if frame else "(no frame)\n"
-        problems.append(f"thread {thread.name!r} still alive:\n{stack}")
+        problems.append(f"thread {thread.name!r} still alive:\n{stack_of(thread.ident)}")
     for fd in sorted(open_fds() - before.fds):
         # The listing itself opens an fd briefly; it is closed by the time we look.
         target = _fd_target(fd)

@@ -1,0 +1,46 @@
+"""What ``Server.shutdown()`` reports, including threads that would not stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from .diagnostics import stack_of
+
+__all__ = ["ShutdownReport", "StuckThread", "describe_thread"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StuckThread:
+    """A handler thread still alive after shutdown: its name, connection and stack."""
+
+    name: str
+    conn_id: int | None
+    stack: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShutdownReport:
+    """What ``shutdown()`` did."""
+
+    connections_at_start: int   # live when shutdown began
+    drained: int                # ended within the grace period
+    forced: int                 # had their sockets forced shut after the grace
+    stuck: tuple[StuckThread, ...]  # threads still alive at the end
+    duration: float
+
+    @property
+    def clean(self) -> bool:
+        return not self.stuck
+
+
+def describe_thread(thread: threading.Thread) -> StuckThread:
+    """A thread still alive at the end of a shutdown, with its stack."""
+    stack = stack_of(thread.ident)
+    conn_id = None
+    if "-conn-" in thread.name:
+        try:
+            conn_id = int(thread.name.rsplit("-", 1)[1])
+        except ValueError:
+            pass
+    return StuckThread(name=thread.name, conn_id=conn_id, stack=stack)
