@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
+import json
 import os
 import sys
 import threading
@@ -106,22 +107,26 @@ class MemoryTracker:
     """Which types grew, by count and size, since a baseline (pympler summaries)."""
 
     def __init__(self) -> None:
-        self._baseline: list | None = None
-        self._previous: list | None = None
+        from pympler import tracker   # imported lazily: only diagnostics need it
 
-    @staticmethod
-    def _summary() -> list:
-        from pympler import muppy, summary   # imported lazily: only diagnostics need it
+        # SummaryTracker leaves its own summaries out of each count, so the
+        # bookkeeping of the comparison does not show up as growth.
+        self._tracker = tracker.SummaryTracker()
+        self._baseline: str | None = None
+        self._previous: str | None = None
 
+    def _summary(self) -> str:
+        """A pympler summary, frozen into one string: a kept list of rows would itself
+        show up as thousands of lists and strings in the next comparison."""
         gc.collect()
-        return summary.summarize(muppy.get_objects())
+        return json.dumps(self._tracker.create_summary())
 
     def set_baseline(self) -> None:
         self._baseline = self._previous = self._summary()
 
     def top(self, limit: int = 20) -> list[TypeGrowth]:
         """The largest types now, by total size."""
-        rows = sorted(self._summary(), key=lambda row: -row[2])[:limit]
+        rows = sorted(json.loads(self._summary()), key=lambda row: -row[2])[:limit]
         return [TypeGrowth(row[0], row[1], row[2]) for row in rows]
 
     def growth(self, limit: int = 20) -> list[TypeGrowth]:
@@ -140,10 +145,11 @@ class MemoryTracker:
         return [] if previous is None else self._diff(previous, current, limit)
 
     @staticmethod
-    def _diff(before: list, after: list, limit: int) -> list[TypeGrowth]:
+    def _diff(before: str, after: str, limit: int) -> list[TypeGrowth]:
         from pympler import summary
 
-        rows = [row for row in summary.get_diff(before, after) if row[1] or row[2]]
+        rows = [row for row in summary.get_diff(json.loads(before), json.loads(after))
+                if row[1] or row[2]]
         rows.sort(key=lambda row: (-row[2], -row[1]))
         return [TypeGrowth(row[0], row[1], row[2]) for row in rows[:limit]]
 

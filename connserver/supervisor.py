@@ -180,8 +180,14 @@ def _spawn(slot: int, options: DaemonOptions, binds: list[str], shared: list[soc
     try:
         _become_worker(supervisor, close_in_child)
         listeners = make_listeners(binds, [], options.config.backlog, reuse_port=True) + shared
+        config = options.config
+        if config.admin_address is not None:
+            # One admin endpoint per worker: port + slot (port 0 stays "any port").
+            host, port = parse_address(config.admin_address, "admin_address",
+                                       default_host="127.0.0.1")
+            config = config.replace(admin_address=f"{host}:{port + slot if port else 0}")
         worker_options = dataclasses.replace(
-            options, on_ready=lambda: os.write(ready_w, b"R"))
+            options, config=config, on_ready=lambda: os.write(ready_w, b"R"))
         code = run_daemon(worker_options, listeners)
     except BaseException:
         log.exception("worker failed")

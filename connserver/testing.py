@@ -153,10 +153,14 @@ def assert_no_leaks(workload: Callable[[], Any], cycles: int = 5, warmup: int = 
     problems = find_leaks(before, timeout=settle_timeout)
     deltas = [after - prior for prior, after in zip(blocks, blocks[1:])]
     if cycles >= 2 and all(delta > 0 for delta in deltas):
-        grown = ", ".join(f"{row.type_name} +{row.count} ({row.size:+d} B)"
-                          for row in tracker.growth(8) if row.count > 0)
+        rows = [row for row in tracker.growth(60) if row.count > 0]
+        # Classes (module-qualified names) tell more than the dicts and locks they own.
+        classes = [row for row in rows if "." in row.type_name and not row.type_name.startswith(
+            ("collections.", "_thread.", "socket.", "builtins.", "_io."))]
+        named = ", ".join(f"{row.type_name} +{row.count} ({row.size:+d} B)"
+                          for row in (classes + [r for r in rows if r not in classes])[:10])
         problems.append(f"allocated blocks grew on every cycle {deltas}; types that grew: "
-                        f"{grown or 'none named'}")
+                        f"{named or 'none named'}")
     if problems:
         raise LeakError("workload leaks:\n" + "\n".join(problems))
 
