@@ -128,7 +128,13 @@ class BufferPool:
     def release(self, buffer: bytearray) -> None:
         """Return a buffer; one still exported by a ``memoryview`` is reported, not reused."""
         next(self._released)
-        if not _unexported(buffer):
+        if len(buffer) != self.buffer_size:
+            # Resized by its user (clear(), +=, slicing in place): reusing it would
+            # make every later recv_into() short or fail. Drop it.
+            next(self._dropped)
+            log.warning("a pooled buffer came back resized to %d bytes (not %d); it was "
+                        "dropped, not reused", len(buffer), self.buffer_size)
+        elif not _unexported(buffer):
             next(self._pinned)
             log.warning("a buffer came back to the pool while a memoryview of it was still "
                         "alive; it was dropped, not reused (copy data out with bytes(), do not "

@@ -18,6 +18,17 @@ from .errors import FrameTooLarge, LocalProtocolError
 __all__ = ["Codec", "LengthPrefixed", "Lines", "LineTooLong"]
 
 
+def _copy_spans(buffer: bytearray, spans: list[tuple[int, int]]) -> list[bytes]:
+    """Each span of ``buffer`` as ``bytes``, copied once (``bytes(buffer[a:b])`` copies twice).
+
+    The view is released before returning, so the buffer can be resized again.
+    """
+    if not spans:
+        return []
+    with memoryview(buffer) as view:
+        return [bytes(view[start:end]) for start, end in spans]
+
+
 class Codec(Protocol):
     """What a connection needs to read and write frames."""
 
@@ -62,7 +73,7 @@ class LengthPrefixed:
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
         buffer += data
-        frames: list[bytes] = []
+        spans: list[tuple[int, int]] = []
         header_size = self._header.size
         offset = 0
         while True:
@@ -79,9 +90,10 @@ class LengthPrefixed:
             end = offset + self._expected
             if len(buffer) < end:
                 break
-            frames.append(bytes(buffer[offset:end]))
+            spans.append((offset, end))
             offset = end
             self._expected = None
+        frames = _copy_spans(buffer, spans)
         if offset:
             del buffer[:offset]
         return frames
@@ -151,10 +163,10 @@ class Lines:
             if index - start > self.max_frame_size:
                 self._too_long(lines, index - start)
             else:
-                line = bytes(buffer[start:index])
-                if newline == b"\n" and line.endswith(b"\r"):
-                    line = line[:-1]
-                lines.append(line)
+                if newline == b"\n" and index > start and buffer[index - 1] == 13:   # "\r"
+                    lines.extend(_copy_spans(buffer, [(start, index - 1)]))
+                else:
+                    lines.extend(_copy_spans(buffer, [(start, index)]))
             start = search_from = index + len(newline)
         if start:
             del buffer[:start]

@@ -98,10 +98,20 @@ class _MessageHandler(Handler):
     def dispatch(self, frame: bytes) -> None:
         raise NotImplementedError
 
+    _ending = False
+
     def _prepare(self) -> None:
         # Before setup(), so a greeting sent there is already framed.
         self.conn.codec = self.make_codec()
         self.conn.rate_unit = "messages"
+
+    def end(self) -> None:
+        """End the connection once the current frame or line has been handled.
+
+        Call it from ``handle_frame``/``handle_line`` (a returned reply is still sent);
+        the close reason is ``closed``, unless the peer had closed first.
+        """
+        self._ending = True
 
     def handle(self) -> None:
         conn = self.conn
@@ -118,16 +128,23 @@ class _MessageHandler(Handler):
                         f"peer closed the connection {codec.pending} bytes into a frame")
                 return
             frames = codec.feed(data)
+            data = None
             limited = bool(conn.rate_limiters)
             for frame in frames:
                 if limited:
                     conn.charge(1)
                 self.dispatch(frame)
+            frame = None
+            if self._ending:
+                return
             if not codec.pending:
                 message_expires_at = None
             elif frames or message_expires_at is None:
                 # A new frame started in this chunk: its deadline starts now.
                 message_expires_at = clock() + read_timeout
+            # Drop the last message before waiting for the next: an idle connection
+            # must not keep up to max_frame_size of it alive.
+            frames = None
 
 
 class FramedHandler(_MessageHandler):

@@ -11,6 +11,9 @@ whatever the publish rate.
 
 One writer thread per hub moves queued bytes to sockets with non-blocking
 ``sendmsg`` and waits on ``epoll`` for the sockets whose send buffer is full.
+When a queue is full but its socket is not, the publisher sends what the socket
+takes itself (still without waiting): a fast publisher must not make a healthy
+subscriber look slow just because the writer thread was waiting for the GIL.
 A subscriber therefore costs a queue, not a second thread: an idle subscriber
 stays as cheap as an idle connection. A subscriber whose socket accepts
 nothing for ``write_timeout`` is cancelled with reason ``write_deadline``.
@@ -189,9 +192,15 @@ class Hub:
 
     def _deliver(self, targets: Iterable[Subscription], message: bytes) -> int:
         taken: list[Subscription] = []
+        size = len(message)
         for sub in targets:
             if sub.dead or not sub.active:
                 continue
+            if sub.blocked_since is None and not sub.queue.has_room(size):
+                # Full, but its socket was not: the writer thread is behind (it waits
+                # for the GIL a tight publishing loop holds), not the client. Send what
+                # the socket takes now, without waiting, before judging the client.
+                self._flush(sub)
             try:
                 if sub.queue.put_nowait(message):   # False: dropped by the sub's policy
                     taken.append(sub)

@@ -95,6 +95,11 @@ class ByteBoundedQueue:
             self._not_empty.notify()
             return True
 
+    def has_room(self, size: int) -> bool:
+        """Whether an item of ``size`` bytes would fit now (a hint: others may race)."""
+        with self._lock:
+            return self._fits(size)
+
     def put_nowait(self, item: bytes) -> bool:
         """put() that never waits (the block policy raises QueueFull at once)."""
         return self.put(item, timeout=0)

@@ -26,6 +26,8 @@ from .deadline import Clock, monotonic
 
 __all__ = ["TokenBucket", "BucketStatistics", "BucketTable"]
 
+_EPSILON = 1e-9
+
 
 @dataclasses.dataclass(frozen=True)
 class BucketStatistics:
@@ -116,8 +118,8 @@ class TokenBucket:
 
     def _take(self, n: float) -> bool:
         self._refill()
-        if self._tokens >= n:
-            self._tokens -= n
+        if self._tokens >= n - _EPSILON:   # elapsed × rate is rarely exact in floats
+            self._tokens = max(0.0, self._tokens - n)
             return True
         return False
 

@@ -72,8 +72,6 @@ class ChatHandler(LineHandler):
     def handle(self) -> None:
         try:
             super().handle()
-        except _Quit:
-            return
         except Cancelled as cancelled:
             self.conn.send_goodbye(f"* Disconnected: {cancelled.reason.value}. Bye!\n".encode())
             raise
@@ -117,9 +115,9 @@ class ChatHandler(LineHandler):
 
     def _command(self, command: str, argument: str) -> str | None:
         if command == "/quit":
-            self.send_line("* Bye!")
-            self.conn.send_goodbye(b"")   # flush what the hub had queued for us
-            raise _Quit
+            self.end()
+            self.conn.send_goodbye(b"* Bye!\n")   # takes the write side back from the hub
+            return None
         if command == "/who":
             return "* Online: " + ", ".join(self.room.nicks())
         if command == "/nick":
@@ -136,7 +134,3 @@ class ChatHandler(LineHandler):
         if command == "/help":
             return HELP
         return f"* Unknown command {command}. {HELP}"
-
-
-class _Quit(Exception):
-    """Ends the read loop after /quit."""

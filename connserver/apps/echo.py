@@ -12,8 +12,12 @@ class EchoHandler(Handler):
 
     def handle(self) -> None:
         recv, sendall = self.conn.recv, self.conn.sendall
-        while data := recv():
+        while True:
+            data = recv()
+            if not data:
+                return
             sendall(data)
+            data = None   # not held while waiting: an idle connection pins no message
 
 
 class FramedEchoHandler(FramedHandler):
