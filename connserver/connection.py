@@ -489,7 +489,10 @@ class Connection:
             raise RemoteProtocolError(f"TLS {phase} failed: {exc.reason or exc}") from exc
         if isinstance(exc, BlockingIOError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             self._deadline_exceeded(phase)
-        if isinstance(exc, (socket.timeout,)):
+        if isinstance(exc, socket.timeout) and exc.errno != errno.ETIMEDOUT:
+            # CPython's own timeout (TLS connections use settimeout). The kernel's
+            # ETIMEDOUT, also a TimeoutError, means keepalive or retransmission gave
+            # up on a vanished peer: that is a broken connection, handled below.
             self._deadline_exceeded(phase)
         self.outcome = CloseReason.RESET
         raise ConnectionBroken(f"connection broken during {phase}: {exc.strerror or exc}",

@@ -105,7 +105,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             max_spare=self.config.max_spare_threads,
             spare_timeout=self.config.spare_thread_timeout,
             stack_size=self.config.thread_stack_size, discard=self._discard_job,
-            name_prefix=self._prefix)
+            name_prefix=self._prefix, max_threads=self.config.max_connections)
         self._registry: dict[int, Connection] = {}
         self._registry_cond = threading.Condition(threading.Lock())
         self._next_id = iter(range(1, sys.maxsize)).__next__
@@ -433,8 +433,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
 
     def _reject(self, sock: socket.socket, address: Any, reason: CloseReason, why: str) -> None:
+        self._stats.rejected_at_accept(reason)   # counted before the client can see the close
         sock.close()
-        self._stats.rejected_at_accept(reason)
         if not self._rejecting:
             self._rejecting = True
             log.warning("rejecting connections: %s (logged once per burst)", why)

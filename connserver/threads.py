@@ -63,7 +63,7 @@ class HandlerThreadPool(Generic[Job]):
     def __init__(self, run: Callable[[Job], None], *, min_spare: int, max_spare: int,
                  spare_timeout: float, stack_size: int = 0,
                  discard: Callable[[Job], None] | None = None,
-                 name_prefix: str = "connserver") -> None:
+                 name_prefix: str = "connserver", max_threads: int | None = None) -> None:
         self._run = run
         self._discard = discard
         self._min_spare = min_spare
@@ -80,6 +80,7 @@ class HandlerThreadPool(Generic[Job]):
         self._spawner: threading.Thread | None = None
         self._spawned = itertools.count(1)
         self._prefix = name_prefix
+        self._max_threads = max_threads   # spares never push the total past this
 
     def start(self) -> None:
         """Start the spawner (and so the first ``min_spare`` threads)."""
@@ -163,8 +164,16 @@ class HandlerThreadPool(Generic[Job]):
                     self._cond.wait_for(lambda: self._stopping, 1.0)
 
     def _wanted(self) -> int:
-        return self._min_spare - self._surplus - self._starting if self._surplus >= 0 \
-            else -self._surplus - self._starting
+        if self._surplus >= 0:
+            wanted = self._min_spare - self._surplus - self._starting
+        else:
+            wanted = -self._surplus - self._starting   # jobs waiting for a thread
+        if self._max_threads is not None:
+            # Threads = serving (busy minus jobs still queued) + waiting + starting,
+            # which is busy + surplus + starting whatever the sign of surplus.
+            running = self._busy + self._surplus + self._starting
+            wanted = min(wanted, self._max_threads - running)
+        return wanted
 
     def _start_thread(self) -> None:
         thread = threading.Thread(target=self._work, name=f"{self._prefix}-spare-{next(self._spawned)}")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
+import time
+from typing import IO, Callable
 
 import connserver
 from connserver.testing import LeakSnapshot, find_leaks, leak_snapshot, open_fds, wait_for
 
-__all__ = ["assert_no_leftovers", "assert_shutdown_clean", "conn_threads", "leak_snapshot",
-           "read_exactly", "frame", "rss_bytes"]
+__all__ = ["PipeLines", "assert_no_leftovers", "assert_shutdown_clean", "conn_threads",
+           "leak_snapshot", "read_exactly", "frame", "rss_bytes"]
 
 # Handler threads wait under this name for their next connection; they are the
 # pool's, not a connection's, and exit on their own after spare_thread_timeout.
@@ -96,3 +99,28 @@ def rss_bytes() -> int:
     """This process's resident set size (``/proc/self/statm``)."""
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PipeLines:
+    """Lines from a child's pipe, read with a deadline (never blocking past it)."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.fd = pipe.fileno()
+        self.buffer = b""
+        self.lines: list[str] = []
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                self.lines.append(line.decode(errors="replace"))
+                if predicate(self.lines[-1]):
+                    return self.lines[-1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk

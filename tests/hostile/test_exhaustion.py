@@ -9,40 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Callable
 
 import pytest
+
+from .support import PipeLines
 
 pytestmark = pytest.mark.hostile
 
 SERVER = Path(__file__).with_name("fd_limited_server.py")
 FD_LIMIT = 64        # the child's RLIMIT_NOFILE
 CLIENTS = 100        # more clients than the child has fds
-
-
-class PipeLines:
-    """Lines from a child's pipe, read with a deadline (never blocking past it)."""
-
-    def __init__(self, pipe: IO[bytes]) -> None:
-        self.fd = pipe.fileno()
-        self.buffer = b""
-        self.lines: list[str] = []
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                self.lines.append(line.decode(errors="replace"))
-                if predicate(self.lines[-1]):
-                    return self.lines[-1]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
-                return None
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
 
 
 def cpu_seconds(pid: int) -> float:

@@ -18,8 +18,8 @@ from connserver.apps.echo import EchoHandler
 from connserver.testing import open_fds, wait_for
 from tests.conftest import connect, wait_closed
 
-from .support import (CONN_PREFIX, SPARE_PREFIX, assert_no_leftovers, assert_shutdown_clean, conn_threads,
-                      leak_snapshot, read_exactly, rss_bytes)
+from .support import (CONN_PREFIX, SPARE_PREFIX, assert_no_leftovers, assert_shutdown_clean,
+                      conn_threads, leak_snapshot, read_exactly, rss_bytes)
 
 pytestmark = pytest.mark.hostile
 
@@ -48,8 +48,9 @@ class PeakSampler:
     def _run(self) -> None:
         while not self._stop.wait(0.001):
             self.peak_threads = max(self.peak_threads, len(conn_threads()))
-            self.peak_pool = max(self.peak_pool, len([
-                t for t in threading.enumerate() if t.name.startswith((CONN_PREFIX, SPARE_PREFIX))]))
+            pool = [t for t in threading.enumerate()
+                    if t.name.startswith((CONN_PREFIX, SPARE_PREFIX))]
+            self.peak_pool = max(self.peak_pool, len(pool))
             self.peak_handlers = max(self.peak_handlers, self.server.stats().handler_threads)
             self.samples += 1
 
@@ -113,7 +114,7 @@ def test_flood_past_max_connections_never_exceeds_the_cap(serve):
     assert sampler.peak_threads <= cap and sampler.peak_handlers <= cap
     # Spare threads wait for connections that the cap will refuse anyway: bounded, not more.
     assert sampler.peak_pool <= cap + server.config.min_spare_threads
-    assert slowest_refusal < 1.0
+    assert slowest_refusal < 2.0   # 50 connects and 40 refusals; a deadline would be 30 s
     assert_no_leftovers(server, baseline)
     assert_shutdown_clean(server, before)
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.hostile
 
 def test_graceful_shutdown_with_a_thousand_idle_and_ten_mid_frame(serve, fd_budget):
     """1,000 idle + 10 mid-frame peers: listener shut at once, drained in grace, no thread left."""
-    fd_budget(4096)
+    fd_budget(2560)
     grace = 5.0
     before = leak_snapshot()
     server = serve(FramedEchoHandler, idle_timeout=60.0, read_timeout=60.0)

@@ -68,8 +68,9 @@ def test_slowloris_is_cut_at_the_read_deadline_not_later(serve):
     print(f"slowloris: cut {elapsed:.3f} s after the frame's first byte "
           f"(read_timeout {read_timeout} s), after {sent} bytes")
     assert reason is connserver.CloseReason.READ_DEADLINE
-    assert read_timeout - 0.02 <= elapsed <= read_timeout + 0.25
-    assert 4 <= sent <= 7   # it really trickled, and was not let run past the deadline
+    # A deadline stretched by each byte (or a per-recv timeout) would never fire here.
+    assert read_timeout - 0.02 <= elapsed <= read_timeout + 0.5
+    assert 4 <= sent <= 8   # it really trickled, and was not let run past the deadline
     stats = wait_closed(server, 1)
     assert stats.close_reasons == {"read_deadline": 1}
     assert stats.deadline_hits == {"read": 1}
@@ -79,7 +80,7 @@ def test_slowloris_is_cut_at_the_read_deadline_not_later(serve):
 
 def test_silent_peers_meet_the_idle_deadline_while_an_honest_client_is_served(serve, fd_budget):
     """200 silent peers (one per address, under a per-IP cap) end with idle; echo serves on."""
-    fd_budget(1024)
+    fd_budget(600)
     idle_timeout = 1.0
     before = leak_snapshot()
     server = serve(EchoHandler, idle_timeout=idle_timeout, max_connections_per_ip=1)
@@ -88,22 +89,28 @@ def test_silent_peers_meet_the_idle_deadline_while_an_honest_client_is_served(se
     silent: dict[socket.socket, float] = {}
     closed_after: list[float] = []
     latencies: list[float] = []
+
+    def honest_roundtrip() -> None:
+        started = time.monotonic()
+        honest.sendall(b"ping")
+        assert read_exactly(honest, 4) == b"ping"
+        latencies.append(time.monotonic() - started)
+
     try:
         with selectors.DefaultSelector() as selector:
             for i in range(2, 202):
                 sock = connect(server, source=f"127.0.0.{i}")
                 silent[sock] = time.monotonic()
                 selector.register(sock, selectors.EVENT_READ)
+                if i % 10 == 0:
+                    honest_roundtrip()
             # Waiting for a first byte holds no pooled buffer, however many wait.
             assert wait_for(lambda: server.stats().connections_active == 201)
             assert server.buffer_pool.statistics().leased == 0
             deadline = time.monotonic() + idle_timeout + 10.0
             # Round trips on the honest connection until every silent one is closed.
             while selector.get_map() and time.monotonic() < deadline:
-                started = time.monotonic()
-                honest.sendall(b"ping")
-                assert read_exactly(honest, 4) == b"ping"
-                latencies.append(time.monotonic() - started)
+                honest_roundtrip()
                 for key, _ in selector.select(0.01):
                     assert key.fileobj.recv(1) == b""
                     closed_after.append(time.monotonic() - silent[key.fileobj])
@@ -123,7 +130,7 @@ def test_silent_peers_meet_the_idle_deadline_while_an_honest_client_is_served(se
     assert len(closed_after) == 200
     assert min(closed_after) >= idle_timeout - 0.02
     assert max(closed_after) < idle_timeout + 2.0
-    assert len(latencies) >= 20 and max(latencies) < 0.5
+    assert len(latencies) > 20 and max(latencies) < 0.5
     stats = wait_closed(server, 201)
     assert stats.close_reasons == {"idle": 200, "eof": 1}
     assert stats.connections_rejected == 0   # the per-IP cap is not what stopped them
@@ -133,6 +140,10 @@ def test_silent_peers_meet_the_idle_deadline_while_an_honest_client_is_served(se
 
 class Downloads(connserver.Handler):
     """Answers an 8-digit size with that many bytes, in 1 MiB writes; small send buffer."""
+
+    # The healthy clients' downloads fit in their receive buffers, so their writes
+    # complete at once: how fast this test reads them cannot meet a deadline.
+    healthy_size = 64 << 10
 
     def setup(self):
         self.conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
@@ -168,12 +179,13 @@ def test_zero_window_reader_meets_the_write_deadline_while_others_are_served(ser
         healthy = [connect(server) for _ in range(20)]
         stalled.sendall(b"%08d" % (64 << 20))
         requested = time.monotonic()
-        # Each healthy client downloads 256 KiB per round, one after another, until
-        # the stalled peer was cut off and two more rounds went through after it.
-        for rounds in range(1, 201):
+        # Each healthy client downloads 64 KiB per round, one after another, until
+        # the stalled peer was cut off and three more rounds went through after it.
+        size = Downloads.healthy_size
+        for rounds in range(1, 1001):
             for client in healthy:
-                client.sendall(b"%08d" % (256 << 10))
-                assert len(read_exactly(client, 256 << 10)) == 256 << 10
+                client.sendall(b"%08d" % size)
+                assert len(read_exactly(client, size)) == size
             if closing.event.is_set():
                 rounds_after += 1
                 if rounds_after == 3:
@@ -187,9 +199,9 @@ def test_zero_window_reader_meets_the_write_deadline_while_others_are_served(ser
     (closed_at, reason), = closing.items[:1]
     print(f"zero-window reader: cut {closed_at - requested:.3f} s after asking for 64 MiB "
           f"(write_timeout {write_timeout} s); 20 healthy clients did {rounds} rounds of "
-          f"256 KiB downloads meanwhile")
+          f"64 KiB downloads meanwhile")
     assert reason is connserver.CloseReason.WRITE_DEADLINE
-    assert write_timeout - 0.02 <= closed_at - requested < write_timeout + 0.5
+    assert write_timeout - 0.02 <= closed_at - requested < write_timeout + 1.0
     stats = wait_closed(server, 21)
     assert stats.close_reasons == {"write_deadline": 1, "eof": 20}
     assert stats.deadline_hits == {"write": 1}
@@ -228,7 +240,7 @@ def test_stalled_frame_meets_the_read_deadline_and_returns_its_buffer(serve, han
         elapsed = time.monotonic() - started
     print(f"stalled frame ({handler.__name__}): cut {elapsed:.3f} s after the 14 bytes "
           f"(read_timeout {read_timeout} s); pooled buffers held while stalled: {held}")
-    assert read_timeout - 0.02 <= elapsed < read_timeout + 0.5
+    assert read_timeout - 0.02 <= elapsed < read_timeout + 1.0   # and far from idle_timeout
     stats = wait_closed(server, 1)
     assert stats.close_reasons == {"read_deadline": 1}
     assert server.buffer_pool.statistics().leaks_detected == 0
