@@ -15,6 +15,7 @@ from .listeners import systemd_listen_fds
 from .logsetup import configure_logging
 from .errors import ConfigError
 from .handler import Handler
+from .soak import add_soak_parser, run_from_args as soak
 
 __all__ = ["main", "build_parser", "load_handler", "BUILTIN_APPS", "DEFAULT_PORT"]
 
@@ -24,6 +25,7 @@ BUILTIN_APPS = {
     "chat": "connserver.apps.chat:ChatHandler",
     "echo": "connserver.apps.echo:EchoHandler",
     "framed-echo": "connserver.apps.echo:FramedEchoHandler",
+    "leaky-echo": "connserver.apps.leaky:LeakyEchoHandler",   # a deliberate leak, for demos
 }
 
 log = logging.getLogger("connserver.cli")
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                          help="one line per closed connection on connserver.access (default: on)")
     add_config_arguments(serve)
+    add_soak_parser(commands)
     return parser
 
 
@@ -193,5 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "soak":
+        return soak(args)
     parser.print_help()
     return 2

@@ -1,0 +1,522 @@
+"""``connserver soak``: hold a mix of ordinary and hostile clients against a running
+server, watch its admin ``/stats``, and judge whether it leaks.
+
+Three parts, run in this order by :func:`run_soak`:
+
+1. **Load.** One driver thread runs every simulated client on one selector
+   loop (:mod:`.soak_driver`). The behaviours, each with a count or a rate:
+   echo clients, idle holders, churners, slowloris drips, zero-window
+   readers, oversized-frame senders and abrupt resets (docs/howto/soak.md
+   says what each simulates).
+2. **Watching.** The calling thread samples ``GET /stats`` every ``interval``
+   (urllib, a timeout on every request, proxies ignored) before, during and
+   after the load; after the load it keeps sampling for ``settle`` seconds, so
+   it can see threads, fds and connections come back.
+3. **Verdict.** :func:`judge` fits a least-squares line to RSS over the steady
+   part of the load (after the ``warmup`` fraction), and compares threads
+   (spare handler threads excepted), fds, connections and buffer leases at the
+   end of the settle period with the baseline taken before the load.
+
+Only loopback targets are accepted unless ``allow_remote`` is set: this tool
+opens hundreds of hostile connections and should not be pointed at someone
+else's server by a typo. What it shows (progress, JSON, HTML, the verdict text)
+is in :mod:`.soak_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import ipaddress
+import json
+import math
+import random
+import re
+import socket
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from .soak_driver import BEHAVIOURS, Driver
+
+__all__ = ["SoakPlan", "SoakError", "parse_duration", "fit_slope", "judge", "run_soak",
+           "add_soak_parser", "run_from_args", "BEHAVIOURS"]
+
+_BASELINE_SAMPLES = 2           # the last one before the load is the baseline
+
+
+class SoakError(Exception):
+    """The soak cannot run as asked (a refused host, an unreachable admin endpoint)."""
+
+
+# --- parsing ------------------------------------------------------------------------
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``, ``"1.5"``, ``"30s"``, ``"10m"``, ``"1h30m"``, ``"250ms"`` -> seconds."""
+    cleaned = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(?:\.\d+)?", cleaned):
+        return float(cleaned)
+    if cleaned and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+", cleaned):
+        return sum(float(number) * _UNITS[unit] for number, unit in _DURATION_PART.findall(cleaned))
+    raise ValueError(f"expected a duration such as 30s, 10m, 1h or a number of seconds, got {text!r}")
+
+
+def _split_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise SoakError(f"{what} {text!r}: expected HOST:PORT (or [IPv6]:PORT)")
+    return host, int(port)
+
+
+def resolve(text: str, what: str, allow_remote: bool) -> list[tuple[int, Any]]:
+    """(family, sockaddr) for every address of ``text``; loopback only unless allowed."""
+    host, port = _split_hostport(text, what)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SoakError(f"{what} {text!r}: cannot resolve {host!r}: {exc.strerror}") from None
+    addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    if not allow_remote:
+        remote = sorted({sockaddr[0] for _, sockaddr in addresses
+                         if not ipaddress.ip_address(sockaddr[0].split("%")[0]).is_loopback})
+        if remote:
+            raise SoakError(f"{what} {text!r} is not a loopback address ({', '.join(remote)}); "
+                            f"a soak opens hostile connections, so only 127.0.0.0/8 and ::1 "
+                            f"are allowed unless --allow-remote is given")
+    return addresses
+
+
+# --- the plan -----------------------------------------------------------------------
+
+def _opt(default: Any, help: str, kind: str, group: str, metavar: str | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={
+        "help": help, "kind": kind, "group": group, "metavar": metavar})
+
+
+@dataclasses.dataclass(frozen=True)
+class SoakPlan:
+    """What a soak does, and how it judges. The command-line flags are generated from it."""
+
+    target: str
+    admin: str
+    duration: float = _opt(600.0, "how long the load runs: 30s, 10m, 1h, or seconds", "duration", "run")
+    settle: float = _opt(10.0, "how long to keep sampling after the load stopped", "duration", "run")
+    interval: float = _opt(1.0, "how often /stats is sampled", "duration", "run")
+    protocol: str = _opt("raw", "what the server speaks: raw bytes (echo), 4-byte length-prefixed "
+                         "frames (framed-echo) or lines", "choice:raw,framed,line", "run")
+    verify: bool = _opt(True, "expect replies to be an echo of each request and check them "
+                        "byte for byte; --no-verify for a server that is not an echo (replies are "
+                        "then read and discarded)", "bool", "run")
+    seed: int | None = _opt(None, "random seed for sizes and payloads; the report records the "
+                            "one used", "int", "run", "N")
+    echo_clients: int = _opt(20, "echo clients: long-lived, round trips of random size", "count",
+                             "behaviours", "N")
+    echo_rate: float = _opt(100.0, "round trips per second, all echo clients together (0: as fast "
+                            "as replies come)", "rate", "behaviours", "PER_S")
+    echo_max_size: int = _opt(4096, "largest echo request in bytes (sizes are uniform from 1)",
+                              "positive", "behaviours", "BYTES")
+    idle: int = _opt(50, "idle holders: connect, then say nothing", "count", "behaviours", "N")
+    churn_rate: float = _opt(20.0, "churners per second: connect, one round trip, close", "rate",
+                             "behaviours", "PER_S")
+    slowloris: int = _opt(5, "slowloris clients: start a message, then one byte per drip interval",
+                          "count", "behaviours", "N")
+    drip_interval: float = _opt(2.0, "seconds between a slowloris client's bytes", "duration",
+                                "behaviours")
+    zero_window: int = _opt(3, "zero-window readers: tiny SO_RCVBUF, send a request that makes the "
+                            "server write, never read", "count", "behaviours", "N")
+    zero_window_bytes: int = _opt(4 * 1024 * 1024, "bytes each zero-window reader sends; more "
+                                  "than the server's socket send buffer (about 1.5 MiB on Linux "
+                                  "loopback), so its write blocks", "positive", "behaviours", "BYTES")
+    zero_window_hold: float = _opt(60.0, "a zero-window reader the server has not closed is "
+                                   "recycled after this long", "duration", "behaviours")
+    oversized_rate: float = _opt(1.0, "oversized-frame senders per second: a 0xFFFFFFFF length "
+                                 "prefix", "rate", "behaviours", "PER_S")
+    oversized_wait: float = _opt(2.0, "how long an oversized-frame sender waits for the server "
+                                 "to close", "duration", "behaviours")
+    reset_rate: float = _opt(2.0, "abrupt resets per second: half a message, then SO_LINGER 0 "
+                             "and close (RST)", "rate", "behaviours", "PER_S")
+    reply_timeout: float = _opt(10.0, "an echo reply later than this counts as timed out",
+                                "duration", "behaviours")
+    max_client_connections: int = _opt(1000, "most client sockets open at once, all behaviours "
+                                       "together", "positive", "behaviours", "N")
+    warmup: float = _opt(0.25, "fraction of the load phase left out of the RSS fit (thread starts, "
+                         "pools filling, allocator arenas)", "fraction", "verdict", "FRACTION")
+    max_rss_slope: float = _opt(256.0, "fail if RSS grows faster than this over the steady phase",
+                                "number", "verdict", "KIB_PER_MIN")
+    rss_noise: float = _opt(2048.0, "...unless the fitted growth over the whole steady phase is "
+                            "under this (noise on short runs)", "number", "verdict", "KIB")
+    thread_tolerance: int = _opt(0, "non-spare threads allowed above the baseline at the end",
+                                 "count", "verdict", "N")
+    fd_tolerance: int = _opt(0, "fds allowed above the baseline at the end", "count", "verdict", "N")
+    max_errors: int = _opt(0, "connections allowed to end with close reason 'error' (a handler "
+                           "raised)", "count", "verdict", "N")
+    allow_remote: bool = _opt(False, "allow a target or admin address that is not loopback",
+                              "bool", "run")
+
+    def __post_init__(self) -> None:
+        if self.duration <= 0 or self.interval <= 0:
+            raise SoakError("--duration and --interval must be positive")
+        if self.duration > 7 * 86400:
+            raise SoakError("--duration is at most 7 days")
+        if not 0 <= self.warmup <= 0.9:
+            raise SoakError("--warmup is a fraction of the load phase, from 0 to 0.9")
+        long_lived = self.echo_clients + self.idle + self.slowloris + self.zero_window
+        if long_lived > self.max_client_connections:
+            raise SoakError(f"{long_lived} long-lived clients asked for, more than "
+                            f"--max-client-connections {self.max_client_connections}")
+        try:
+            import resource
+        except ImportError:   # not POSIX: nothing to check
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and self.max_client_connections + 64 > soft:
+            raise SoakError(f"--max-client-connections {self.max_client_connections} needs more "
+                            f"file descriptors than this process may open ({soft}); raise "
+                            f"`ulimit -n` or lower it")
+
+
+def plan_fields() -> list[dataclasses.Field]:
+    """The plan's settings that are command-line flags (all but target and admin)."""
+    return [field for field in dataclasses.fields(SoakPlan) if field.metadata]
+
+
+# --- watching the server --------------------------------------------------------------
+
+class AdminClient:
+    """``GET /stats`` from the admin endpoint, with a timeout, ignoring proxy settings."""
+
+    def __init__(self, address: tuple[int, Any], timeout: float) -> None:
+        family, sockaddr = address
+        host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+        self.url = f"http://{host}:{sockaddr[1]}/stats"
+        self.timeout = timeout
+        import urllib.request   # here: `connserver serve` need not load it
+
+        # An http_proxy in the environment must not send loopback requests elsewhere.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def stats(self) -> dict[str, Any]:
+        """The /stats document; OSError (or ValueError for bad JSON) if it cannot be had."""
+        import http.client
+
+        try:
+            with self._opener.open(self.url, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except http.client.HTTPException as exc:   # a garbled or cut response
+            raise OSError(f"bad HTTP response: {exc!r}") from exc
+
+
+def spare_threads(threads_by_role: dict[str, int]) -> int:
+    """Threads waiting for work (``spare``, ``admin-spare``): expected to come and go."""
+    return sum(n for role, n in threads_by_role.items() if role == "spare" or role.endswith("-spare"))
+
+
+def sample_record(t: float, phase: str, stats: dict[str, Any]) -> dict[str, Any]:
+    roles = dict(stats.get("threads_by_role", {}))
+    return {
+        "t": round(t, 3), "phase": phase, "rss_bytes": stats["rss_bytes"],
+        "threads": stats["threads"], "threads_non_spare": stats["threads"] - spare_threads(roles),
+        "threads_by_role": roles, "fds": stats["fds"],
+        "connections_active": stats["connections_active"],
+        "connections_total": stats.get("connections_total", 0),
+        "pool_leased": stats.get("pool", {}).get("leased", 0),
+        "stuck_threads": stats.get("stuck_threads", 0),
+        "allocated_blocks": stats.get("allocated_blocks", -1),
+        "close_reasons": dict(stats.get("close_reasons", {})),
+    }
+
+
+# --- the verdict ----------------------------------------------------------------------
+
+def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of ys over xs; None with fewer than two distinct xs."""
+    n = len(xs)
+    if n < 2 or n != len(ys):
+        return None
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+
+
+def _check(name: str, passed: bool, summary: str, **values: Any) -> dict[str, Any]:
+    return {"name": name, "passed": bool(passed), "summary": summary, **values}
+
+
+def judge(plan: SoakPlan, samples: list[dict[str, Any]], phases: dict[str, float],
+          driver: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The verdict: each check passed or not, with the numbers behind it."""
+    checks = []
+    baseline = next((s for s in reversed(samples) if s["phase"] == "baseline"), None)
+    final = next((s for s in reversed(samples) if s["phase"] == "settle"), None)
+    steady = [s for s in samples if s["phase"] == "load" and s["t"] >= phases["steady_start"]]
+    slope = fit_slope([s["t"] / 60 for s in steady], [s["rss_bytes"] / 1024 for s in steady])
+    if slope is None or len(steady) < 3:
+        checks.append(_check("rss", False, f"only {len(steady)} samples in the steady phase: run "
+                             f"longer or sample more often", slope_kib_per_min=slope))
+    else:
+        span = (steady[-1]["t"] - steady[0]["t"]) / 60
+        growth = slope * span
+        checks.append(_check(
+            "rss", slope <= plan.max_rss_slope or growth <= plan.rss_noise,
+            f"slope {slope:+,.0f} KiB/min over the steady phase ({steady[0]['t']:.0f}-"
+            f"{steady[-1]['t']:.0f} s, fitted growth {growth:+,.0f} KiB; limit "
+            f"{plan.max_rss_slope:,.0f} KiB/min, growth under {plan.rss_noise:,.0f} KiB ignored)",
+            slope_kib_per_min=round(slope, 1), fitted_growth_kib=round(growth, 1),
+            steady_samples=len(steady)))
+    if baseline is None or final is None:
+        checks.append(_check("admin", False, "no /stats sample "
+                             + ("before the load" if baseline is None else "after it")
+                             + ": the server stopped answering?"))
+        return {"passed": False, "checks": checks, "close_reasons": {}}
+
+    base_roles, end_roles = baseline["threads_by_role"], final["threads_by_role"]
+    grown = {role: end_roles.get(role, 0) - base_roles.get(role, 0)
+             for role in set(base_roles) | set(end_roles)
+             if role != "spare" and not role.endswith("-spare")}
+    grown_text = ", ".join(f"{role} {delta:+d}" for role, delta in sorted(grown.items()) if delta)
+    delta = final["threads_non_spare"] - baseline["threads_non_spare"]
+    checks.append(_check(
+        "threads", delta <= plan.thread_tolerance,
+        f"{baseline['threads_non_spare']} -> {final['threads_non_spare']} non-spare threads "
+        f"(tolerance +{plan.thread_tolerance}{'; ' + grown_text if grown_text else ''}); "
+        f"{final['threads'] - final['threads_non_spare']} spare",
+        baseline=baseline["threads_non_spare"], final=final["threads_non_spare"]))
+    delta = final["fds"] - baseline["fds"]
+    checks.append(_check("fds", delta <= plan.fd_tolerance,
+                         f"{baseline['fds']} -> {final['fds']} (tolerance +{plan.fd_tolerance})",
+                         baseline=baseline["fds"], final=final["fds"]))
+    for name, key, noun in (("connections", "connections_active", "active connections"),
+                            ("pool", "pool_leased", "pooled buffers leased"),
+                            ("stuck", "stuck_threads", "stuck handler threads")):
+        checks.append(_check(name, final[key] <= baseline[key],
+                             f"{final[key]} {noun} at the end (baseline {baseline[key]})",
+                             baseline=baseline[key], final=final[key]))
+    reasons = {reason: final["close_reasons"].get(reason, 0) - baseline["close_reasons"].get(reason, 0)
+               for reason in final["close_reasons"]}
+    reasons = {reason: n for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]) if n}
+    errors = reasons.get("error", 0)
+    checks.append(_check("errors", errors <= plan.max_errors,
+                         f"{errors} connections ended with reason 'error' (limit {plan.max_errors})",
+                         value=errors))
+    if plan.verify and (plan.echo_clients or plan.churn_rate):
+        echo, churn = driver.get("echo", {}), driver.get("churn", {})
+        trips = echo.get("round_trips", 0) + churn.get("round_trips", 0)
+        bad = {what: echo.get(what, 0) + churn.get(what, 0) for what in ("mismatches", "timeouts")}
+        checks.append(_check(
+            "echo", trips > 0 and not any(bad.values()),
+            f"{trips:,} round trips verified, {bad['mismatches']} mismatched, "
+            f"{bad['timeouts']} timed out (over {plan.reply_timeout:g} s)", round_trips=trips, **bad))
+    return {"passed": all(check["passed"] for check in checks), "checks": checks,
+            "close_reasons": reasons}
+
+
+# --- running it -----------------------------------------------------------------------
+
+def _reachable(addresses: list[tuple[int, Any]], what: str, timeout: float) -> tuple[int, Any]:
+    """The first address that accepts a connection (``localhost`` may be ::1 or 127.0.0.1)."""
+    errors = []
+    for family, sockaddr in addresses:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.settimeout(timeout)
+                probe.connect(sockaddr)
+            return family, sockaddr
+        except OSError as exc:
+            errors.append(f"{sockaddr[0]}: {exc.strerror or exc}")
+    raise SoakError(f"cannot connect to the {what}: {'; '.join(errors)}")
+
+
+def run_soak(plan: SoakPlan, progress: Any = None) -> dict[str, Any]:
+    """Run the soak; return the report document (samples, phases, driver counts, verdict).
+
+    ``progress``, if given, has ``update(t, phase, sample, driver_counts)`` and ``close()``.
+    A KeyboardInterrupt during the load ends it early; the settle and verdict still run.
+    """
+    seed = plan.seed if plan.seed is not None else random.SystemRandom().randrange(2 ** 32)
+    target = _reachable(resolve(plan.target, "target", plan.allow_remote), "target", 5.0)
+    admin_address = _reachable(resolve(plan.admin, "--admin", plan.allow_remote), "admin endpoint", 5.0)
+    admin = AdminClient(admin_address, timeout=max(2.0, min(10.0, 5 * plan.interval)))
+    samples: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    started_wall = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.monotonic()
+    driver: Driver | None = None
+
+    def sample(phase: str) -> dict[str, Any] | None:
+        asked = time.monotonic()
+        try:
+            stats = admin.stats()
+        except (OSError, ValueError, KeyError) as exc:
+            failures.append({"t": round(asked - t0, 3), "phase": phase, "error": str(exc)})
+            return None
+        record = sample_record((asked + time.monotonic()) / 2 - t0, phase, stats)
+        samples.append(record)
+        return record
+
+    def sample_until(start: float, end: float, phase: str) -> None:
+        assert driver is not None
+        tick = start
+        while True:
+            record = sample(phase)
+            if progress is not None:
+                progress.update(time.monotonic() - t0, phase, record, driver.counts())
+            if phase == "load" and driver.failure is not None:
+                return
+            tick += plan.interval
+            now = time.monotonic()
+            if tick < now:   # a slow sample: skip the ticks it overran
+                tick += math.ceil((now - tick) / plan.interval) * plan.interval
+            if tick > end + 0.001:   # the phase lasts its full length, then ends unsampled
+                time.sleep(max(0.0, end - now))
+                return
+            time.sleep(tick - now)
+
+    interrupted = False
+    try:
+        for index in range(_BASELINE_SAMPLES):
+            if sample("baseline") is None and index == _BASELINE_SAMPLES - 1:
+                raise SoakError(f"GET {admin.url} failed: {failures[-1]['error']}")
+            if index < _BASELINE_SAMPLES - 1:
+                time.sleep(plan.interval)
+        driver = Driver(plan, target, seed)   # its sockets exist only from here
+        load_start = time.monotonic()
+        driver.start()
+        try:
+            sample_until(load_start, load_start + plan.duration, "load")
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            driver.stop()
+        load_end = time.monotonic()
+        # At least one sample after the load, even with --settle 0.
+        sample_until(load_end, load_end + plan.settle, "settle")
+    finally:
+        if progress is not None:
+            progress.close()
+    phases = {"load_start": round(load_start - t0, 3),
+              "steady_start": round(load_start - t0 + plan.warmup * (load_end - load_start), 3),
+              "load_end": round(load_end - t0, 3), "end": round(time.monotonic() - t0, 3)}
+    counts = driver.counts()
+    verdict = judge(plan, samples, phases, counts)
+    if driver.failure is not None:
+        verdict["passed"] = False
+        verdict["checks"].append(_check("driver", False, f"the load driver failed: {driver.failure!r}"))
+    plan_doc = dataclasses.asdict(plan)
+    plan_doc["seed"] = seed
+    return {"tool": "connserver soak", "format": 1, "started_at": started_wall.isoformat(),
+            "interrupted": interrupted, "plan": plan_doc, "phases": phases, "samples": samples,
+            "sample_failures": failures, "driver": counts, "verdict": verdict}
+
+
+# --- the command line -----------------------------------------------------------------
+
+def _duration_arg(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _number_arg(minimum: float, maximum: float | None, kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"at least {minimum:g}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {
+    "duration": _duration_arg, "count": _number_arg(0, 100_000, int),
+    "positive": _number_arg(1, None, int), "rate": _number_arg(0, 100_000, float),
+    "fraction": _number_arg(0, 0.9, float), "number": _number_arg(0, None, float),
+    "int": _number_arg(0, 2 ** 63, int),
+}
+_GROUPS = {"run": "the run", "behaviours": "client behaviours (0 turns one off)",
+           "verdict": "verdict thresholds"}
+
+
+def add_soak_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``soak`` to the ``connserver`` subcommands; flags come from :class:`SoakPlan`."""
+    parser = commands.add_parser(
+        "soak", help="drive a mix of clients at a server and judge whether it leaks",
+        description="Drive ordinary and hostile clients at a running server for --duration, "
+                    "sample its admin /stats every --interval, keep sampling for --settle after "
+                    "the load, then write a JSON report and an HTML chart and print a verdict: "
+                    "RSS slope over the steady phase, threads/fds/connections back to baseline, "
+                    "close reasons. Exit status 0 if it passes, 1 if it fails, 2 on a usage error.")
+    parser.add_argument("target", metavar="HOST:PORT", help="the server to soak (loopback only "
+                        "unless --allow-remote)")
+    parser.add_argument("--admin", metavar="HOST:PORT", required=True,
+                        help="its admin endpoint (connserver serve --admin)")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    for field in plan_fields():
+        meta, flag = field.metadata, "--" + field.name.replace("_", "-")
+        default = {None: "random", True: "on", False: "off"}.get(field.default, field.default)
+        if meta["kind"] == "duration":
+            default = f"{field.default:g}s"
+        help_text = f"{meta['help']} (default: {default})".replace("%", "%%")
+        group = groups[meta["group"]]
+        if meta["kind"] == "bool":
+            group.add_argument(flag, dest=field.name, default=field.default, help=help_text,
+                               action=argparse.BooleanOptionalAction if field.default else "store_true")
+        elif meta["kind"].startswith("choice:"):
+            group.add_argument(flag, dest=field.name, choices=meta["kind"][7:].split(","),
+                               default=field.default, help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, type=_ARG_TYPES[meta["kind"]],
+                               default=field.default,
+                               metavar=meta["metavar"] or ("DURATION" if meta["kind"] == "duration" else None),
+                               help=help_text)
+    output = parser.add_argument_group("output")
+    output.add_argument("--report", metavar="FILE", default="soak.json",
+                        help="JSON report: plan, every sample, driver counts, verdict "
+                             "('none' to skip; default: soak.json)")
+    output.add_argument("--html", metavar="FILE", default="soak.html",
+                        help="self-contained HTML page with SVG charts ('none' to skip; "
+                             "default: soak.html)")
+    output.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
+                        help="live figures on stderr: a tqdm bar if installed (pip install "
+                             "connserver[soak]), else one line per sample (default: auto)")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``connserver soak``: 0 if the verdict passes, 1 if it fails, 2 if it could not run."""
+    from . import soak_report
+
+    try:
+        plan = SoakPlan(target=args.target, admin=args.admin,
+                        **{field.name: getattr(args, field.name) for field in plan_fields()})
+        progress = soak_report.make_progress(
+            args.progress, (_BASELINE_SAMPLES - 1) * plan.interval + plan.duration + plan.settle,
+            sys.stderr)
+        document = run_soak(plan, progress)
+    except SoakError as exc:
+        print(f"connserver soak: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("connserver soak: interrupted", file=sys.stderr)
+        return 130
+    written = []
+    for path, write in ((args.report, soak_report.write_json), (args.html, soak_report.write_html)):
+        if path and path.lower() != "none":
+            write(document, path)
+            written.append(path)
+    print(soak_report.format_verdict(document, written))
+    return 0 if document["verdict"]["passed"] else 1
