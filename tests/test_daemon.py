@@ -166,3 +166,26 @@ def _serves(port: int) -> bool:
         return echo_once(("127.0.0.1", port)) == b"ping"
     except OSError:
         return False
+
+
+def test_tls_daemon(daemon, tmp_path):
+    """`serve --tls-cert/--tls-key` serves TLS from the command line."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    process = daemon("echo", "--bind", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key))
+    port = process.port()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as client:
+            client.sendall(b"over tls")
+            assert client.recv(100) == b"over tls"
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
