@@ -231,8 +231,11 @@ def test_stalled_frame_meets_the_read_deadline_and_returns_its_buffer(serve, han
         assert read_exactly(client, 6) == frame(b"ok")
         started = time.monotonic()
         client.sendall(struct.pack("!I", 1000) + b"x" * 10)
-        reading = wait_for(lambda: [i for i in server.connections() if i.operation == "read"])
-        assert reading and reading[0].bytes_in == 6 + 14
+        # Blocked in the body's read once the 14 bytes are counted (the operation is
+        # set just before each recv returns and counts, so wait for both).
+        reading = wait_for(lambda: [i for i in server.connections()
+                                    if i.operation == "read" and i.bytes_in == 6 + 14])
+        assert reading, server.connections()
         # The codec buffers the partial frame itself; recv_exactly holds a pooled buffer.
         held = server.buffer_pool.statistics().leased
         assert held == (0 if handler is FramedEchoHandler else 1)
