@@ -154,7 +154,7 @@ def assert_no_leaks(workload: Callable[[], Any], cycles: int = 5, warmup: int = 
         blocks.append(sys.getallocatedblocks())
     problems = find_leaks(before, timeout=settle_timeout)
     deltas = [after - prior for prior, after in zip(blocks, blocks[1:])]
-    if cycles >= 2 and all(delta > 0 for delta in deltas):
+    if cycles >= 2 and all(delta > noise_blocks for delta in deltas):
         rows = [row for row in tracker.growth(60) if row.count > 0]
         # Classes (module-qualified names) tell more than the dicts and locks they own.
         classes = [row for row in rows if "." in row.type_name and not row.type_name.startswith(
