@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from typing import Iterator
@@ -32,6 +33,13 @@ def socketpair() -> Iterator[tuple[socket.socket, socket.socket]]:
 def serve(connserver_server):
     """serve(HandlerClass, **config) -> started Server on 127.0.0.1:0 (the plugin's fixture)."""
     return connserver_server
+
+
+def unavailable(reason: str) -> None:
+    """Skip for a missing service or feature, except under CI=true, where it must fail."""
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (CI=true: this test must run, so .ci/run must provide it)")
+    pytest.skip(reason)
 
 
 def connect(server: connserver.Server, source: str | None = None, timeout: float = 10.0) -> socket.socket:

@@ -16,7 +16,7 @@ import connserver
 from connserver import CloseReason
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
-from tests.conftest import Recorder, connect, wait_closed
+from tests.conftest import Recorder, connect, unavailable, wait_closed
 
 
 def roundtrip(sock: socket.socket, data: bytes = b"ping") -> bytes:
@@ -329,13 +329,13 @@ def test_finished_handlers_and_connections_are_freed(serve):
 def test_ipv6_loopback(serve):
     """The server listens on ::1 when given an IPv6 address."""
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 in this Python build")
+        unavailable("no IPv6 in this Python build")
     try:
         probe = socket.socket(socket.AF_INET6)
         probe.bind(("::1", 0))
         probe.close()
     except OSError:
-        pytest.skip("::1 not configured on this host")
+        unavailable("::1 not configured on this host")
     server = serve(EchoHandler, address=("::1", 0))
     with socket.create_connection(server.server_address[:2], timeout=10) as client:
         assert roundtrip(client) == b"ping"

@@ -7,6 +7,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from tests.conftest import unavailable
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -27,7 +29,7 @@ def fd_budget() -> Iterator[Callable[[int], None]]:
     def need(count: int) -> None:
         if soft != resource.RLIM_INFINITY and soft < count:
             if hard != resource.RLIM_INFINITY and hard < count:
-                pytest.skip(f"needs {count} fds; the hard RLIMIT_NOFILE is {hard}")
+                unavailable(f"needs {count} fds; the hard RLIMIT_NOFILE is {hard}")
             resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
 
     yield need

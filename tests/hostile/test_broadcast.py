@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import selectors
 import socket
 import threading
 import time
@@ -11,6 +10,7 @@ import pytest
 
 import connserver
 from connserver.testing import wait_for
+from tests.test_hub import read_all
 from tests.conftest import connect, wait_closed
 
 from .support import assert_no_leftovers, assert_shutdown_clean, leak_snapshot
@@ -30,22 +30,6 @@ class Subscriber(connserver.Handler):
         with hub.subscribe(self.conn, max_queue_bytes=64 * 1024 if kind == b"S" else None):
             while self.conn.recv():
                 pass
-
-
-def read_all(clients: list[socket.socket], expected: int, timeout: float) -> dict:
-    """Read from every client until each has ``expected`` bytes or ``timeout`` passes."""
-    received = {client: bytearray() for client in clients}
-    with selectors.DefaultSelector() as selector:
-        for client in clients:
-            selector.register(client, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while selector.get_map() and time.monotonic() < deadline:
-            for key, _ in selector.select(0.5):
-                chunk = key.fileobj.recv(1 << 20)
-                received[key.fileobj] += chunk
-                if not chunk or len(received[key.fileobj]) >= expected:
-                    selector.unregister(key.fileobj)
-    return received
 
 
 def test_stalled_subscriber_meets_its_policy_and_healthy_ones_get_everything(serve):
