@@ -33,16 +33,23 @@ log = logging.getLogger("connserver.watchdog")
 class CancelToken:
     """A one-shot, level-triggered cancellation flag with a reason.
 
-    Once cancelled it stays cancelled; the first reason wins.
+    Once cancelled it stays cancelled; the first reason wins. ``cancelled`` is a
+    plain attribute because every I/O call reads it: one attribute load, no call.
+    The event that :meth:`wait_cancelled` blocks on is made only when someone
+    waits, so the ten thousand tokens of idle connections cost a few words each.
     """
 
-    __slots__ = ("_event", "_lock", "_reason", "_on_cancel", "__weakref__")
+    __slots__ = ("cancelled", "_reason", "_on_cancel", "_waiter", "__weakref__")
+
+    # One lock for every token: cancelling is rare, and a lock per token would cost
+    # every idle connection its memory.
+    _lock = threading.Lock()
 
     def __init__(self, on_cancel: Callable[[], None] | None = None) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
+        self.cancelled = False
         self._reason: CloseReason | None = None
         self._on_cancel = on_cancel
+        self._waiter: threading.Event | None = None
 
     def cancel(self, reason: CloseReason | str = CloseReason.CANCELLED) -> bool:
         """Cancel with ``reason``; return ``False`` if it was already cancelled."""
@@ -50,16 +57,15 @@ class CancelToken:
         with self._lock:
             if self._reason is not None:
                 return False
-            self._reason = reason
+            self._reason = reason      # before the flag: whoever sees the flag sees the reason
+            self.cancelled = True
             callback, self._on_cancel = self._on_cancel, None
-        self._event.set()
+            waiter = self._waiter
+        if waiter is not None:
+            waiter.set()
         if callback is not None:
             callback()
         return True
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
     @property
     def reason(self) -> CloseReason | None:
@@ -67,10 +73,16 @@ class CancelToken:
 
     def wait_cancelled(self, timeout: float | None) -> bool:
         """Block until cancelled or ``timeout`` seconds pass; return whether cancelled."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self.cancelled:
+                return True
+            if self._waiter is None:
+                self._waiter = threading.Event()
+            waiter = self._waiter
+        return waiter.wait(timeout)
 
     def raise_if_cancelled(self) -> None:
-        if self._event.is_set():
+        if self.cancelled:
             raise Cancelled(self._reason or CloseReason.CANCELLED)
 
     def _detach(self) -> None:

@@ -50,6 +50,10 @@ _TIMEOUT_SLACK = 0.005
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _IOV_MAX = 1024   # buffers per sendmsg (Linux's IOV_MAX)
 _DONTWAIT = socket.MSG_DONTWAIT
+# A blocking recv asks for about the size of recent messages, between these:
+# small enough that an idle connection waits holding next to nothing.
+_HINT_MIN = 256
+_HINT_MAX = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +87,6 @@ class Connection:
         self.peer_label = format_peer(peer)
         self.config = config
         self.cancel_token = cancel_token if cancel_token is not None else CancelToken()
-        self._cancelled = self.cancel_token._event.is_set
         self._sock = sock
         self._fileno = sock.fileno()
         self._pool = pool
@@ -100,7 +103,7 @@ class Connection:
         self._unit_expires_at: float | None = None
         self._op_expires_at: float | None = None
         self.leases = LeaseAccount()
-        self._peek = bytearray(1)   # what a waiting recv holds instead of a pooled buffer
+        self._recv_hint = _HINT_MIN   # how much the next blocking recv asks for
         self.thread_ident = threading.get_ident()   # the owning handler thread
         self.created_at = clock()
         self.bytes_received = 0
@@ -114,7 +117,7 @@ class Connection:
         self.tls = False            # set by start_tls(); TLS changes how I/O is done
         self.accounted_ip: str | None = None   # the address max_connections_per_ip counted
         self.rate_ip: str | None = None        # the address whose ip_rate bucket we hold
-        self._recv_flags = _DONTWAIT
+        self._recv_flags = _DONTWAIT   # for reads of what is known to be waiting
         self._send_flags = _SEND_FLAGS
         self.rate_limiters: tuple[TokenBucket, ...] = ()   # set by the server from Config
         self.rate_unit = "bytes"   # what raw recv() charges; message handlers charge frames
@@ -129,12 +132,11 @@ class Connection:
         Waits at most ``idle_timeout`` for data (less inside :meth:`deadline`).
         The result is an exact-size ``bytes`` copy; no pooled buffer stays held.
         """
-        if self._cancelled():
-            self._raise_cancelled()
-        limit = self._buffer_size if max_bytes is None or max_bytes > self._buffer_size else max_bytes
-        if limit <= 0:
+        if max_bytes is None or max_bytes >= self._buffer_size:
+            return self._recv_copy(self._buffer_size, None)
+        if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        return self._recv_copy(limit, None)
+        return self._recv_copy(max_bytes, None)
 
     def recv_part(self, message_expires_at: float | None) -> bytes:
         """Receive what is available of a message whose deadline is ``message_expires_at``.
@@ -143,60 +145,84 @@ class Connection:
         applies); otherwise the absolute deadline (on the connection's clock) that
         the message's first byte started.
         """
-        if self._cancelled():
-            self._raise_cancelled()
         return self._recv_copy(self._buffer_size, message_expires_at)
 
     def _recv_copy(self, limit: int, message_expires_at: float | None) -> bytes:
-        """Wait for data holding no buffer, then read it into a pooled one and copy it out."""
-        if not self._wait_readable(message_expires_at):
-            return b""
+        """Block (under the current deadline) for what is available, up to ``limit``.
+
+        One blocking ``recv`` sized like the connection's recent messages: the
+        kernel writes straight into the ``bytes`` object returned, so a small
+        message costs one system call and no copy, and an idle connection waits
+        holding only that small allocation (at most ``_HINT_MAX``), never a pooled
+        buffer. If it comes back full, more may be waiting: the rest is read
+        without blocking into a pooled buffer and copied out once. ``b""`` at end
+        of stream.
+        """
+        if self.cancel_token.cancelled:
+            self._raise_cancelled()
+        if message_expires_at is None and self._unit_expires_at is None:
+            # Waiting for a new message: the constant idle timeout, usually already set.
+            phase = self.operation = "idle"
+            self._op_expires_at = self._clock() + self._idle_timeout
+            if self._rcvtimeo != self._idle_timeout:
+                self._set_timeout(socket.SO_RCVTIMEO, self._idle_timeout)
+        else:
+            phase = self._arm_recv(message_expires_at)
+        if self.tls:
+            self._wait_readable_tls(phase)
+            data = self._recv_into_pool(b"", limit)
+        else:
+            want = self._recv_hint if self._recv_hint < limit else limit
+            try:
+                data = self._sock.recv(want)
+            except OSError as exc:
+                self._io_failed(exc, phase)
+            finally:
+                self.operation = None
+            received = len(data)
+            if received == want:
+                if want < limit:
+                    data = self._recv_into_pool(data, limit)
+                # Next time ask for the next power of two above what came, so a
+                # message of the same size fits in one call.
+                self._recv_hint = min(_HINT_MAX, max(_HINT_MIN, 1 << len(data).bit_length()))
+            elif received <= want >> 3 and want > _HINT_MIN:
+                self._recv_hint = want >> 1   # messages got small again: let the idle wait shrink
+        if not data:
+            self._saw_eof()
+            return data
+        self.bytes_received += len(data)
+        self.outcome = None   # a handler that recovered from a deadline is not judged by it
+        if self.rate_limiters and self.rate_unit == "bytes":
+            self.charge(len(data))
+        return data
+
+    def _recv_into_pool(self, prefix: bytes, limit: int) -> bytes:
+        """``prefix`` plus whatever more is readable now, up to ``limit`` bytes in all."""
         pool = self._pool
         buffer = pool.acquire()
         try:
-            try:
-                # Data is waiting, so this never blocks.
-                received = self._sock.recv_into(buffer, limit, self._recv_flags)
-            except BlockingIOError:
-                received = -1   # taken by a shutdown() in between: report it as such
-            except OSError as exc:
-                self._io_failed(exc, "read")
-            data = bytes(memoryview(buffer)[:received]) if received > 0 else b""
+            start = len(prefix)
+            with memoryview(buffer) as view:
+                view[:start] = prefix
+                try:
+                    more = self._sock.recv_into(view[start:limit], limit - start, self._recv_flags)
+                except BlockingIOError:
+                    return prefix   # nothing more yet (or a shutdown took it): the next call sees
+                except OSError as exc:
+                    self._io_failed(exc, "read")
+                return bytes(view[:start + more]) if more else prefix
         finally:
             pool.release(buffer)
-        if received > 0:
-            self.bytes_received += received
-            self.outcome = None   # a handler that recovered from a deadline is not judged by it
-            if self.rate_limiters and self.rate_unit == "bytes":
-                self.charge(received)
-        else:
-            self._saw_eof()
-        return data
 
-    def _wait_readable(self, message_expires_at: float | None) -> bool:
-        """Block until data (True) or end of stream (False), under the current deadline.
+    def _wait_readable_tls(self, phase: str) -> None:
+        """TLS: wait until bytes wait decrypted inside OpenSSL, or records on the socket.
 
-        Waits with a one-byte ``MSG_PEEK`` into the connection's own tiny buffer, so
-        an idle connection holds no pooled buffer at all: 10,000 idle connections
-        cost the pool nothing.
+        A plain socket needs no such wait (its blocking ``recv`` is bounded by
+        ``SO_RCVTIMEO``); OpenSSL's reads are not, so TLS polls under the deadline.
         """
-        phase = self._arm_recv(message_expires_at)
-        if self.tls:
-            return self._wait_readable_tls(phase)
-        try:
-            ready = self._sock.recv_into(self._peek, 1, socket.MSG_PEEK)
-        except OSError as exc:
-            self._io_failed(exc, phase)
-        finally:
-            self.operation = None
-        if not ready:
-            self._saw_eof()
-        return bool(ready)
-
-    def _wait_readable_tls(self, phase: str) -> bool:
-        """TLS: bytes may wait decrypted inside OpenSSL, or as records on the socket."""
         if self._sock.pending():
-            return True
+            return
         poller = select.poll()
         poller.register(self._fileno, select.POLLIN)
         try:
@@ -205,11 +231,10 @@ class Connection:
                 self._deadline_exceeded(phase)
         finally:
             self.operation = None
-        if self._cancelled():
+        if self.cancel_token.cancelled:
             # Woken by the watchdog's shutdown: reading now would make OpenSSL see a
             # truncated stream and fail the session, and the goodbye with it.
             self._raise_cancelled()
-        return True   # data, or an end of stream the read will report
 
     def start_tls(self, context: "ssl.SSLContext", timeout: float) -> None:
         """Run the server side of a TLS handshake within ``timeout`` (absolute).
@@ -247,24 +272,20 @@ class Connection:
         """
         if size <= 0:
             raise ValueError("size must be positive")
-        if self._cancelled():
-            self._raise_cancelled()
-        # Wait for the first byte holding no buffer (see _wait_readable).
-        if not self._wait_readable(None):
-            return b""
-        if size <= self._buffer_size:
-            buffer = self._pool.acquire()
-            try:
-                return self._fill(buffer, size)
-            finally:
+        head = self._recv_copy(min(size, self._buffer_size), None)
+        if not head or len(head) == size:
+            return head
+        buffer = self._pool.acquire() if size <= self._buffer_size else bytearray(size)
+        try:
+            buffer[:len(head)] = head
+            return self._fill(buffer, len(head), size)
+        finally:
+            if size <= self._buffer_size:
                 self._pool.release(buffer)
-        return self._fill(bytearray(size), size)
 
-    def _fill(self, buffer: bytearray, size: int) -> bytes:
-        """Read a message whose first byte is waiting, under its absolute read deadline."""
-        received = 0
+    def _fill(self, buffer: bytearray, received: int, size: int) -> bytes:
+        """Read the rest of a message that has begun, under its absolute read deadline."""
         message_expires_at = self._clock() + self._read_timeout
-        self.outcome = None
         sock = self._sock
         with memoryview(buffer) as view:
             try:
@@ -276,11 +297,9 @@ class Connection:
                         self._io_failed(exc, phase)
                     if not count:
                         self._saw_eof()
-                        if received:
-                            raise RemoteProtocolError(
-                                f"peer closed the connection {received} bytes into a "
-                                f"{size}-byte message")
-                        return b""
+                        raise RemoteProtocolError(
+                            f"peer closed the connection {received} bytes into a "
+                            f"{size}-byte message")
                     received += count
                     self.bytes_received += count
             finally:
@@ -292,13 +311,7 @@ class Connection:
         expires_at = self._unit_expires_at
         if message_expires_at is not None and (expires_at is None or message_expires_at < expires_at):
             expires_at = message_expires_at
-        if expires_at is None:
-            # Waiting for a new message: the constant idle timeout, usually already set.
-            self.operation = "idle"
-            self._op_expires_at = self._clock() + self._idle_timeout
-            if self._rcvtimeo != self._idle_timeout:
-                self._set_timeout(socket.SO_RCVTIMEO, self._idle_timeout)
-            return "idle"
+        assert expires_at is not None   # the idle wait without one is _recv_copy's fast path
         remaining = expires_at - self._clock()
         phase = "read"
         if message_expires_at is None and remaining > self._idle_timeout:
@@ -316,7 +329,7 @@ class Connection:
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data`` within ``write_timeout`` (an absolute deadline)."""
-        if self._cancelled():
+        if self.cancel_token.cancelled:
             self._raise_cancelled()
         if self._subscription is not None or self._unit_expires_at is not None:
             self._send_buffers([data])
@@ -362,7 +375,7 @@ class Connection:
         While subscribed to a hub, the bytes go on the subscription's queue
         instead, so only the hub's writer writes to the socket and order holds.
         """
-        if self._cancelled():
+        if self.cancel_token.cancelled:
             self._raise_cancelled()
         if self._subscription is not None:
             self._subscription.send(b"".join(buffers))
@@ -396,7 +409,7 @@ class Connection:
             self.operation = None
 
     def _arm_send(self, expires_at: float) -> None:
-        if self._cancelled():
+        if self.cancel_token.cancelled:
             self._raise_cancelled()
         remaining = expires_at - self._clock()
         if remaining <= 0:
@@ -480,7 +493,7 @@ class Connection:
 
     def _io_failed(self, exc: OSError, phase: str) -> NoReturn:
         self.operation = None
-        if self._cancelled():
+        if self.cancel_token.cancelled:
             self._raise_cancelled()
         if isinstance(exc, ssl.SSLError) and not isinstance(
                 exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError,
@@ -511,7 +524,7 @@ class Connection:
         raise error
 
     def _saw_eof(self) -> None:
-        if self._cancelled():
+        if self.cancel_token.cancelled:
             self._raise_cancelled()
         self.outcome = CloseReason.EOF
 

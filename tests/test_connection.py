@@ -25,18 +25,24 @@ def shrink_buffers(*socks: socket.socket) -> None:
 
 
 def test_recv_returns_an_exact_bytes_copy_and_holds_no_buffer(socketpair):
-    """recv() gives exact-size bytes (not a view) and returns its pooled buffer."""
+    """recv() gives exact-size bytes; a small message never touches the pool, a
+    larger one borrows a pooled buffer for the rest and gives it back."""
     server_side, client = socketpair
     conn = make_conn(server_side)
     client.sendall(b"hello")
     data = conn.recv()
     assert data == b"hello" and type(data) is bytes
-    stats = conn._pool.statistics()
-    assert stats.leased == 0 and stats.free == 1
+    assert conn._pool.statistics().allocated == 0   # one recv straight into the bytes returned
     assert conn.bytes_received == 5 and conn.leases.outstanding == 0
-    client.sendall(b"again")
-    assert conn.recv() == b"again"
-    assert conn._pool.statistics().hits == 1
+    big = bytes(range(256)) * 12   # 3 KiB: more than the first recv asks for
+    client.sendall(big)
+    data = conn.recv()
+    assert data == big and type(data) is bytes
+    stats = conn._pool.statistics()
+    assert stats.leased == 0 and stats.free == 1 and stats.misses == 1
+    client.sendall(big)
+    assert conn.recv() == big   # the next recv asks for enough: no pooled buffer needed
+    assert conn._pool.statistics().hits + conn._pool.statistics().misses == 1
 
 
 def test_recv_returns_empty_bytes_at_eof(socketpair):
