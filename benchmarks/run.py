@@ -131,6 +131,19 @@ def median_spread(values: list[float]) -> str:
     return f"{middle:,.0f} ({min(values):,.0f}–{max(values):,.0f})"
 
 
+def probe_summary(runs: list[dict]) -> str:
+    """Fresh connections among the busy ones: median p50, worst max, and how many were served."""
+    p50s = field(runs, "results", "probe", "latency", "p50_us")
+    if not field(runs, "results", "probe", "started"):
+        return "—"
+    served = sum(field(runs, "results", "probe", "completed"))
+    started = sum(field(runs, "results", "probe", "started"))
+    worst = max(field(runs, "results", "probe", "latency", "max_us"), default=None)
+    if not p50s:
+        return f"none of {started:.0f} served"
+    return f"{statistics.median(p50s):,.0f} ({worst:,.0f}); {served:.0f}/{started:.0f} served"
+
+
 def field(runs: list[dict], *path: str) -> list[float]:
     values = []
     for run in runs:
@@ -164,8 +177,13 @@ def main() -> int:
     started = time.monotonic()
     for size in sizes:
         for n in counts:
-            for name in ECHO_SERVERS:
-                runs = run_cell(name, "echo", repeat, duration, connections=n, size=size, warmup=0.5)
+            # At N=1,000 also: run slots (Config.max_running) and a fresh connection every
+            # 0.25 s among the busy ones (how long until it is served).
+            busy = n >= 1000
+            options = {"probe_interval": 0.25} if busy else {}
+            for name in ECHO_SERVERS + (["connserver-fair"] if busy else []):
+                runs = run_cell(name, "echo", repeat, duration, connections=n, size=size, warmup=0.5,
+                                **options)
                 cells.append({"kind": "echo", "server": name, "connections": n, "size": size,
                               "runs": runs})
                 print(f"echo N={n} S={size} {name}: {median_spread(field(runs, 'results', 'round_trips_per_s'))}"
@@ -205,14 +223,16 @@ def render(results: dict, command: str) -> str:
         f"{results['started']}. Machine: {machine['cpus']} CPUs, Linux {machine['kernel']}, "
         f"Python {machine['python']}. Each server is pinned to CPU 0 and the C load generator "
         "(`benchmarks/loadgen.c`) to CPU 1; values are medians with the range of the repeats "
-        "in parentheses. connserver runs with its protections on (default `Config`).", "",
+        "in parentheses. connserver runs with its protections on (default `Config`); "
+        "`connserver-fair` is the same with `max_running=4` (FIFO run slots, "
+        "docs/explanation/admission.md).", "",
         "## Echo: round trips per second", "",
     ]
     echo = [cell for cell in cells if cell["kind"] == "echo"]
     for size in sorted({cell["size"] for cell in echo}):
         lines += [f"### {size}-byte messages", "",
-                  "| N | server | round trips/s | × stdlib | p50 µs | p99 µs | p999 µs | starved | Jain | first reply p99 µs |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| N | server | round trips/s | × stdlib | p50 µs | p99 µs | p999 µs | starved | Jain | first reply p99 µs | new connection p50 µs (max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for n in sorted({cell["connections"] for cell in echo}):
             row_cells = [c for c in echo if c["size"] == size and c["connections"] == n]
             base = next((c for c in row_cells if c["server"] == "stdlib-threading"), None)
@@ -220,7 +240,7 @@ def render(results: dict, command: str) -> str:
             for cell in row_cells:
                 rates = field(cell["runs"], "results", "round_trips_per_s")
                 ratio = (f"{statistics.median(rates) / base_rate:.2f}×" if rates and base_rate else "—")
-                lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                     n, cell["server"], median_spread(rates), ratio,
                     median_spread(field(cell["runs"], "results", "latency", "p50_us")),
                     median_spread(field(cell["runs"], "results", "latency", "p99_us")),
@@ -228,7 +248,8 @@ def render(results: dict, command: str) -> str:
                     median_spread(field(cell["runs"], "results", "fairness", "starved")),
                     (f"{statistics.median(field(cell['runs'], 'results', 'fairness', 'jain')):.3f}"
                      if field(cell["runs"], "results", "fairness", "jain") else "—"),
-                    median_spread(field(cell["runs"], "results", "first_request", "p99_us"))))
+                    median_spread(field(cell["runs"], "results", "first_request", "p99_us")),
+                    probe_summary(cell["runs"])))
         lines.append("")
     lines += ["## Framed echo (N=100, 64 B)", "", "| server | round trips/s |", "|---|---|"]
     for cell in (c for c in cells if c["kind"] == "framed"):

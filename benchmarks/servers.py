@@ -15,7 +15,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 CONNSERVER = """
 import connserver
 from connserver.apps.echo import {handler}
-config = connserver.Config(max_connections=30000, backlog=4096)
+config = connserver.Config(max_connections=30000, backlog=4096{options})
 server = connserver.Server(("127.0.0.1", 0), {handler}, config)
 print(server.server_address[1], flush=True)
 server.serve_forever()
@@ -101,8 +101,10 @@ asyncio.run(main())
 """
 
 PYTHON_SERVERS = {
-    "connserver": CONNSERVER.format(handler="EchoHandler"),
-    "connserver-framed": CONNSERVER.format(handler="FramedEchoHandler"),
+    "connserver": CONNSERVER.format(handler="EchoHandler", options=""),
+    # The same with FIFO run slots (Config.max_running): fairness under load.
+    "connserver-fair": CONNSERVER.format(handler="EchoHandler", options=", max_running=4"),
+    "connserver-framed": CONNSERVER.format(handler="FramedEchoHandler", options=""),
     "connserver-relay": RELAY,
     "stdlib-threading": STDLIB,
     "asyncio-streams": ASYNCIO_STREAMS,

@@ -5,7 +5,7 @@ threads are ``connserver-admin-*``) with small limits and short deadlines, so
 it is bounded like everything else. One request per connection, GET only.
 
     GET /healthz          200 "ok" while accepting, 503 "draining" while shutting down
-    GET /stats            JSON counters, threads, fds, RSS, pool, uptime
+    GET /stats            JSON counters, threads, fds, RSS, pool, run slots, uptime
     GET /connections      JSON list, one object per live connection
     GET /metrics          Prometheus text exposition
     GET /debug/threads    every thread's name and stack
@@ -74,6 +74,8 @@ def stats_document(server: "Server") -> dict[str, Any]:
         "rss_bytes": look.rss_bytes,
         "allocated_blocks": look.allocated_blocks,
         "pool": dataclasses.asdict(pool),
+        "admission": (None if server.run_gate is None
+                      else dataclasses.asdict(server.run_gate.statistics())),
         "accepting": server.accepting,
         "uptime_s": round(stats.uptime, 3),
     }

@@ -81,6 +81,12 @@ class Config:
         "reject", "What to do at max_connections: 'reject' closes new connections at once "
         "(counted as limit); 'wait' stops accepting until a slot frees, leaving clients "
         "in the listen backlog.", str, choices=("reject", "wait"))
+    max_running: int | None = _field(
+        None, "Most handler threads that run Python at once while more connections than "
+        "this are open; the others wait their turn in arrival order (FIFO), without CPU. "
+        "Keeps latency fair and bounded when many connections are busy at once, at some "
+        "cost in throughput (see docs/benchmarks.md); none by default.", int, minimum=1,
+        nullable=True)
     backlog: int = _field(
         1024, "Listen backlog (the kernel caps it at net.core.somaxconn).", int, minimum=1)
 

@@ -36,6 +36,7 @@ from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, 
                      LocalProtocolError, RateLimited, RemoteProtocolError)
 
 if TYPE_CHECKING:
+    from .admission import RunGate
     from .framing import Codec
     from .hub import Subscription
     from .ratelimit import TokenBucket
@@ -79,6 +80,19 @@ class Connection:
     ``bytes_received``, ``bytes_sent``, ``close_reason`` (set once it ended).
     """
 
+    # Slots: more than 30 attributes would make every instance carry a full dict of its own
+    # (CPython shares dict keys only up to 30), about 1 KiB per idle connection. ``__dict__``
+    # stays available for attributes a subclass or handler adds.
+    __slots__ = ("id", "peer", "peer_label", "config", "cancel_token", "_sock", "_fileno",
+                 "_pool", "_stats", "_clock", "_close_lock", "_closed", "_idle_timeout",
+                 "_read_timeout", "_write_timeout", "_buffer_size", "_rcvtimeo",
+                 "_sndtimeo", "_unit_expires_at", "_op_expires_at", "leases", "_recv_hint",
+                 "run_gate", "_in_gate", "_gate_ticket", "thread_ident", "created_at",
+                 "bytes_received", "bytes_sent", "operation", "outcome", "close_reason",
+                 "queue_bytes", "codec", "_subscription", "tls", "accounted_ip", "rate_ip",
+                 "_recv_flags", "_send_flags", "rate_limiters", "rate_unit",
+                 "_wait_when_limited", "_handler", "__dict__", "__weakref__")
+
     def __init__(self, sock: socket.socket, peer: object, *, id: int, config: Config,
                  pool: BufferPool, cancel_token: CancelToken | None = None,
                  stats: "ServerStats | None" = None, clock: Clock = monotonic) -> None:
@@ -104,6 +118,9 @@ class Connection:
         self._op_expires_at: float | None = None
         self.leases = LeaseAccount()
         self._recv_hint = _HINT_MIN   # how much the next blocking recv asks for
+        self.run_gate: "RunGate | None" = None   # set by the server (Config.max_running)
+        self._in_gate = False                    # holding a run slot
+        self._gate_ticket: threading.Lock | None = None   # what we queue on for one
         self.thread_ident = threading.get_ident()   # the owning handler thread
         self.created_at = clock()
         self.bytes_received = 0
@@ -114,6 +131,7 @@ class Connection:
         self.queue_bytes = 0   # bytes queued for this connection elsewhere (a hub)
         self.codec: "Codec | None" = None   # set by FramedHandler / LineHandler
         self._subscription: "Subscription | None" = None   # set by Hub.subscribe
+        self._handler: object = None   # the Handler serving it, set by Handler.__init__
         self.tls = False            # set by start_tls(); TLS changes how I/O is done
         self.accounted_ip: str | None = None   # the address max_connections_per_ip counted
         self.rate_ip: str | None = None        # the address whose ip_rate bucket we hold
@@ -169,10 +187,14 @@ class Connection:
         else:
             phase = self._arm_recv(message_expires_at)
         if self.tls:
+            if self._in_gate:
+                self._leave_gate()
             self._wait_readable_tls(phase)
             data = self._recv_into_pool(b"", limit)
         else:
             want = self._recv_hint if self._recv_hint < limit else limit
+            if self._in_gate:
+                self._leave_gate()
             try:
                 data = self._sock.recv(want)
             except OSError as exc:
@@ -191,6 +213,9 @@ class Connection:
         if not data:
             self._saw_eof()
             return data
+        gate = self.run_gate
+        if gate is not None and gate.connections > gate.slots:
+            self._enter_gate(gate)
         self.bytes_received += len(data)
         self.outcome = None   # a handler that recovered from a deadline is not judged by it
         if self.rate_limiters and self.rate_unit == "bytes":
@@ -287,6 +312,9 @@ class Connection:
         """Read the rest of a message that has begun, under its absolute read deadline."""
         message_expires_at = self._clock() + self._read_timeout
         sock = self._sock
+        gated = self._in_gate
+        if gated:
+            self._leave_gate()   # the rest may take up to read_timeout: wait without a slot
         with memoryview(buffer) as view:
             try:
                 while received < size:
@@ -304,6 +332,8 @@ class Connection:
                     self.bytes_received += count
             finally:
                 self.operation = None
+            if gated:
+                self._enter_gate(self.run_gate)
             return bytes(view[:size])
 
     def _arm_recv(self, message_expires_at: float | None) -> str:
@@ -340,14 +370,26 @@ class Connection:
         self._op_expires_at = expires_at = self._clock() + self._write_timeout
         if self._sndtimeo != self._write_timeout:
             self._set_timeout(socket.SO_SNDTIMEO, self._write_timeout)
-        try:
-            sent = self._sock.send(data, self._send_flags)
-        except OSError as exc:
-            self._io_failed(exc, "write")
+        if self._in_gate and not self.tls:
+            # Holding a run slot: never block with it. A write the kernel cannot
+            # take at once gives the slot back and then waits (_send_buffers).
+            try:
+                sent = self._sock.send(data, self._send_flags | _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._io_failed(exc, "write")
+        else:
+            try:
+                sent = self._sock.send(data, self._send_flags)
+            except OSError as exc:
+                self._io_failed(exc, "write")
         self.operation = None
         self.bytes_sent += sent
         if sent < len(data):
             # The peer's window filled up: finish under the same absolute deadline.
+            if self._in_gate:
+                self._leave_gate()
             self._send_buffers([memoryview(data)[sent:]], expires_at)
 
     def send_frame(self, payload: bytes) -> None:
@@ -385,6 +427,10 @@ class Connection:
             if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
                 expires_at = self._unit_expires_at
         sendmsg = self._sock.sendmsg if not self.tls else self._tls_sendmsg
+        gated = self._in_gate
+        if gated and (self.tls or len(buffers) > _IOV_MAX):
+            self._leave_gate()   # these writes block as a whole: no slot held meanwhile
+            gated = False
         sent_total = 0
         first = 0   # buffers before this index are fully sent
         self.operation = "write"
@@ -393,9 +439,17 @@ class Connection:
             while first < len(buffers):
                 self._arm_send(expires_at)
                 try:
-                    sent = sendmsg(buffers[first:first + _IOV_MAX], (), _SEND_FLAGS)
+                    sent = sendmsg(buffers[first:first + _IOV_MAX], (),
+                                   _SEND_FLAGS | _DONTWAIT if gated else _SEND_FLAGS)
+                except BlockingIOError as exc:
+                    if not gated:
+                        self._io_failed(exc, "write")   # SO_SNDTIMEO ran out
+                    sent = 0   # nothing fits now: wait below, without the slot
                 except OSError as exc:
                     self._io_failed(exc, "write")
+                if gated and sent < sum(map(len, buffers[first:first + _IOV_MAX])):
+                    gated = False
+                    self._leave_gate()   # the rest must wait for the peer: give the slot back
                 sent_total += sent
                 # Partial write: the peer's window is full. Skip what went out and
                 # continue under the same deadline with what is left.
@@ -448,11 +502,16 @@ class Connection:
                 step = min(remaining, bucket.burst)
                 if self._wait_when_limited:
                     if not bucket.acquire_nowait(step):
+                        gated = self._in_gate
+                        if gated:
+                            self._leave_gate()   # never wait out a rate limit holding a run slot
                         self.operation = "rate_wait"
                         try:
                             bucket.acquire(step, cancel=self.cancel_token)
                         finally:
                             self.operation = None
+                        if gated:
+                            self._enter_gate(self.run_gate)
                 elif not bucket.acquire_nowait(step):
                     self.outcome = CloseReason.RATE_LIMITED
                     raise RateLimited(f"over the rate limit of {bucket.rate:g}/s")
@@ -466,6 +525,21 @@ class Connection:
     def lease(self) -> BufferLease:
         """Lease a pooled buffer for this connection; it must be released before the end."""
         return self._pool.lease(self.leases, stacklevel=2)
+
+    # --- run slots (admission) ---------------------------------------------------
+
+    def _enter_gate(self, gate: "RunGate") -> None:
+        """Take a run slot before running handler code on a message (see admission.py)."""
+        if self._gate_ticket is None:
+            self._gate_ticket = threading.Lock()
+            self._gate_ticket.acquire()
+        gate.enter(self._gate_ticket)
+        self._in_gate = True
+
+    def _leave_gate(self) -> None:
+        """Give the run slot back before something that may block."""
+        self._in_gate = False
+        self.run_gate.leave()
 
     # --- failure paths ---------------------------------------------------------
 
@@ -562,6 +636,8 @@ class Connection:
         ``data`` was handed to the kernel. Everything else keeps raising
         :class:`~connserver.Cancelled` once the connection is cancelled.
         """
+        if self._in_gate:
+            self._leave_gate()
         expires_at = self._clock() + min(timeout, self._write_timeout)
         if self._subscription is not None:
             # Take the write side back from the hub, with whatever it had half sent.
@@ -585,6 +661,8 @@ class Connection:
 
     def close(self) -> None:
         """Close the socket (owner thread only; idempotent)."""
+        if self._in_gate:
+            self._leave_gate()
         with self._close_lock:
             if self._closed:
                 return

@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, TypeVar
 
 from .admin import AdminServer
+from .admission import RunGate
 from .buffers import BufferPool
 from .cancel import CancelToken, Watchdog
 from .config import Config
@@ -100,6 +101,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._trusted_proxies = (TrustedNetworks(config.trusted_proxy)
                                  if config.proxy_protocol else None)
         self._tls_context = server_context(config) if config.tls_cert else None
+        self._run_gate = RunGate(config.max_running) if config.max_running else None
         self._threads = HandlerThreadPool(
             self._serve_connection, min_spare=self.config.min_spare_threads,
             max_spare=self.config.max_spare_threads,
@@ -351,6 +353,11 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return self._pool
 
     @property
+    def run_gate(self) -> RunGate | None:
+        """The FIFO run slots (``Config.max_running``), or None when unlimited."""
+        return self._run_gate
+
+    @property
     def limiter(self) -> ConnectionLimiter:
         return self._limiter
 
@@ -523,8 +530,11 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                           cancel_token=token, stats=self._stats, clock=self._clock)
         token._on_cancel = functools.partial(self._watchdog.abort_soon, conn)
         conn.accounted_ip = accounted_ip
+        conn.run_gate = self._run_gate
         with self._registry_cond:
             self._registry[conn_id] = conn
+            if self._run_gate is not None:
+                self._run_gate.connections += 1
         self._stats.opened()
         if self._stopping.is_set():
             token.cancel(CloseReason.SHUTDOWN)
@@ -553,7 +563,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             conn.close()
             conn.close_reason = reason
             conn.cancel_token._detach()
-        handler = conn.__dict__.pop("_handler", None)
+        handler, conn._handler = conn._handler, None
         try:
             self._pool.check_account(conn.leases, f"connection #{conn.id}")
             if handler is not None:
@@ -564,6 +574,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         finally:
             with self._registry_cond:
                 self._registry.pop(conn.id, None)
+                if self._run_gate is not None:
+                    self._run_gate.connections -= 1
                 if self._stopping.is_set():
                     self._registry_cond.notify_all()
             self._limiter.release_ip(conn.accounted_ip)
