@@ -25,7 +25,7 @@ from .admission import RunGate
 from .buffers import BufferPool
 from .cancel import CancelToken, Watchdog
 from .config import Config
-from .connection import Connection, ConnectionInfo, format_peer
+from .connection import Connection, ConnectionInfo, format_peer, set_kernel_timeouts
 from .deadline import Clock, monotonic
 from .diagnostics import stack_of
 from .errors import CloseReason, LimitExceeded, RemoteProtocolError
@@ -431,6 +431,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if self._recycle is not None and self._admitted == self._recycle_limit:
             self._recycle()
         try:
+            set_kernel_timeouts(sock, self.config)   # here, not on the handler thread: see there
             self._threads.submit((sock, address, accounted_ip))
         except Exception as exc:
             # E.g. "can't start new thread": refuse this one, keep accepting.
@@ -449,6 +450,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the accepted socket to a handler thread (never blocks on the handler)."""
+        set_kernel_timeouts(request, self.config)
         self._threads.submit((request, client_address, ip_of(client_address)))
 
     # --- one connection, on its handler thread -------------------------------------
@@ -527,7 +529,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         threading.current_thread().name = f"{self._prefix}-conn-{conn_id}"
         token = CancelToken()
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
-                          cancel_token=token, stats=self._stats, clock=self._clock)
+                          cancel_token=token, stats=self._stats, clock=self._clock,
+                          kernel_timeouts_set=True)
         token._on_cancel = functools.partial(self._watchdog.abort_soon, conn)
         conn.accounted_ip = accounted_ip
         conn.run_gate = self._run_gate

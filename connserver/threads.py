@@ -35,6 +35,7 @@ __all__ = ["HandlerThreadPool", "block_async_signals"]
 Job = TypeVar("Job")
 
 _STACK_SIZE_LOCK = threading.Lock()
+_UNSTARTED_STOCK = 8   # Thread objects the spawner keeps made during a burst
 # Asynchronous signals are for the main thread. Delivered to a handler thread, one
 # would interrupt a blocking call that CPython then restarts with the kernel timeout
 # in full, overshooting the connection's deadline.
@@ -76,6 +77,9 @@ class HandlerThreadPool(Generic[Job]):
         self._starting = 0      # threads the spawner is starting
         self._busy = 0          # threads running a job
         self._threads: set[threading.Thread] = set()
+        # Thread objects made by the spawner, not started yet, for handler threads to
+        # start during a burst (see _work: why handler threads never make their own).
+        self._unstarted: list[threading.Thread] = []
         self._stopping = False
         self._spawner: threading.Thread | None = None
         self._spawned = itertools.count(1)
@@ -155,13 +159,32 @@ class HandlerThreadPool(Generic[Job]):
                     return
                 self._starting += 1
             try:
-                self._start_thread()
+                self._start_thread(self._take_unstarted() or self._make_thread())
             except Exception as exc:
                 with self._cond:
                     self._starting -= 1
                 log.error("cannot start a handler thread: %s; retrying in 1 s", exc)
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopping, 1.0)
+                continue
+            self._stock_unstarted()
+
+    def _make_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._work, name=f"{self._prefix}-spare-{next(self._spawned)}")
+
+    def _take_unstarted(self) -> threading.Thread | None:
+        with self._cond:
+            return self._unstarted.pop() if self._unstarted else None
+
+    def _stock_unstarted(self) -> None:
+        """While a burst wants threads, keep a few made for handler threads to start."""
+        while True:
+            with self._cond:
+                if self._stopping or len(self._unstarted) >= min(_UNSTARTED_STOCK, self._wanted()):
+                    return
+            thread = self._make_thread()
+            with self._cond:
+                self._unstarted.append(thread)
 
     def _wanted(self) -> int:
         if self._surplus >= 0:
@@ -175,8 +198,7 @@ class HandlerThreadPool(Generic[Job]):
             wanted = min(wanted, self._max_threads - running)
         return wanted
 
-    def _start_thread(self) -> None:
-        thread = threading.Thread(target=self._work, name=f"{self._prefix}-spare-{next(self._spawned)}")
+    def _start_thread(self, thread: threading.Thread) -> None:
         with self._cond:
             self._threads.add(thread)
         try:
@@ -210,12 +232,20 @@ class HandlerThreadPool(Generic[Job]):
         if help_spawn:
             # Each start waits for the new thread to win the GIL once; under load that
             # is tens of milliseconds. Every new thread starting one more doubles the
-            # rate at which a burst of connections gets its threads.
+            # rate at which a burst of connections gets its threads. It starts one the
+            # spawner made: making a Thread raises and catches three AttributeErrors in
+            # threading.Condition, and formatting their messages goes a page deeper
+            # into this thread's C stack than serving ever does. That page would stay
+            # resident for the thread's life: 4 KiB more per idle connection.
+            thread = self._take_unstarted()
             try:
-                self._start_thread()
+                if thread is None:
+                    raise LookupError("none made yet")
+                self._start_thread(thread)
             except Exception:
                 with self._cond:
                     self._starting -= 1
+                    self._cond.notify_all()   # the spawner makes up for it
         try:
             while (job := self._next_job()) is not None:
                 try:
