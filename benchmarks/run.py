@@ -64,6 +64,9 @@ class ServerProcess:
         with open(f"/proc/{self.proc.pid}/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
@@ -117,6 +120,24 @@ def hold_cell(server_name: str, connections: int, duration: float) -> dict:
         out, _ = proc.communicate(timeout=duration + 60)
         result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
         result["rss_delta_per_connection_bytes"] = (during - before) / connections
+        return result
+    finally:
+        server.stop()
+
+
+def churn_growth_cell(server_name: str, cycles: int) -> dict:
+    """Many short connections: fds and RSS of the server before and after, once settled."""
+    server = ServerProcess(server_name)
+    try:
+        time.sleep(0.5)
+        fds_before, rss_before = server.fd_count(), server.rss_bytes()
+        result = loadgen(server.port, "churn", timeout=180, duration=120, warmup=0,
+                         connections=32, size=64, max_cycles=cycles)
+        deadline = time.monotonic() + 10
+        while server.fd_count() > fds_before and time.monotonic() < deadline:
+            time.sleep(0.1)   # the last connections are still being torn down
+        result["fd_delta"] = server.fd_count() - fds_before
+        result["rss_delta_bytes"] = server.rss_bytes() - rss_before
         return result
     finally:
         server.stop()
@@ -194,6 +215,9 @@ def main() -> int:
     for name in ("connserver", "stdlib-threading", "asyncio-streams"):
         runs = run_cell(name, "churn", repeat, duration, connections=32, size=64)
         cells.append({"kind": "churn", "server": name, "runs": runs})
+    if full:
+        cells.append({"kind": "churn-growth", "server": "connserver", "cycles": 100_000,
+                      "runs": [churn_growth_cell("connserver", 100_000)]})
     for n in ([1000, 10000] if full else [1000]):
         for name in ("connserver", "stdlib-threading", "asyncio-streams", "asyncio-protocol"):
             cells.append({"kind": "hold", "server": name, "connections": n,
@@ -257,6 +281,11 @@ def render(results: dict, command: str) -> str:
     lines += ["", "## Churn: connect, one round trip, close", "", "| server | connections/s |", "|---|---|"]
     for cell in (c for c in cells if c["kind"] == "churn"):
         lines.append(f"| {cell['server']} | {median_spread(field(cell['runs'], 'results', 'cycles_per_s'))} |")
+    for cell in (c for c in cells if c["kind"] == "churn-growth"):
+        run = cell["runs"][0]
+        lines += ["", f"{cell['server']} after {run['results'].get('cycles', cell['cycles']):,} churn "
+                  f"cycles: fd delta {run['fd_delta']}, RSS delta "
+                  f"{run['rss_delta_bytes'] / 1048576:+.2f} MiB."]
     lines += ["", "## Idle memory per connection (server RSS delta / N)", "",
               "| N | server | KiB per connection | held |", "|---|---|---|---|"]
     for cell in (c for c in cells if c["kind"] == "hold"):
