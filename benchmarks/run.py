@@ -249,7 +249,8 @@ def render(results: dict, command: str) -> str:
         "(`benchmarks/loadgen.c`) to CPU 1; values are medians with the range of the repeats "
         "in parentheses. connserver runs with its protections on (default `Config`); "
         "`connserver-fair` is the same with `max_running=4` (FIFO run slots, "
-        "docs/explanation/admission.md).", "",
+        "docs/explanation/admission.md). How the results compare with the project's "
+        "targets, and why some are missed: {doc}`explanation/performance`.", "",
         "## Echo: round trips per second", "",
     ]
     echo = [cell for cell in cells if cell["kind"] == "echo"]

@@ -35,7 +35,7 @@ __all__ = ["HandlerThreadPool", "block_async_signals"]
 Job = TypeVar("Job")
 
 _STACK_SIZE_LOCK = threading.Lock()
-_UNSTARTED_STOCK = 8   # Thread objects the spawner keeps made during a burst
+_UNSTARTED_STOCK = 64   # Thread objects the spawner keeps made during a burst
 # Asynchronous signals are for the main thread. Delivered to a handler thread, one
 # would interrupt a blocking call that CPython then restarts with the kernel timeout
 # in full, overshooting the connection's deadline.
@@ -159,15 +159,17 @@ class HandlerThreadPool(Generic[Job]):
                     return
                 self._starting += 1
             try:
-                self._start_thread(self._take_unstarted() or self._make_thread())
+                thread = self._take_unstarted() or self._make_thread()
+                # Make more for the handler threads to start first: our own start
+                # waits for the new thread to win the GIL, tens of ms under load.
+                self._stock_unstarted()
+                self._start_thread(thread)
             except Exception as exc:
                 with self._cond:
                     self._starting -= 1
                 log.error("cannot start a handler thread: %s; retrying in 1 s", exc)
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopping, 1.0)
-                continue
-            self._stock_unstarted()
 
     def _make_thread(self) -> threading.Thread:
         return threading.Thread(target=self._work, name=f"{self._prefix}-spare-{next(self._spawned)}")

@@ -118,3 +118,4 @@ def test_a_write_blocked_on_a_full_window_holds_no_slot(serve):
         honest.settimeout(10)
         assert roundtrip(honest, b"hello") == b"hello"
         assert server.run_gate.statistics().overdue == 0
+
