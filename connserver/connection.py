@@ -85,8 +85,8 @@ class Connection:
     # stays available for attributes a subclass or handler adds.
     __slots__ = ("id", "peer", "peer_label", "config", "cancel_token", "_sock", "_fileno",
                  "_pool", "_stats", "_clock", "_close_lock", "_closed", "_idle_timeout",
-                 "_read_timeout", "_write_timeout", "_buffer_size", "_rcvtimeo",
-                 "_sndtimeo", "_unit_expires_at", "_op_expires_at", "leases", "_recv_hint",
+                 "_read_timeout", "_write_timeout", "_buffer_size", "_rcvtimeo", "_sndtimeo",
+                 "_unit_expires_at", "_op_expires_at", "leases", "_recv_hint", "_pending_error",
                  "run_gate", "_in_gate", "_gate_ticket", "thread_ident", "created_at",
                  "bytes_received", "bytes_sent", "operation", "outcome", "close_reason",
                  "queue_bytes", "codec", "_subscription", "tls", "accounted_ip", "rate_ip",
@@ -120,6 +120,7 @@ class Connection:
         self._op_expires_at: float | None = None
         self.leases = LeaseAccount()
         self._recv_hint = _HINT_MIN   # how much the next blocking recv asks for
+        self._pending_error: OSError | None = None   # a read error behind returned data
         self.run_gate: "RunGate | None" = None   # set by the server (Config.max_running)
         self._in_gate = False                    # holding a run slot
         self._gate_ticket: threading.Lock | None = None   # what we queue on for one
@@ -198,6 +199,8 @@ class Connection:
             if self._in_gate:
                 self._leave_gate()
             try:
+                if self._pending_error is not None:
+                    raise self._pending_error   # seen after the last call's data
                 data = self._sock.recv(want)
             except OSError as exc:
                 self._io_failed(exc, phase)
@@ -234,10 +237,14 @@ class Connection:
                 view[:start] = prefix
                 try:
                     more = self._sock.recv_into(view[start:limit], limit - start, self._recv_flags)
-                except BlockingIOError:
-                    return prefix   # nothing more yet (or a shutdown took it): the next call sees
                 except OSError as exc:
-                    self._io_failed(exc, "read")
+                    if not prefix:
+                        self._io_failed(exc, "read")
+                    # Nothing more yet, or a reset right behind the bytes we already
+                    # hold: return those; the next call reports the error.
+                    if not isinstance(exc, BlockingIOError):
+                        self._pending_error = exc
+                    return prefix
                 return bytes(view[:start + more]) if more else prefix
         finally:
             pool.release(buffer)
@@ -305,10 +312,13 @@ class Connection:
         buffer = self._pool.acquire() if size <= self._buffer_size else bytearray(size)
         try:
             buffer[:len(head)] = head
-            return self._fill(buffer, len(head), size)
+            message = self._fill(buffer, len(head), size)
         finally:
             if size <= self._buffer_size:
                 self._pool.release(buffer)
+        if self.rate_limiters and self.rate_unit == "bytes":
+            self.charge(size - len(head))   # the first part was charged as it came
+        return message
 
     def _fill(self, buffer: bytearray, received: int, size: int) -> bytes:
         """Read the rest of a message that has begun, under its absolute read deadline."""
@@ -372,9 +382,10 @@ class Connection:
         self._op_expires_at = expires_at = self._clock() + self._write_timeout
         if self._sndtimeo != self._write_timeout:
             self._set_timeout(socket.SO_SNDTIMEO, self._write_timeout)
-        if self._in_gate and not self.tls:
-            # Holding a run slot: never block with it. A write the kernel cannot
-            # take at once gives the slot back and then waits (_send_buffers).
+        gate = self.run_gate if self._in_gate else None   # we hold a run slot
+        if gate is not None and not self.tls:
+            # Never block holding a run slot: a write the kernel cannot take at once
+            # gives the slot back, waits, and takes one again (below).
             try:
                 sent = self._sock.send(data, self._send_flags | _DONTWAIT)
             except BlockingIOError:
@@ -382,7 +393,7 @@ class Connection:
             except OSError as exc:
                 self._io_failed(exc, "write")
         else:
-            if self._in_gate:
+            if gate is not None:
                 self._leave_gate()   # TLS: OpenSSL cannot try a write without blocking
             try:
                 sent = self._sock.send(data, self._send_flags)
@@ -395,6 +406,8 @@ class Connection:
             if self._in_gate:
                 self._leave_gate()
             self._send_buffers([memoryview(data)[sent:]], expires_at)
+        if gate is not None and not self._in_gate:
+            self._enter_gate(gate)
 
     def send_frame(self, payload: bytes) -> None:
         """Send one frame (header and payload in one ``sendmsg``, no concatenation)."""
@@ -432,7 +445,9 @@ class Connection:
                 expires_at = self._unit_expires_at
         sendmsg = self._sock.sendmsg if not self.tls else self._tls_sendmsg
         gated = self._in_gate
+        gate_left = None   # the gate we gave our slot back to, to take one again after
         if gated and (self.tls or len(buffers) > _IOV_MAX):
+            gate_left = self.run_gate
             self._leave_gate()   # these writes block as a whole: no slot held meanwhile
             gated = False
         sent_total = 0
@@ -453,6 +468,7 @@ class Connection:
                     self._io_failed(exc, "write")
                 if gated and sent < sum(map(len, buffers[first:first + _IOV_MAX])):
                     gated = False
+                    gate_left = self.run_gate
                     self._leave_gate()   # the rest must wait for the peer: give the slot back
                 sent_total += sent
                 # Partial write: the peer's window is full. Skip what went out and
@@ -465,6 +481,8 @@ class Connection:
         finally:
             self.bytes_sent += sent_total
             self.operation = None
+        if gate_left is not None:
+            self._enter_gate(gate_left)
 
     def _arm_send(self, expires_at: float) -> None:
         if self.cancel_token.cancelled:

@@ -170,7 +170,7 @@ def footprint(*objects: Any) -> int:
         if server is not None:
             shared.append(server)
             shared.extend(vars(server).values())
-        for attribute in ("config", "_pool", "_stats", "_clock", "hub"):
+        for attribute in ("config", "_pool", "_stats", "_clock", "hub", "run_gate"):
             value = getattr(obj, attribute, None)
             if value is not None:
                 shared.append(value)

@@ -432,6 +432,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._recycle()
         try:
             set_kernel_timeouts(sock, self.config)   # here, not on the handler thread: see there
+        except OSError as exc:   # the socket is already unusable (e.g. reset)
+            self._limiter.release_ip(accounted_ip)
+            self._limiter.release_slot()
+            self._reject(sock, address, CloseReason.RESET, f"setting its timeouts failed: {exc}")
+            return
+        try:
             self._threads.submit((sock, address, accounted_ip))
         except Exception as exc:
             # E.g. "can't start new thread": refuse this one, keep accepting.

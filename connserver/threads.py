@@ -119,6 +119,7 @@ class HandlerThreadPool(Generic[Job]):
         """
         with self._cond:
             self._stopping = True
+            self._unstarted.clear()
             self._cond.notify_all()
             me = threading.current_thread()
             threads = [t for t in self._threads if t is not me]
@@ -201,7 +202,13 @@ class HandlerThreadPool(Generic[Job]):
         return wanted
 
     def _start_thread(self, thread: threading.Thread) -> None:
+        """Start ``thread`` (counted in ``starting``), unless the pool is shutting down."""
         with self._cond:
+            if self._stopping:
+                # shutdown() has listed the threads it joins and sent each its None:
+                # one started now would be neither joined nor told to stop.
+                self._starting -= 1
+                return
             self._threads.add(thread)
         try:
             if self._stack_size:

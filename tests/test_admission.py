@@ -119,3 +119,29 @@ def test_a_write_blocked_on_a_full_window_holds_no_slot(serve):
         assert roundtrip(honest, b"hello") == b"hello"
         assert server.run_gate.statistics().overdue == 0
 
+
+
+SLOT_HELD_AFTER_WRITE: list[bool] = []
+
+
+class BigReply(connserver.Handler):
+    """Replies with more than the client's window takes at once, then notes its run slot."""
+
+    def handle(self) -> None:
+        while self.conn.recv():
+            self.conn.sendall(b"y" * (16 * 1024 * 1024))
+            SLOT_HELD_AFTER_WRITE.append(self.conn._in_gate)
+
+
+def test_a_write_that_had_to_wait_takes_its_slot_back(serve):
+    """The slot given back while a write waits for the peer is taken again after it."""
+    SLOT_HELD_AFTER_WRITE.clear()
+    server = serve(BigReply, max_running=1)
+    with socket.socket() as slow, connect(server) as _other:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(10)
+        slow.connect(server.server_address)
+        assert wait_for(lambda: server.run_gate.connections == 2)
+        slow.sendall(b"go")
+        assert recv_exactly(slow, 16 * 1024 * 1024) == b"y" * (16 * 1024 * 1024)
+        assert wait_for(lambda: SLOT_HELD_AFTER_WRITE == [True])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import select
 import socket
+import struct
 import threading
 import time
 
@@ -10,6 +12,7 @@ import pytest
 
 import connserver
 from connserver import BufferPool, CancelToken, CloseReason, Config, Connection, Watchdog
+from connserver.testing import FakeClock, wait_for
 
 
 def make_conn(sock: socket.socket, **config) -> Connection:
@@ -282,3 +285,36 @@ def test_info_reports_the_current_operation(socketpair):
     info = conn.info()
     assert info.id == 1 and info.peer == "127.0.0.1:9"
     assert info.bytes_in == 3 and info.operation is None
+
+
+def test_bytes_already_read_survive_a_reset_right_behind_them():
+    """A message that fills the first read, then a reset: recv() returns the message,
+    the next call reports the reset (nothing the kernel handed over is lost)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+    with server_side:
+        conn = make_conn(server_side)
+        message = bytes(range(256))   # exactly what the first recv asks for
+        client.sendall(message)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()                # RST right behind the data
+        poller = select.poll()
+        poller.register(server_side, select.POLLIN)
+        assert wait_for(lambda: any(events & (select.POLLERR | select.POLLHUP)
+                                    for _, events in poller.poll(0)))
+        assert conn.recv() == message and conn.bytes_received == 256
+        with pytest.raises(connserver.ConnectionBroken):
+            conn.recv()
+
+
+def test_recv_exactly_charges_the_whole_message_to_a_byte_rate_limit(socketpair):
+    """The first part is charged as it is read, the rest once the message is complete."""
+    server_side, client = socketpair
+    clock = FakeClock()
+    bucket = connserver.TokenBucket(100.0, 10_000, clock=clock)
+    conn = make_conn(server_side)
+    conn.rate_limiters = (bucket,)
+    client.sendall(b"x" * 3000)
+    assert conn.recv_exactly(3000) == b"x" * 3000
+    assert bucket.statistics().tokens == 10_000 - 3000
