@@ -229,12 +229,25 @@ def main() -> int:
     results["seconds"] = round(time.monotonic() - started, 1)
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "kernel": platform.release(), "platform": platform.platform()}
+    results["commit"] = _commit()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     pathlib.Path(args.doc).write_text(render(results, " ".join(["python", "benchmarks/run.py"] + sys.argv[1:])))
     print(f"wrote {out} and {args.doc} in {results['seconds']} s", file=sys.stderr)
     return 0
+
+
+def _commit() -> str:
+    """The commit measured (with "+changes" if the tree was not clean), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 def render(results: dict, command: str) -> str:
@@ -244,7 +257,8 @@ def render(results: dict, command: str) -> str:
         "# Benchmarks", "",
         "<!-- Written by benchmarks/run.py; do not edit by hand. -->", "",
         f"Command: `{command}` ({results['mode']} mode, {results['seconds']} s), started "
-        f"{results['started']}. Machine: {machine['cpus']} CPUs, Linux {machine['kernel']}, "
+        f"{results['started']}, commit `{results.get('commit', 'unknown')}`. "
+        f"Machine: {machine['cpus']} CPUs, Linux {machine['kernel']}, "
         f"Python {machine['python']}. Each server is pinned to CPU 0 and the C load generator "
         "(`benchmarks/loadgen.c`) to CPU 1; values are medians with the range of the repeats "
         "in parentheses. connserver runs with its protections on (default `Config`); "
