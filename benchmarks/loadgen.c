@@ -72,6 +72,14 @@ static struct {
     int wait_reply;
 } O;
 
+/* How many of `total` connections should be open `elapsed_ns` after the start:
+   all of them, or as many as --connect-rate allows by now. */
+static long connect_target(uint64_t elapsed_ns, long total) {
+    if (O.connect_rate <= 0) return total;
+    long target = (long)((double)elapsed_ns / 1e9 * O.connect_rate) + 1;
+    return target > total ? total : target;
+}
+
 static volatile sig_atomic_t g_stop;
 static int g_failed;            /* a verification failure: exit 1 */
 static int g_run_failed;        /* the run could not happen: exit 3 */
@@ -874,11 +882,7 @@ static int run_echo(void)
         /* open connections: all at once (in batches) or paced by --connect-rate */
         int64_t timeout = E.running ? (int64_t)(E.we - now) : (int64_t)(drain_end - now);
         if (E.running && opened < N) {
-            long target = N;
-            if (O.connect_rate > 0) {
-                target = (long)(ns_sec(now - t0) * O.connect_rate) + 1;
-                if (target > N) target = N;
-            }
+            long target = connect_target(now - t0, N);
             for (int b = 0; opened < target && b < OPEN_BATCH; b++) {
                 econn_t *k = &c[opened];
                 k->t_conn = now_ns();
@@ -1065,11 +1069,7 @@ static int run_hold(void)
 
         int64_t timeout = t_hold ? (int64_t)(t_end - now) : (int64_t)SCAN_INTERVAL_NS;
         if (opened < N) {
-            long target = N;
-            if (O.connect_rate > 0) {
-                target = (long)(ns_sec(now - t0) * O.connect_rate) + 1;
-                if (target > N) target = N;
-            }
+            long target = connect_target(now - t0, N);
             for (int b = 0; opened < target && b < OPEN_BATCH; b++) {
                 hconn_t *k = &c[opened];
                 k->t_conn = now_ns();
@@ -1631,11 +1631,7 @@ static int run_fanout(void)
 
         /* open: subscribers, then stalled subscribers, then the publisher */
         if (phase == 0 && (opened < F.total || !pub_opened)) {
-            long target = F.total + 1;
-            if (O.connect_rate > 0) {
-                target = (long)(ns_sec(now - t0) * O.connect_rate) + 1;
-                if (target > F.total + 1) target = F.total + 1;
-            }
+            long target = connect_target(now - t0, F.total + 1);
             for (int b = 0; opened + pub_opened < target && b < OPEN_BATCH; b++) {
                 int err;
                 if (opened < F.total) {

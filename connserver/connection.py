@@ -324,10 +324,8 @@ class Connection:
         """Read the rest of a message that has begun, under its absolute read deadline."""
         message_expires_at = self._clock() + self._read_timeout
         sock = self._sock
-        gated = self._in_gate
-        if gated:
-            self._leave_gate()   # the rest may take up to read_timeout: wait without a slot
-        with memoryview(buffer) as view:
+        # The rest may take up to read_timeout: wait for it without a run slot.
+        with self._slot_released(), memoryview(buffer) as view:
             try:
                 while received < size:
                     phase = self._arm_recv(message_expires_at)
@@ -344,9 +342,8 @@ class Connection:
                     self.bytes_received += count
             finally:
                 self.operation = None
-            if gated:
-                self._enter_gate(self.run_gate)
-            return bytes(view[:size])
+            message = bytes(view[:size])
+        return message
 
     def _arm_recv(self, message_expires_at: float | None) -> str:
         """Set the kernel receive timeout for the next call; return the phase it bounds."""
@@ -373,7 +370,7 @@ class Connection:
         """Send all of ``data`` within ``write_timeout`` (an absolute deadline)."""
         if self.cancel_token.cancelled:
             self._raise_cancelled()
-        if self._subscription is not None or self._unit_expires_at is not None:
+        if self._subscription is not None or self._unit_expires_at is not None or self._in_gate:
             self._send_buffers([data])
             return
         # Fast path: a fresh write deadline is always write_timeout away, so the
@@ -382,32 +379,15 @@ class Connection:
         self._op_expires_at = expires_at = self._clock() + self._write_timeout
         if self._sndtimeo != self._write_timeout:
             self._set_timeout(socket.SO_SNDTIMEO, self._write_timeout)
-        gate = self.run_gate if self._in_gate else None   # we hold a run slot
-        if gate is not None and not self.tls:
-            # Never block holding a run slot: a write the kernel cannot take at once
-            # gives the slot back, waits, and takes one again (below).
-            try:
-                sent = self._sock.send(data, self._send_flags | _DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._io_failed(exc, "write")
-        else:
-            if gate is not None:
-                self._leave_gate()   # TLS: OpenSSL cannot try a write without blocking
-            try:
-                sent = self._sock.send(data, self._send_flags)
-            except OSError as exc:
-                self._io_failed(exc, "write")
+        try:
+            sent = self._sock.send(data, self._send_flags)
+        except OSError as exc:
+            self._io_failed(exc, "write")
         self.operation = None
         self.bytes_sent += sent
         if sent < len(data):
             # The peer's window filled up: finish under the same absolute deadline.
-            if self._in_gate:
-                self._leave_gate()
             self._send_buffers([memoryview(data)[sent:]], expires_at)
-        if gate is not None and not self._in_gate:
-            self._enter_gate(gate)
 
     def send_frame(self, payload: bytes) -> None:
         """Send one frame (header and payload in one ``sendmsg``, no concatenation)."""
@@ -444,45 +424,34 @@ class Connection:
             if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
                 expires_at = self._unit_expires_at
         sendmsg = self._sock.sendmsg if not self.tls else self._tls_sendmsg
-        gated = self._in_gate
-        gate_left = None   # the gate we gave our slot back to, to take one again after
-        if gated and (self.tls or len(buffers) > _IOV_MAX):
-            gate_left = self.run_gate
-            self._leave_gate()   # these writes block as a whole: no slot held meanwhile
-            gated = False
         sent_total = 0
         first = 0   # buffers before this index are fully sent
         self.operation = "write"
         self._op_expires_at = expires_at
         try:
-            while first < len(buffers):
-                self._arm_send(expires_at)
+            if self._in_gate and not self.tls and len(buffers) <= _IOV_MAX:
+                # Holding a run slot: first what the kernel takes without blocking.
                 try:
-                    sent = sendmsg(buffers[first:first + _IOV_MAX], (),
-                                   _SEND_FLAGS | _DONTWAIT if gated else _SEND_FLAGS)
-                except BlockingIOError as exc:
-                    if not gated:
-                        self._io_failed(exc, "write")   # SO_SNDTIMEO ran out
-                    sent = 0   # nothing fits now: wait below, without the slot
+                    sent_total = sendmsg(buffers, (), _SEND_FLAGS | _DONTWAIT)
+                except BlockingIOError:
+                    pass
                 except OSError as exc:
                     self._io_failed(exc, "write")
-                if gated and sent < sum(map(len, buffers[first:first + _IOV_MAX])):
-                    gated = False
-                    gate_left = self.run_gate
-                    self._leave_gate()   # the rest must wait for the peer: give the slot back
-                sent_total += sent
-                # Partial write: the peer's window is full. Skip what went out and
-                # continue under the same deadline with what is left.
-                while first < len(buffers) and sent >= len(buffers[first]):
-                    sent -= len(buffers[first])
-                    first += 1
-                if sent:
-                    buffers[first] = memoryview(buffers[first])[sent:]
+                first = _skip_sent(buffers, 0, sent_total)
+            if first < len(buffers):
+                # The rest waits for the peer (or OpenSSL cannot try): no slot meanwhile.
+                with self._slot_released():
+                    while first < len(buffers):
+                        self._arm_send(expires_at)
+                        try:
+                            sent = sendmsg(buffers[first:first + _IOV_MAX], (), _SEND_FLAGS)
+                        except OSError as exc:
+                            self._io_failed(exc, "write")
+                        sent_total += sent
+                        first = _skip_sent(buffers, first, sent)
         finally:
             self.bytes_sent += sent_total
             self.operation = None
-        if gate_left is not None:
-            self._enter_gate(gate_left)
 
     def _arm_send(self, expires_at: float) -> None:
         if self.cancel_token.cancelled:
@@ -524,16 +493,12 @@ class Connection:
                 step = min(remaining, bucket.burst)
                 if self._wait_when_limited:
                     if not bucket.acquire_nowait(step):
-                        gated = self._in_gate
-                        if gated:
-                            self._leave_gate()   # never wait out a rate limit holding a run slot
                         self.operation = "rate_wait"
                         try:
-                            bucket.acquire(step, cancel=self.cancel_token)
+                            with self._slot_released():   # never wait one out holding a slot
+                                bucket.acquire(step, cancel=self.cancel_token)
                         finally:
                             self.operation = None
-                        if gated:
-                            self._enter_gate(self.run_gate)
                 elif not bucket.acquire_nowait(step):
                     self.outcome = CloseReason.RATE_LIMITED
                     raise RateLimited(f"over the rate limit of {bucket.rate:g}/s")
@@ -562,6 +527,10 @@ class Connection:
         """Give the run slot back before something that may block."""
         self._in_gate = False
         self.run_gate.leave()
+
+    def _slot_released(self) -> contextlib.AbstractContextManager:
+        """Around a wait: give the run slot back, and take one again if it went well."""
+        return _SlotReleased(self) if self._in_gate else _NO_SLOT
 
     # --- failure paths ---------------------------------------------------------
 
@@ -715,6 +684,37 @@ class Connection:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Connection #{self.id} {self.peer_label} {state}>"
+
+
+class _SlotReleased:
+    """See Connection._slot_released; after an exception the connection is ending."""
+
+    __slots__ = ("conn", "gate")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.gate = conn.run_gate
+
+    def __enter__(self) -> None:
+        self.conn._leave_gate()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.conn._enter_gate(self.gate)
+
+
+_NO_SLOT = contextlib.nullcontext()
+
+
+def _skip_sent(buffers: list, first: int, sent: int) -> int:
+    """After a write of ``sent`` bytes from ``buffers[first:]``: the first one not fully
+    sent (its sent part cut off), or ``len(buffers)``."""
+    while first < len(buffers) and sent >= len(buffers[first]):
+        sent -= len(buffers[first])
+        first += 1
+    if sent:
+        buffers[first] = memoryview(buffers[first])[sent:]
+    return first
 
 
 def set_kernel_timeouts(sock: socket.socket, config: Config) -> None:

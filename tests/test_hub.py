@@ -51,6 +51,29 @@ def read_all(clients: list[socket.socket], expected: int, timeout: float = 30.0)
     return received
 
 
+def publish_and_read(hub: connserver.Hub, readers: list[socket.socket], messages: list[bytes],
+                     timeout: float = 40.0) -> float:
+    """Publish every message while a thread reads them all from every reader; check that
+    each got all of them in order; return the slowest publish() in seconds."""
+    expected = b"".join(messages)
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(read_all(readers, len(expected), timeout)),
+                              name="test-readers")
+    reader.start()
+    slowest = 0.0
+    try:
+        for message in messages:
+            started = time.monotonic()
+            hub.publish(message)
+            slowest = max(slowest, time.monotonic() - started)
+    finally:
+        reader.join(timeout + 10.0)
+    assert not reader.is_alive(), "the readers did not finish"
+    for client in readers:
+        assert result[client] == expected
+    return slowest
+
+
 def test_stalled_subscriber_cannot_stall_the_others(serve):
     """50 readers get all 10,000 messages in order; the stalled one is disconnected."""
     server = serve(Subscriber, idle_timeout=60.0)
@@ -65,20 +88,7 @@ def test_stalled_subscriber_cannot_stall_the_others(serve):
     try:
         assert wait_for(lambda: hub.statistics().subscribers == 51)
         messages = [b"%06d:" % i + b"m" * 93 + b"\n" for i in range(10_000)]
-        expected = b"".join(messages)
-        result: dict = {}
-        reader = threading.Thread(target=lambda: result.update(read_all(readers, len(expected))),
-                                  name="test-readers")
-        reader.start()
-        slowest = 0.0
-        for message in messages:
-            started = time.monotonic()
-            hub.publish(message)
-            slowest = max(slowest, time.monotonic() - started)
-        reader.join(60)
-        assert not reader.is_alive()
-        for client in readers:
-            assert result[client] == expected
+        slowest = publish_and_read(hub, readers, messages)
         assert slowest < 0.5, f"publish took {slowest:.3f} s"
         stats = wait_for(lambda: server.stats() if server.stats().close_reasons.get("slow_consumer")
                          else None)

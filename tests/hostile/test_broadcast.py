@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import pytest
 
 import connserver
 from connserver.testing import wait_for
-from tests.test_hub import read_all
+from tests.test_hub import publish_and_read
 from tests.conftest import connect, wait_closed
 
 from .support import assert_no_leftovers, assert_shutdown_clean, leak_snapshot
@@ -47,11 +45,7 @@ def test_stalled_subscriber_meets_its_policy_and_healthy_ones_get_everything(ser
 
     stalled = socket.socket()
     healthy: list[socket.socket] = []
-    result: dict = {}
     messages = [b"%06d:" % i + b"m" * 93 + b"\n" for i in range(5000)]
-    expected = b"".join(messages)
-    reader = threading.Thread(target=lambda: result.update(read_all(healthy, len(expected), 30.0)),
-                              name="test-readers")
     try:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.settimeout(10.0)
@@ -61,16 +55,7 @@ def test_stalled_subscriber_meets_its_policy_and_healthy_ones_get_everything(ser
         for client in healthy:
             client.sendall(b"N")
         assert wait_for(lambda: hub.statistics().subscribers == 51)
-        reader.start()
-        slowest = 0.0
-        for message in messages:
-            started = time.monotonic()
-            hub.publish(message)
-            slowest = max(slowest, time.monotonic() - started)
-        reader.join(40.0)
-        assert not reader.is_alive(), "the healthy readers did not finish"
-        for client in healthy:
-            assert result[client] == expected
+        slowest = publish_and_read(hub, healthy, messages, timeout=30.0)
         stats = wait_for(lambda: server.stats() if server.stats().close_reasons.get(
             "slow_consumer") else None)
         assert stats, "the stalled subscriber was not disconnected"
@@ -84,8 +69,6 @@ def test_stalled_subscriber_meets_its_policy_and_healthy_ones_get_everything(ser
         else:
             pytest.fail("the stalled subscriber's stream did not end")
     finally:
-        if reader.is_alive():
-            reader.join(40.0)
         stalled.close()
         for client in healthy:
             client.close()
