@@ -70,6 +70,11 @@ class Config:
     graceful_timeout: float = _timeout(
         30.0, "Seconds a shutdown waits for connections to finish after cancelling them, "
         "before forcing their sockets shut.")
+    linger_timeout: float = _timeout(
+        5.0, "Seconds a close may wait for the peer to take what was sent: the write side "
+        "is shut, input is read and discarded until the peer's end of stream, then the "
+        "socket is closed. Without it, closing with unread input sends a reset and the "
+        "kernel drops replies not yet delivered. A shutdown's drain bounds it too.")
 
     # --- limits ----------------------------------------------------------
     max_connections: int = _field(
