@@ -160,17 +160,22 @@ class Lines:
             index = buffer.find(newline, search_from)
             if index < 0:
                 break
-            if index - start > self.max_frame_size:
-                self._too_long(lines, index - start)
+            end = index
+            if newline == b"\n" and index > start and buffer[index - 1] == 13:   # "\r"
+                end -= 1   # the "\r" of "\r\n" is not part of the line, nor of its size
+            if end - start > self.max_frame_size:
+                self._too_long(lines, end - start)
             else:
-                if newline == b"\n" and index > start and buffer[index - 1] == 13:   # "\r"
-                    lines.extend(_copy_spans(buffer, [(start, index - 1)]))
-                else:
-                    lines.extend(_copy_spans(buffer, [(start, index)]))
+                lines.extend(_copy_spans(buffer, [(start, end)]))
             start = search_from = index + len(newline)
         if start:
             del buffer[:start]
-        if len(buffer) > self.max_frame_size + len(newline) - 1:
+        # An incomplete line may hold max_line bytes, then a newline's first bytes (or
+        # the "\r" of "\r\n") before it is known to be too long.
+        limit = self.max_frame_size + len(newline) - 1
+        if newline == b"\n" and buffer.endswith(b"\r"):
+            limit += 1
+        if len(buffer) > limit:
             size = len(buffer)
             buffer.clear()
             self._scanned = 0

@@ -81,6 +81,19 @@ def test_long_line_without_newline_is_refused():
     assert Lines(10).feed(b"hello\r\nworld\n") == [b"hello", b"world"]
 
 
+@pytest.mark.parametrize("chunks", [[b"0123456789\r\n"], [b"0123456789\r", b"\n"],
+                                    [b"0123456789", b"\r", b"\n"]])
+def test_line_of_max_line_bytes_with_crlf_is_accepted(chunks):
+    """A line of exactly max_line bytes is accepted whether it ends in "\\n" or "\\r\\n"."""
+    decoder = Lines(10)
+    lines = [line for chunk in chunks for line in decoder.feed(chunk)]
+    assert lines == [b"0123456789"] and decoder.pending == 0
+    with pytest.raises(FrameTooLarge):
+        Lines(10).feed(b"0123456789A\r\n")
+    with pytest.raises(FrameTooLarge):
+        Lines(10).feed(b"0123456789\rA")
+
+
 def test_frame_parts_do_not_copy_the_payload():
     """Encoding returns the payload object itself beside its header (for sendmsg)."""
     payload = b"x" * 1000
