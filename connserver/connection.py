@@ -556,6 +556,8 @@ class Connection:
 
     def _io_failed(self, exc: OSError, phase: str) -> NoReturn:
         self.operation = None
+        if isinstance(exc, ConnServerError):
+            raise exc   # already judged (DeadlineExceeded is an OSError too): count it once
         if self.cancel_token.cancelled:
             self._raise_cancelled()
         if isinstance(exc, ssl.SSLError) and not isinstance(

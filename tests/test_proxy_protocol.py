@@ -129,7 +129,9 @@ def test_a_stalled_header_meets_the_handshake_deadline(serve):
     with connect(server) as client:
         client.sendall(b"PROXY TCP4 1.2")
         assert client.recv(100) == b""
-    assert wait_closed(server, 1).close_reasons == {"handshake_deadline": 1}
+    stats = wait_closed(server, 1)
+    assert stats.close_reasons == {"handshake_deadline": 1}
+    assert stats.deadline_hits == {"handshake": 1}   # counted once, not again as an OSError
 
 
 def test_per_ip_limits_use_the_real_client(serve):
