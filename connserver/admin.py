@@ -4,6 +4,11 @@ It is itself a connserver :class:`~connserver.Server` (named ``admin``, so its
 threads are ``connserver-admin-*``) with small limits and short deadlines, so
 it is bounded like everything else. One request per connection, GET only.
 
+A health probe must always be answered, even while some client holds admin
+connections open without asking anything: :class:`AdminAdmission` closes the
+connection that has waited longest to make room for a new one, instead of
+refusing the newcomer (see there for why).
+
     GET /healthz          200 "ok" while accepting, 503 "draining" while shutting down
     GET /stats            JSON counters, threads, fds, RSS, pool, run slots, uptime
     GET /connections      JSON list, one object per live connection
@@ -18,26 +23,161 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, parse_address
+from .deadline import Clock, monotonic
 from .diagnostics import MemoryTracker, census, thread_stacks
-from .errors import RemoteProtocolError
+from .errors import CloseReason, RemoteProtocolError
 from .handler import Handler
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render_metrics
+from .outcome import ip_of
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["AdminServer", "AdminHandler", "parse_request", "stats_document"]
+__all__ = ["AdminServer", "AdminHandler", "AdminAdmission", "AdminAdmissionStatistics",
+           "parse_request", "stats_document"]
 
 log = logging.getLogger("connserver.admin")
 
 MAX_REQUEST_BYTES = 8192
+# idle_timeout is the first-byte deadline and read_timeout the whole request's: a
+# probe sends its request with the connection, so waiting longer only helps clients
+# that hold connections without asking. There is no per-address limit at accept
+# time, which is what locked probes out: AdminAdmission's budget replaces it, and
+# max_connections only bounds threads and fds (the budget plus what is being answered).
 ADMIN_CONFIG = Config(
-    idle_timeout=10.0, read_timeout=5.0, write_timeout=10.0, graceful_timeout=1.0,
-    max_connections=16, max_connections_per_ip=8, min_spare_threads=0, max_spare_threads=2,
-    spare_thread_timeout=5.0, buffer_size=8192, pool_max_free=2, backlog=16)
+    idle_timeout=1.0, read_timeout=2.0, write_timeout=5.0, linger_timeout=1.0,
+    graceful_timeout=1.0, max_connections=64, max_connections_per_ip=None,
+    min_spare_threads=0, max_spare_threads=2, spare_thread_timeout=5.0, buffer_size=8192,
+    pool_max_free=2, backlog=64)
+MAX_WAITING = 16
+MAX_WAITING_PER_ADDRESS = 8
+PROTECTED_INTERVAL = 0.25
+_ROOM_WARNING_INTERVAL = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminAdmissionStatistics:
+    waiting: int          # may be closed to make room: no request yet, or answered
+    serving: int          # their request is being answered
+    closed_for_room: int  # closed to make room, since start
+
+
+class AdminAdmission:
+    """Which admin connections to close so that a new one always gets in.
+
+    Until its request arrives a health probe looks like any other connection,
+    so a fixed number of slots can always be filled by clients that connect and
+    send nothing: 8 idle connections from one address (16 from several) used to
+    fail every probe for the whole 5 s read deadline, and a client that
+    reconnected at once kept it failing. So a newcomer is never refused for
+    being one too many. Instead, while more than ``max_waiting`` connections
+    wait (for their request, or for their close after the answer), the one that
+    has waited longest is closed: the oldest of the newcomer's own address while
+    that address has more than ``max_waiting_per_address``, otherwise the oldest
+    of the address that holds the most. An address that hoards connections so
+    only churns its own, and every other address keeps its share.
+
+    A connection that has waited less than ``protected_interval`` is never
+    closed: a probe sends its request as soon as it is connected, and without
+    this a client reconnecting in a tight loop could replace all the others
+    before the probe's handler thread got to read it (it did, on a busy
+    machine). Nor is one whose request is being answered. While nothing may be
+    closed, newcomers still get in; the server's ``max_connections`` bounds
+    them all. A client reconnecting at once so churns each of its connections
+    at most once per ``protected_interval``, not in a tight loop.
+
+    Bookkeeping on ids and addresses only, safe from any thread: the caller
+    closes the ids :meth:`admit` returns.
+    """
+
+    def __init__(self, max_waiting: int, max_waiting_per_address: int,
+                 protected_interval: float, clock: Clock = monotonic) -> None:
+        if max_waiting < 1 or max_waiting_per_address < 1:
+            raise ValueError("max_waiting and max_waiting_per_address must be at least 1")
+        self.max_waiting = max_waiting
+        self.max_waiting_per_address = max_waiting_per_address
+        self.protected_interval = protected_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        # address -> {connection id: when it began to wait}, oldest first; an address
+        # leaves the table with its last waiting connection, so the table is bounded
+        # by the connections.
+        self._waiting: dict[str, dict[int, float]] = {}
+        self._waiting_count = 0
+        self._address_of: dict[int, str] = {}   # every connection admitted and not ended
+        self._closed_for_room = 0
+
+    def admit(self, conn_id: int, address: str) -> list[int]:
+        """Count a new connection as waiting; return the ids to close to make room."""
+        victims = []
+        with self._lock:
+            now = self._clock()
+            self._address_of[conn_id] = address
+            self._wait(conn_id, address, now)
+            closable_since = now - self.protected_interval
+            while (len(self._waiting[address]) > self.max_waiting_per_address
+                   and self._oldest(address)[1] <= closable_since):
+                victims.append(self._close_oldest(address))
+            while self._waiting_count > self.max_waiting:
+                crowded = [a for a in self._waiting if self._oldest(a)[1] <= closable_since]
+                if not crowded:
+                    break
+                victims.append(self._close_oldest(max(crowded, key=self._crowding)))
+            self._closed_for_room += len(victims)
+        return victims
+
+    def serving(self, conn_id: int) -> None:
+        """Its request is complete: it is being answered and must not be closed."""
+        with self._lock:
+            self._stop_waiting(conn_id)
+
+    def served(self, conn_id: int) -> None:
+        """Answered: it waits for its close now, and may be closed to make room."""
+        with self._lock:
+            address = self._address_of.get(conn_id)
+            if address is not None and conn_id not in self._waiting.get(address, ()):
+                self._wait(conn_id, address, self._clock())
+
+    def forget(self, conn_id: int) -> None:
+        """It has ended (or was closed to make room)."""
+        with self._lock:
+            self._stop_waiting(conn_id)
+            self._address_of.pop(conn_id, None)
+
+    def statistics(self) -> AdminAdmissionStatistics:
+        with self._lock:
+            return AdminAdmissionStatistics(
+                waiting=self._waiting_count, serving=len(self._address_of) - self._waiting_count,
+                closed_for_room=self._closed_for_room)
+
+    def _wait(self, conn_id: int, address: str, now: float) -> None:
+        self._waiting.setdefault(address, {})[conn_id] = now
+        self._waiting_count += 1
+
+    def _stop_waiting(self, conn_id: int) -> None:
+        address = self._address_of.get(conn_id)
+        waiting = self._waiting.get(address) if address is not None else None
+        if waiting is not None and waiting.pop(conn_id, None) is not None:
+            self._waiting_count -= 1
+            if not waiting:
+                del self._waiting[address]
+
+    def _oldest(self, address: str) -> tuple[int, float]:
+        return next(iter(self._waiting[address].items()))
+
+    def _close_oldest(self, address: str) -> int:
+        conn_id = self._oldest(address)[0]
+        self._stop_waiting(conn_id)
+        del self._address_of[conn_id]
+        return conn_id
+
+    def _crowding(self, address: str) -> tuple[int, float]:
+        """Orders the address holding the most last; of equals, the longest waiting."""
+        return len(self._waiting[address]), -self._oldest(address)[1]
 
 
 def parse_request(head: bytes) -> tuple[str, str]:
@@ -82,7 +222,12 @@ def stats_document(server: "Server") -> dict[str, Any]:
 
 
 class AdminServer:
-    """Serves the admin endpoint for ``target`` on ``address`` (``HOST:PORT`` or ``PORT``)."""
+    """Serves the admin endpoint for ``target`` on ``address`` (``HOST:PORT`` or ``PORT``).
+
+    Attributes: ``server`` (its own :class:`~connserver.Server`, limited by
+    ``ADMIN_CONFIG``) and ``admission`` (the :class:`AdminAdmission` that makes
+    room for new connections; replace it before :meth:`start` to change its clock).
+    """
 
     def __init__(self, target: "Server", address: str) -> None:
         from .server import Server
@@ -91,6 +236,8 @@ class AdminServer:
         self.target = target
         self.memory = MemoryTracker()
         self.memory_lock = threading.Lock()   # one pympler walk at a time
+        self.admission = AdminAdmission(MAX_WAITING, MAX_WAITING_PER_ADDRESS, PROTECTED_INTERVAL)
+        self._next_room_warning = 0.0
         self.server = Server((host, port), AdminHandler, ADMIN_CONFIG, name="admin")
         self.server.admin = self   # type: ignore[attr-defined]
 
@@ -106,16 +253,42 @@ class AdminServer:
         self.server.shutdown(grace=1.0)
         self.server.server_close()
 
+    def admit(self, conn_id: int, address: str) -> None:
+        """Let a new connection in, closing the ones that :class:`AdminAdmission` picks."""
+        victims = self.admission.admit(conn_id, address)
+        for victim in victims:
+            self.server.cancel(victim, CloseReason.LIMIT)
+        if victims and time.monotonic() >= self._next_room_warning:
+            self._next_room_warning = time.monotonic() + _ROOM_WARNING_INTERVAL
+            log.warning("admin endpoint full (at most %d connections wait, %d per address): "
+                        "closing the longest-waiting to make room, %d so far (logged at most "
+                        "once a minute)", MAX_WAITING, MAX_WAITING_PER_ADDRESS,
+                        self.admission.statistics().closed_for_room)
+
 
 class AdminHandler(Handler):
-    """One GET request per connection."""
+    """One GET request per connection; tells the admission when it is answered and ends."""
+
+    @property
+    def admin(self) -> AdminServer:
+        return self.server.admin   # type: ignore[attr-defined,no-any-return]
+
+    def setup(self) -> None:
+        self.admin.admit(self.id, ip_of(self.peer))
+
+    def finish(self) -> None:
+        self.admin.admission.served(self.id)
+
+    def connection_closed(self, reason: CloseReason) -> None:
+        self.admin.admission.forget(self.id)
 
     def handle(self) -> None:
-        admin: AdminServer = self.server.admin   # type: ignore[attr-defined]
+        admin = self.admin
         with self.conn.deadline(self.server.config.read_timeout):
             head = self._read_head()
         if head is None:
             return
+        admin.admission.serving(self.id)
         method, path = parse_request(head)
         if method not in ("GET", "HEAD"):
             self._respond(405, "text/plain", "only GET\n", head_only=False)
@@ -175,9 +348,15 @@ def _threads(admin: AdminServer) -> tuple[int, str, str]:
 
 
 def _memory(admin: AdminServer) -> tuple[int, str, str]:
-    with admin.memory_lock:   # never a server lock: pympler is slow on a big heap
+    # Never a server lock: pympler is slow on a big heap. And never a queue for this
+    # one: requests waiting their turn would hold admin threads for as long.
+    if not admin.memory_lock.acquire(blocking=False):
+        return 503, "text/plain", "busy: another /debug/memory walk is running\n"
+    try:
         top = admin.memory.top(25)
         grown = admin.memory.growth_since_last(25)
+    finally:
+        admin.memory_lock.release()
     return _json({"top_types": [dataclasses.asdict(row) for row in top],
                   "growth_since_previous_call": [dataclasses.asdict(row) for row in grown]})
 
