@@ -17,7 +17,35 @@ from typing import Any, Iterator, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Config", "config_fields", "FieldSpec", "parse_address"]
+__all__ = ["Config", "config_fields", "FieldSpec", "parse_address", "MAX_TIMEOUT",
+           "MAX_LIFETIME", "MAX_BACKLOG", "MAX_THREAD_STACK_SIZE", "MIN_RATE"]
+
+_DAY = 86400.0
+
+#: The longest any ``*_timeout`` may be: one week. Each timeout ends up in a system
+#: call or a lock wait, and each of those has a ceiling: poll(2) takes an int of
+#: milliseconds (24.8 days; TLS reads wait in it), ``threading`` waits stop at
+#: ``threading.TIMEOUT_MAX`` (292 years), a kernel timeval at 2**63 s. A value past
+#: one of them does not mean "wait longer": it raises OverflowError in whatever
+#: thread first uses it. A week is far inside every ceiling, and a wait longer
+#: than that is not a timeout any more.
+MAX_TIMEOUT = 7 * _DAY
+#: The longest ``max_lifetime``: a year. It only goes to the watchdog's wait
+#: (``threading.TIMEOUT_MAX``), and "none" is there for no limit at all.
+MAX_LIFETIME = 365 * _DAY
+#: The largest listen backlog: 65,535, far above any kernel's default
+#: net.core.somaxconn (4,096 since Linux 5.4), which caps the backlog anyway.
+#: listen() takes a C int, so a much larger value would overflow there.
+MAX_BACKLOG = 65535
+#: The largest handler thread stack: 256 MiB, 32 times the usual default. Larger
+#: ones are accepted by ``threading.stack_size()`` but then fail at every thread
+#: start once they no longer fit in memory, so the server would refuse every
+#: connection.
+MAX_THREAD_STACK_SIZE = 256 * 1024 * 1024
+#: The slowest rate: one token per 100,000 s (27.8 hours). With the burst, it
+#: bounds how long a connection can wait for tokens (``burst / rate``, kept within
+#: ``MAX_TIMEOUT``); a tinier rate would make that wait overflow a lock's timeout.
+MIN_RATE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +61,32 @@ class FieldSpec:
     nullable: bool = False           # None is allowed and means "no limit"
     aliases: tuple[str, ...] = ()    # extra command-line flags, e.g. ("--admin",)
     metavar: str | None = None       # how the CLI help names the value
+    unit: str = ""                   # "s" or "bytes": how bounds are shown
+
+    def quantity(self, value: float) -> str:
+        """``value`` in this field's unit, readably: ``604,800 s (7 days)``, ``65,535``."""
+        text = _number(value)
+        if self.unit:
+            text += " " + self.unit
+        if self.unit == "s" and value >= _DAY and value % _DAY == 0:
+            text += f" ({value / _DAY:g} days)"
+        elif self.unit == "bytes" and value >= 1 << 20 and value % (1 << 20) == 0:
+            text += f" ({value / (1 << 20):g} MiB)"
+        return text
 
 
 def _field(default: Any, help: str, kind: type, **spec: Any) -> Any:
     return dataclasses.field(default=default, metadata={"spec": FieldSpec(help, kind, **spec)})
 
 
-def _timeout(default: float | None, help: str, nullable: bool = False) -> Any:
-    return _field(default, help, float, minimum=0.0, exclusive_minimum=True, nullable=nullable)
+def _timeout(default: float | None, help: str, nullable: bool = False,
+             maximum: float = MAX_TIMEOUT) -> Any:
+    return _field(default, help, float, minimum=0.0, exclusive_minimum=True, maximum=maximum,
+                  nullable=nullable, unit="s")
+
+
+def _rate(help: str) -> Any:
+    return _field(None, help, float, minimum=MIN_RATE, nullable=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +105,8 @@ class Config:
         10.0, "Seconds for connection set-up (PROXY header, TLS handshake) to complete.")
     max_lifetime: float | None = _timeout(
         None, "Close a connection after this many seconds, whatever it is doing (lifetime); "
-        "none by default, as long-lived connections are the point.", nullable=True)
+        "none by default, as long-lived connections are the point.", nullable=True,
+        maximum=MAX_LIFETIME)
     lifetime_jitter: float = _field(
         0.1, "Fraction of max_lifetime by which each connection's lifetime is randomly "
         "shortened, so connections opened together do not all recycle together.",
@@ -93,12 +140,14 @@ class Config:
         "cost in throughput (see docs/benchmarks.md); none by default.", int, minimum=1,
         nullable=True)
     backlog: int = _field(
-        1024, "Listen backlog (the kernel caps it at net.core.somaxconn).", int, minimum=1)
+        1024, "Listen backlog (the kernel caps it at net.core.somaxconn).", int, minimum=1,
+        maximum=MAX_BACKLOG)
 
     # --- threads and sockets ---------------------------------------------
     thread_stack_size: int = _field(
         0, "Stack size in bytes for handler threads; 0 keeps the interpreter's default. "
-        "Otherwise at least 32768.", int, minimum=0)
+        "Otherwise at least 32768.", int, minimum=0, maximum=MAX_THREAD_STACK_SIZE,
+        unit="bytes")
     min_spare_threads: int = _field(
         8, "Handler threads kept started and waiting ahead of demand, so a new connection "
         "is handed to a running thread at once instead of waiting for one to start.",
@@ -115,21 +164,20 @@ class Config:
         True, "Disable Nagle's algorithm, so small replies are sent at once.", bool)
 
     # --- rate limits -----------------------------------------------------
-    rate: float | None = _field(
-        None, "Per-connection rate limit: messages per second for framed and line handlers, "
-        "bytes per second for raw recv(); none by default.", float, minimum=0.0,
-        exclusive_minimum=True, nullable=True)
+    rate: float | None = _rate(
+        "Per-connection rate limit: messages per second for framed and line handlers, "
+        "bytes per second for raw recv(); none by default.")
     burst: float | None = _field(
         None, "How far a connection may run ahead of its rate (tokens saved up); default "
-        "one second's worth of the rate.", float, minimum=1.0, nullable=True)
-    ip_rate: float | None = _field(
-        None, "Rate limit shared by all connections from one peer address (same units as "
-        "rate, burst one second's worth); none by default.", float, minimum=0.0,
-        exclusive_minimum=True, nullable=True)
-    server_rate: float | None = _field(
-        None, "Rate limit shared by every connection of the server (same units as rate, "
-        "burst one second's worth); none by default.", float, minimum=0.0,
-        exclusive_minimum=True, nullable=True)
+        f"one second's worth of the rate. At most rate × {MAX_TIMEOUT:,.0f}: burst / rate "
+        "is the longest a connection can wait for tokens, and it is held to one week like "
+        "a timeout.", float, minimum=1.0, nullable=True)
+    ip_rate: float | None = _rate(
+        "Rate limit shared by all connections from one peer address (same units as "
+        "rate, burst one second's worth); none by default.")
+    server_rate: float | None = _rate(
+        "Rate limit shared by every connection of the server (same units as rate, "
+        "burst one second's worth); none by default.")
     on_rate_limit: str = _field(
         "wait", "Over a rate limit: 'wait' stops reading until tokens are back, so TCP "
         "pushes back on the client; 'close' ends the connection (rate_limited).",
@@ -166,12 +214,12 @@ class Config:
     max_frame_size: int = _field(
         1024 * 1024, "Largest frame (or line) accepted from a peer, in bytes; a larger "
         "announced length closes the connection at once (frame_too_large), before any of "
-        "it is read.", int, minimum=1)
+        "it is read.", int, minimum=1, unit="bytes")
 
     # --- buffers ---------------------------------------------------------
     buffer_size: int = _field(
         65536, "Size in bytes of each pooled receive buffer (the most one recv() returns).",
-        int, minimum=1024, maximum=16 * 1024 * 1024)
+        int, minimum=1024, maximum=16 * 1024 * 1024, unit="bytes")
     pool_max_free: int = _field(
         64, "Most idle buffers the pool keeps; buffers returned beyond it are dropped, so a "
         "burst does not leave its memory pinned.", int, minimum=0)
@@ -201,6 +249,10 @@ class Config:
             raise ConfigError("max_spare_threads", "must not be less than min_spare_threads")
         if self.thread_stack_size and self.thread_stack_size < 32768:
             raise ConfigError("thread_stack_size", "must be 0 (default) or at least 32768")
+        if self.rate is not None and self.burst is not None and self.burst / self.rate > MAX_TIMEOUT:
+            raise ConfigError("burst", f"must be at most rate × {MAX_TIMEOUT:,.0f}: burst / rate "
+                              f"(here {self.burst / self.rate:,.0f} s) is the longest a connection "
+                              "can wait for tokens, and every wait is held to one week")
 
     # --- building ----------------------------------------------------------
 
@@ -229,7 +281,7 @@ class Config:
                 data = tomllib.load(file)
         except OSError as exc:
             raise ConfigError("config", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError("config", f"{os.fspath(path)!r} is not valid TOML: {exc}") from exc
         if isinstance(data.get("server"), dict):
             data = {**{k: v for k, v in data.items() if k != "server"}, **data["server"]}
@@ -246,7 +298,10 @@ def parse_address(text: str, field: str, *, default_host: str | None = None) -> 
         host, port = default_host, text
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not host or not port.isdigit() or int(port) > 65535:
+    if "[" in host or "]" in host:
+        host = ""   # unbalanced brackets: no such host, whatever a resolver would try
+    # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(field, f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
     return host, int(port)
 
@@ -288,8 +343,16 @@ def _check(name: str, spec: FieldSpec, value: Any) -> None:
         raise ConfigError(name, f"must be finite, not {value!r}")
     if spec.minimum is not None:
         if spec.exclusive_minimum and value <= spec.minimum:
-            raise ConfigError(name, f"must be greater than {spec.minimum:g}; got {value!r}")
+            raise ConfigError(name, f"must be greater than {spec.quantity(spec.minimum)}; "
+                              f"got {value!r}")
         if value < spec.minimum:
-            raise ConfigError(name, f"must be at least {spec.minimum:g}; got {value!r}")
+            raise ConfigError(name, f"must be at least {spec.quantity(spec.minimum)}; got {value!r}")
     if spec.maximum is not None and value > spec.maximum:
-        raise ConfigError(name, f"must be at most {spec.maximum:g}; got {value!r}")
+        raise ConfigError(name, f"must be at most {spec.quantity(spec.maximum)}; got {value!r}")
+
+
+def _number(value: float) -> str:
+    """``604,800`` for whole numbers from 1,000 up, ``0.5`` or ``1e-05`` otherwise."""
+    if float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:g}"
