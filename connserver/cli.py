@@ -7,11 +7,11 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from . import __version__
 from .config import Config, config_fields, parse_address
-from .listeners import systemd_listen_fds
+from .listeners import check_inherited_fd, systemd_listen_fds
 from .logsetup import configure_logging
 from .errors import ConfigError
 from .handler import Handler
@@ -20,6 +20,8 @@ from .soak import add_soak_parser, run_from_args as soak
 __all__ = ["main", "build_parser", "load_handler", "BUILTIN_APPS", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 7070
+#: More worker processes than this is a typo, not a plan: each is a whole server.
+MAX_WORKERS = 1024
 DEFAULT_APP = "chat"
 BUILTIN_APPS = {
     "chat": "connserver.apps.chat:ChatHandler",
@@ -35,8 +37,18 @@ class UsageError(Exception):
     """A command-line or configuration mistake: one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line: the usage of ``serve`` runs to 30 lines."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number"}
 
 
 def _parse_value(kind: type, nullable: bool):
@@ -46,19 +58,29 @@ def _parse_value(kind: type, nullable: bool):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            expected = _KIND_NAMES.get(kind, f"a {kind.__name__}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     parse.__name__ = kind.__name__
     return parse
+
+
+def _help_text(field: Any, spec: Any) -> str:
+    default = field.default
+    shown = ("none" if default is None else str(default).lower() if spec.kind is bool
+             else ", ".join(default) or "none" if spec.kind is tuple else default)
+    bounds = ""
+    if spec.minimum and not spec.exclusive_minimum:
+        bounds += f"; at least {spec.quantity(spec.minimum)}"
+    if spec.maximum is not None:
+        bounds += f"; at most {spec.quantity(spec.maximum)}"
+    return f"{spec.help} (default: {shown}{bounds})"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, generated from the field declarations."""
     group = parser.add_argument_group("server settings (also keys of the --config TOML file)")
     for field, spec in config_fields():
-        default = field.default
-        shown = ("none" if default is None else str(default).lower() if spec.kind is bool
-                 else ", ".join(default) or "none" if spec.kind is tuple else default)
-        help_text = f"{spec.help} (default: {shown})"
+        help_text = _help_text(field, spec)
         if spec.kind is bool:
             group.add_argument(_flag(field.name), dest=field.name, default=argparse.SUPPRESS,
                                action=argparse.BooleanOptionalAction, help=help_text)
@@ -75,7 +97,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="connserver",
         description="Serve long-lived TCP connections, one thread each, without leaks.")
     parser.add_argument("--version", action="version", version=f"connserver {__version__}")
@@ -100,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
     process.add_argument("--workers", metavar="N", type=int, default=None,
                          help="pre-fork N worker processes sharing the port (SO_REUSEPORT), "
-                              "to use every core (default: one process, no supervisor)")
+                              f"to use every core; at most {MAX_WORKERS} (default: one "
+                              "process, no supervisor)")
     process.add_argument("--worker-max-connections", metavar="N", type=int, default=None,
                          help="recycle a worker after about N connections (±10%% jitter); "
                               "a last line of defence against slow leaks in handler code")
@@ -124,18 +147,39 @@ def parse_bind(text: str) -> tuple[str, int]:
         raise UsageError(f"--bind {text!r}: expected HOST:PORT (or [IPv6]:PORT)") from exc
 
 
+def check_bind(text: str) -> None:
+    """Refuse a ``--bind`` that could not be what was meant, before anything starts."""
+    if text.startswith("unix:"):
+        if not text[len("unix:"):]:
+            # An empty path would make the kernel bind a random abstract name.
+            raise UsageError(f"--bind {text!r}: expected unix:/path/to/socket")
+    else:
+        parse_bind(text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def load_handler(spec: str) -> type[Handler]:
     """Import ``module:Class`` (the current directory is importable) or a built-in name."""
     target = BUILTIN_APPS.get(spec, spec)
     module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
+    if not sep or not module_name or not attr or module_name.startswith("."):
         raise UsageError(f"app {spec!r}: expected module:HandlerClass or one of {', '.join(BUILTIN_APPS)}")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"app {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise UsageError(f"app {spec!r}: cannot import {module_name!r}: {_one_line(str(exc))}") from exc
+    except Exception as exc:
+        # The app's own bug (a SyntaxError, a failing top-level statement): one line
+        # here, and the way to see its traceback.
+        raise UsageError(
+            f"app {spec!r}: importing {module_name!r} raised {type(exc).__name__}: "
+            f"{_one_line(str(exc))} (python -c 'import {module_name}' shows the traceback)"
+        ) from exc
     handler = module
     for part in attr.split("."):
         handler = getattr(handler, part, None)
@@ -147,29 +191,42 @@ def load_handler(spec: str) -> type[Handler]:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    config = Config.from_toml(args.config) if args.config else Config()
+    config = Config.from_toml(args.config) if args.config is not None else Config()
     # Flags not given are absent from args (SUPPRESS), so "none" can mean None.
     overrides = {field.name: getattr(args, field.name) for field, _ in config_fields()
                  if hasattr(args, field.name)}
     return config.replace(**overrides)
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    if args.log_file == "":
+        raise UsageError("--log-file '': expected a file name")
+    try:
+        configure_logging(args.log_level, args.log_format, args.log_file, args.access_log)
+    except OSError as exc:
+        raise UsageError(f"cannot open log file {args.log_file!r}: {exc.strerror or exc}") from exc
+
+
 def serve(args: argparse.Namespace) -> int:
     from .daemon import DaemonOptions, make_listeners, run_daemon
 
-    configure_logging(args.log_level, args.log_format, args.log_file, args.access_log)
     try:
+        _configure_logging(args)
         config = build_config(args)
         handler = load_handler(args.app)
-        if args.workers is not None and args.workers < 1:
-            raise UsageError("--workers must be at least 1")
+        if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+            raise UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
         if args.worker_max_connections is not None and args.worker_max_connections < 1:
             raise UsageError("--worker-max-connections must be at least 1")
         binds = args.bind or ([] if args.fd or systemd_listen_fds()
                               else [f"127.0.0.1:{DEFAULT_PORT}"])
         for bind in binds:
-            if not bind.startswith("unix:"):
-                parse_bind(bind)
+            check_bind(bind)
+        for fd in args.fd:
+            try:
+                check_inherited_fd(fd)
+            except OSError as exc:
+                raise UsageError(f"--fd: {exc.strerror or exc}") from exc
     except (ConfigError, UsageError) as exc:
         print(f"connserver: error: {exc}", file=sys.stderr)
         return 2
@@ -186,7 +243,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"connserver: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"connserver: error: cannot listen on {', '.join(binds) or 'the given fds'}: "
+        where = [*binds, *(f"fd {fd}" for fd in args.fd)]
+        if config.admin_address is not None:
+            where.append(f"the admin address {config.admin_address}")
+        print(f"connserver: error: cannot listen on {', '.join(where) or 'the systemd fds'}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
 

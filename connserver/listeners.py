@@ -11,10 +11,11 @@ import os
 import socket
 import stat
 
-__all__ = ["tcp_listener", "unix_listener", "inherited_listener", "systemd_listen_fds",
-           "describe"]
+__all__ = ["tcp_listener", "unix_listener", "inherited_listener", "check_inherited_fd",
+           "systemd_listen_fds", "describe"]
 
 SD_LISTEN_FDS_START = 3
+_MAX_FD = 2**31 - 1   # fds are C ints
 
 
 def tcp_listener(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> socket.socket:
@@ -39,6 +40,9 @@ def unix_listener(path: str, backlog: int, *, mode: int = 0o600) -> socket.socke
     A stale socket file left by a crashed server is replaced; a live one (something
     still accepts on it) or a file that is not a socket is an error.
     """
+    if not path:
+        # bind("") would give the socket a random abstract name nobody can find.
+        raise ValueError("a Unix socket needs a path")
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
@@ -65,7 +69,20 @@ def unix_listener(path: str, backlog: int, *, mode: int = 0o600) -> socket.socke
 
 
 def inherited_listener(fd: int) -> socket.socket:
-    """Adopt a listening socket passed by fd (``--fd N`` or systemd)."""
+    """Adopt a listening socket passed by fd (``--fd N`` or systemd).
+
+    Anything else (an fd that is not open, not a socket, not listening) is an
+    ``OSError`` naming the fd.
+    """
+    not_open = OSError(errno.EBADF, f"fd {fd} is not an open file descriptor")
+    if not 0 <= fd <= _MAX_FD:
+        raise not_open
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise not_open from exc
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.ENOTSOCK, f"fd {fd} is not a socket")
     sock = socket.socket(fileno=fd)
     if sock.type != socket.SOCK_STREAM:
         sock.detach()
@@ -78,6 +95,11 @@ def inherited_listener(fd: int) -> socket.socket:
         sock.detach()
         raise OSError(errno.EINVAL, f"fd {fd} is not a listening socket")
     return sock
+
+
+def check_inherited_fd(fd: int) -> None:
+    """Raise ``OSError`` unless ``fd`` is a listening stream socket; the fd is left as it was."""
+    inherited_listener(fd).detach()
 
 
 def systemd_listen_fds(environ: dict[str, str] | None = None) -> list[int]:

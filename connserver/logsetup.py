@@ -37,8 +37,16 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, log_format: str = "text", log_file: str | None = None,
                       access_log: bool = True) -> logging.Handler:
+    """Send every log record to ``log_file`` (or stderr); ``OSError`` if it cannot be opened.
+
+    The file is opened before any existing handler is removed, so a failure leaves
+    logging as it was.
+    """
     handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    # An empty name is a mistake (an unset variable in a unit file), not "stderr":
+    # opening it fails, and the CLI says so.
+    handler = (logging.FileHandler(log_file) if log_file is not None
+               else logging.StreamHandler(sys.stderr))
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):

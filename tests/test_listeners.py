@@ -10,7 +10,8 @@ import pytest
 
 import connserver
 from connserver.apps.echo import EchoHandler
-from connserver.listeners import describe, inherited_listener, systemd_listen_fds, unix_listener
+from connserver.listeners import (check_inherited_fd, describe, inherited_listener,
+                                  systemd_listen_fds, unix_listener)
 from tests.conftest import wait_closed
 
 
@@ -81,3 +82,30 @@ def test_version_flag(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert connserver.__version__ in capsys.readouterr().out
+
+
+def test_unix_listener_needs_a_path():
+    """An empty path is refused: the kernel would bind a random abstract name instead."""
+    with pytest.raises(ValueError, match="needs a path"):
+        unix_listener("", 16)
+
+
+def test_inherited_fd_that_is_not_open_or_not_a_socket_is_an_os_error(tmp_path):
+    """Negative, huge, closed and non-socket fds are OSErrors naming the fd, not crashes."""
+    closed = os.open(os.devnull, os.O_RDONLY)
+    os.close(closed)
+    for fd in (-1, 2**63, closed):
+        with pytest.raises(OSError, match=f"fd {fd} is not an open file descriptor"):
+            inherited_listener(fd)
+    with open(tmp_path / "file", "w") as file:
+        with pytest.raises(OSError, match="is not a socket"):
+            inherited_listener(file.fileno())
+
+
+def test_check_inherited_fd_leaves_the_socket_open():
+    """check_inherited_fd() only looks: the listener still accepts afterwards."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        check_inherited_fd(listener.fileno())
+        with socket.create_connection(listener.getsockname(), timeout=10):
+            accepted, _ = listener.accept()
+            accepted.close()
