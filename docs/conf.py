@@ -32,6 +32,11 @@ exclude_patterns = ["_build", "reference/_generated"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
+# Curly quotes and ellipses, but no dashes: Sphinx's default ("qDe") turns the
+# "--" of a flag in a heading ("Use every core with --workers") into an en dash,
+# in the page title and the navigation, where code formatting cannot be used.
+smartquotes_action = "qe"
+
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 # Signatures come from the code, not from a docstring's first line.
@@ -75,6 +80,15 @@ Times are float seconds. A setting whose type says *or none* means "no limit"
 when it is `None`; TOML has no null, so leave the key out, and on the command
 line write `none` (or `off`, `unlimited`). The defaults never wait forever.
 
+Every bound in the Type column is checked when the `Config` is built. Each
+timeout is at most one week (604,800 s), `max_lifetime` at most 365 days. A
+timeout ends up in a system call or a lock wait, and each of those has a
+ceiling: `poll()` takes whole milliseconds in a C int (24.8 days), a `threading`
+wait stops at `threading.TIMEOUT_MAX` (292 years). A larger value would not mean
+"wait longer": it would raise `OverflowError` in the first thread to use it. For
+the same reason a rate limit is at least `1e-05` per second, and `burst / rate`
+(the longest a connection can wait for tokens) at most one week.
+
 """
 
 
@@ -87,7 +101,7 @@ def _type_text(spec) -> str:
         if spec.minimum is not None:
             bounds.append(f"{'>' if spec.exclusive_minimum else '≥'} {_number(spec.minimum)}")
         if spec.maximum is not None:
-            bounds.append(f"≤ {_number(spec.maximum)}")
+            bounds.append(f"≤ {spec.quantity(spec.maximum)}")
         if bounds:
             text += ", " + ", ".join(bounds)
     if spec.nullable:
