@@ -208,6 +208,8 @@ def stats_document(server: "Server") -> dict[str, Any]:
         "stuck_threads": stats.stuck_threads,
         "bytes_received": stats.bytes_received,
         "bytes_sent": stats.bytes_sent,
+        "bytes_unacked": stats.bytes_unacked,
+        "internal_errors": dict(stats.internal_errors),
         "threads": look.threads,
         "threads_by_role": dict(look.threads_by_role),
         "fds": look.fds,

@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 from .deadline import Clock, monotonic
 from .errors import Cancelled, CloseReason
+from .faults import Faults
 from .threads import block_async_signals
 
 __all__ = ["CancelToken", "Watchdog", "Abortable"]
@@ -124,11 +125,14 @@ class Watchdog:
     """
 
     WRITE_FORCE_INTERVAL = 0.05
+    MAX_WAIT_INTERVAL = 3600.0   # longest single wait: Condition.wait refuses huge timeouts
 
     def __init__(self, *, name: str = "connserver-watchdog", clock: Clock = monotonic,
                  stuck_timeout: float | None = None,
-                 on_stuck: Callable[[Abortable], None] | None = None) -> None:
+                 on_stuck: Callable[[Abortable], None] | None = None,
+                 on_fault: Callable[[str], None] | None = None) -> None:
         self._clock = clock
+        self.faults = Faults("watchdog", log, on_fault)
         self._name = name
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[Abortable] = deque()
@@ -203,39 +207,48 @@ class Watchdog:
 
     def _run(self) -> None:
         block_async_signals()
-        cond = self._cond
         while True:
-            with cond:
-                while not (self._stopping or self._pending or self._due()):
-                    cond.wait(self._wait_timeout())
-                if self._stopping:
-                    self._pending.clear()
-                    self._recheck.clear()
+            try:
+                if not self._run_once():
                     return
-                to_abort = list(self._pending)
+            except Exception as exc:   # survive one connection's odd failure: see faults.py
+                self.faults.record(exc)
+
+    def _run_once(self) -> bool:
+        """Wait for work and do it; False once stopping."""
+        cond = self._cond
+        with cond:
+            while not (self._stopping or self._pending or self._due()):
+                cond.wait(self._wait_timeout())
+            if self._stopping:
                 self._pending.clear()
-                expired = self._pop_expired()
-                rechecks = self._pop_rechecks()
-            for target in expired:
-                # cancel() queues the abort through the token's callback.
+                self._recheck.clear()
+                return False
+            to_abort = list(self._pending)
+            self._pending.clear()
+            expired = self._pop_expired()
+            rechecks = self._pop_rechecks()
+        for target in expired:
+            # cancel() queues the abort through the token's callback.
+            try:
+                if target.cancel_token.cancel(CloseReason.LIFETIME):
+                    self.lifetime_expiries += 1
+            except Exception:   # a failing callback must not stop the watchdog
+                log.exception("cancelling %r at its lifetime failed", target)
+        for target in to_abort:
+            if self._abort(target, force=False):
+                self._recheck_later(target, self.WRITE_FORCE_INTERVAL, "write")
+            if self._stuck_timeout is not None:
+                self._recheck_later(target, self._stuck_timeout, "stuck")
+        for target, kind in rechecks:
+            if kind == "write" and target.operation == "write":
+                self._abort(target, force=True)   # still blocked writing: force it
+            elif kind == "stuck" and not getattr(target, "closed", True) and self._on_stuck:
                 try:
-                    if target.cancel_token.cancel(CloseReason.LIFETIME):
-                        self.lifetime_expiries += 1
-                except Exception:   # a failing callback must not stop the watchdog
-                    log.exception("cancelling %r at its lifetime failed", target)
-            for target in to_abort:
-                if self._abort(target, force=False):
-                    self._recheck_later(target, self.WRITE_FORCE_INTERVAL, "write")
-                if self._stuck_timeout is not None:
-                    self._recheck_later(target, self._stuck_timeout, "stuck")
-            for target, kind in rechecks:
-                if kind == "write" and target.operation == "write":
-                    self._abort(target, force=True)   # still blocked writing: force it
-                elif kind == "stuck" and not getattr(target, "closed", True) and self._on_stuck:
-                    try:
-                        self._on_stuck(target)
-                    except Exception:
-                        log.exception("reporting stuck %r failed", target)
+                    self._on_stuck(target)
+                except Exception:
+                    log.exception("reporting stuck %r failed", target)
+        return True
 
     def _recheck_later(self, target: Abortable, delay: float, kind: str) -> None:
         with self._cond:
@@ -264,7 +277,7 @@ class Watchdog:
             return None
         # Wait in real seconds until the earliest time due on the watchdog's clock;
         # with a fake clock, tests call poke() after advancing it.
-        return max(0.0, min(times) - self._clock())
+        return min(self.MAX_WAIT_INTERVAL, max(0.0, min(times) - self._clock()))
 
     def _pop_rechecks(self) -> list[tuple[Abortable, str]]:
         now = self._clock()

@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import math
 import select
 import socket
 import ssl
 import struct
+import termios
 import threading
+import time
 from typing import TYPE_CHECKING, Iterable, Iterator, NoReturn
 
 from .buffers import BufferLease, BufferPool, LeaseAccount
@@ -91,7 +94,8 @@ class Connection:
                  "bytes_received", "bytes_sent", "operation", "outcome", "close_reason",
                  "queue_bytes", "codec", "_subscription", "tls", "accounted_ip", "rate_ip",
                  "_recv_flags", "_send_flags", "rate_limiters", "rate_unit",
-                 "_wait_when_limited", "_handler", "__dict__", "__weakref__")
+                 "_wait_when_limited", "_handler", "_read_shut", "_forced", "_cancel_raised",
+                 "bytes_unacked", "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: object, *, id: int, config: Config,
                  pool: BufferPool, cancel_token: CancelToken | None = None,
@@ -143,6 +147,10 @@ class Connection:
         self.rate_limiters: tuple[TokenBucket, ...] = ()   # set by the server from Config
         self.rate_unit = "bytes"   # what raw recv() charges; message handlers charge frames
         self._wait_when_limited = config.on_rate_limit == "wait"
+        self._read_shut = False      # abort() shut the read side (the watchdog woke a reader)
+        self._forced = False         # abort(force=True): both sides shut, writes fail now
+        self._cancel_raised = False  # Cancelled was raised to the handler at least once
+        self.bytes_unacked = 0       # sent, but not acknowledged by the peer when closed
         sock.setblocking(True)
 
     # --- reading -------------------------------------------------------------
@@ -367,8 +375,12 @@ class Connection:
     # --- writing -------------------------------------------------------------
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of ``data`` within ``write_timeout`` (an absolute deadline)."""
-        if self.cancel_token.cancelled:
+        """Send all of ``data`` within ``write_timeout`` (an absolute deadline).
+
+        After cancellation this raises :class:`~connserver.Cancelled`, except during
+        a shutdown's drain: see :meth:`_writes_cancelled`.
+        """
+        if self.cancel_token.cancelled and self._writes_cancelled():
             self._raise_cancelled()
         if self._subscription is not None or self._unit_expires_at is not None or self._in_gate:
             self._send_buffers([data])
@@ -414,7 +426,7 @@ class Connection:
         While subscribed to a hub, the bytes go on the subscription's queue
         instead, so only the hub's writer writes to the socket and order holds.
         """
-        if self.cancel_token.cancelled:
+        if self.cancel_token.cancelled and self._writes_cancelled():
             self._raise_cancelled()
         if self._subscription is not None:
             self._subscription.send(b"".join(buffers))
@@ -454,7 +466,7 @@ class Connection:
             self.operation = None
 
     def _arm_send(self, expires_at: float) -> None:
-        if self.cancel_token.cancelled:
+        if self.cancel_token.cancelled and self._writes_cancelled():
             self._raise_cancelled()
         remaining = expires_at - self._clock()
         if remaining <= 0:
@@ -595,7 +607,21 @@ class Connection:
 
     def _raise_cancelled(self) -> NoReturn:
         self.operation = None
+        self._cancel_raised = True
         raise Cancelled(self.cancel_token.reason or CloseReason.CANCELLED)
+
+    def _writes_cancelled(self) -> bool:
+        """Whether a write on a cancelled connection must raise Cancelled.
+
+        Cancellation is level-triggered, with one exception that keeps a drain from
+        losing replies: when a shutdown cancelled the connection, the handler may
+        finish the message it has in hand. Its writes still go out, under the write
+        deadline, until Cancelled has been raised once (its next read raises it)
+        or the drain's grace ran out (``abort(force=True)``). A handler that only
+        writes should watch ``self.cancel`` to stop.
+        """
+        return (self.cancel_token.reason is not CloseReason.SHUTDOWN or self._cancel_raised
+                or self._forced)
 
     # --- ending ----------------------------------------------------------------
 
@@ -608,10 +634,23 @@ class Connection:
         shut, so a cancelled handler can still send a goodbye
         (:meth:`send_goodbye`); the return value says whether a write was under
         way, which the watchdog then forces shut if it stays blocked.
+
+        Two things are left alone unless forced, so a drain loses no reply: a
+        write in progress on a connection a shutdown cancelled (it finishes
+        under its write deadline; the next read raises), and a lingering close
+        (shutting the read side there would make the kernel answer the peer's
+        next bytes with a reset, dropping what it has not yet delivered).
         """
         with self._close_lock:
             if self._closed:
                 return False
+            if force:
+                self._forced = True
+            elif self.operation == "linger" or (
+                    self.operation == "write" and self.cancel_token.reason is CloseReason.SHUTDOWN):
+                return False
+            else:
+                self._read_shut = True
             try:
                 # socket.socket's own shutdown: SSLSocket.shutdown would drop the TLS
                 # state under the owning thread's feet.
@@ -650,19 +689,104 @@ class Connection:
             self.bytes_sent += sent
         return True
 
-    def close(self) -> None:
-        """Close the socket (owner thread only; idempotent)."""
+    def close(self, linger_timeout: float = 0.0) -> None:
+        """Close the socket (owner thread only; idempotent).
+
+        With ``linger_timeout`` (seconds), first wait up to that long for the peer
+        to acknowledge what was sent (see :meth:`_linger`). Whatever it has not
+        acknowledged by then is counted in ``bytes_unacked``: it may never arrive.
+        """
         if self._in_gate:
             self._leave_gate()
+        if self._closed:
+            return
+        tcp = self._sock.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp:
+            self._linger(linger_timeout)
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+            if tcp and not self._forced:
+                self.bytes_unacked = _unacked_bytes(self._sock)
             try:
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
             except OSError:
                 pass
             self._sock.close()
+
+    def _linger(self, timeout: float) -> None:
+        """A lingering close: let the peer take what was sent before the socket closes.
+
+        Closing a TCP socket whose receive queue holds unread bytes (or that
+        receives more afterwards) makes the kernel send a reset and drop every
+        byte it has not yet delivered: replies counted as sent would be lost. So,
+        while the peer has not acknowledged everything: shut the write side (the
+        peer reads to our end of stream), read and discard its input until its
+        own end of stream, and stop when all is acknowledged, at ``timeout``, or
+        when forced. If a reader was woken by ``shutdown(SHUT_RD)``, the write
+        side stays open (data arriving on a socket shut both ways is answered
+        with a reset) and input is discarded until everything is acknowledged.
+        There is no readiness event for "acknowledged", so that wait polls, backing
+        off from 1 ms to 50 ms. Unread input is always discarded, so the close
+        itself sends no reset.
+        """
+        sock = self._sock
+        if sock.gettimeout() is not None:
+            # A socket in timeout mode waits for readiness before any recv, even with
+            # MSG_DONTWAIT: make it plain blocking, so the flag does what it says.
+            sock.settimeout(None)
+        if _unacked_bytes(sock) == 0:
+            self._discard_input()
+            return
+        self.operation = "linger"
+        # Once the read side is shut, or the peer's end of stream came, the socket
+        # always reads as ready: then there is nothing to wait on but time.
+        ready_always = self._read_shut
+        try:
+            if not ready_always and not self._forced:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_WR)
+                except OSError:
+                    return
+            expires_at = time.monotonic() + timeout   # real time: clocks in tests may stand still
+            interval = 0.001
+            poller = None
+            while True:
+                state = self._discard_input()
+                if state == "reset" or self._forced or _unacked_bytes(sock) == 0:
+                    return
+                ready_always = ready_always or state == "eof"
+                remaining = expires_at - time.monotonic()
+                if remaining <= 0:
+                    return
+                wait = min(interval, remaining)
+                if ready_always:
+                    time.sleep(wait)
+                else:
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(self._fileno, select.POLLIN)
+                    poller.poll(wait * 1000)
+                interval = min(interval * 2, 0.05)
+        finally:
+            self.operation = None
+
+    def _discard_input(self) -> str | None:
+        """Read and drop what the peer sent that nobody will read.
+
+        Returns ``"eof"`` at the peer's end of stream (or with the read side shut
+        and nothing left), ``"reset"`` if the connection is broken, else None.
+        """
+        try:
+            while True:
+                # socket.socket's own recv: for TLS these are raw bytes nobody will decrypt.
+                if not socket.socket.recv(self._sock, 65536, _DONTWAIT):
+                    return "eof"
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "reset"   # nothing left to deliver
 
     @property
     def closed(self) -> bool:
@@ -717,6 +841,14 @@ def _skip_sent(buffers: list, first: int, sent: int) -> int:
     if sent:
         buffers[first] = memoryview(buffers[first])[sent:]
     return first
+
+
+def _unacked_bytes(sock: socket.socket) -> int:
+    """Bytes sent on a TCP socket that the peer has not acknowledged yet (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0   # closed or not a TCP socket: nothing we can still deliver
 
 
 def set_kernel_timeouts(sock: socket.socket, config: Config) -> None:

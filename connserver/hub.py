@@ -30,9 +30,10 @@ import logging
 import select
 import socket
 import threading
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .deadline import Clock, monotonic
+from .faults import Faults
 from .errors import CloseReason, LocalProtocolError, SlowConsumer
 from .queues import ByteBoundedQueue, OverflowPolicy, QueueClosed
 from .threads import block_async_signals
@@ -101,7 +102,8 @@ class Hub:
 
     def __init__(self, *, name: str = "hub", policy: OverflowPolicy = "disconnect",
                  max_queue_bytes: int = 1024 * 1024, max_queue_items: int = 4096,
-                 write_timeout: float = 30.0, clock: Clock = monotonic) -> None:
+                 write_timeout: float = 30.0, clock: Clock = monotonic,
+                 on_fault: Callable[[str], None] | None = None) -> None:
         if policy not in HUB_POLICIES:
             raise ValueError(f"hub policy must be one of {', '.join(HUB_POLICIES)} "
                              f"(publishing never blocks), not {policy!r}")
@@ -113,6 +115,7 @@ class Hub:
         self.max_queue_items = max_queue_items
         self.write_timeout = write_timeout
         self._clock = clock
+        self.faults = Faults("hub", log, on_fault)
         self._lock = threading.Lock()
         self._subs: dict[int, Subscription] = {}      # id(sub) -> sub
         self._ready: list[Subscription] = []
@@ -263,7 +266,14 @@ class Hub:
                     return
                 ready, self._ready = self._ready, []
             for sub in ready:
-                self._flush(sub)
+                try:
+                    self._flush(sub)
+                except Exception as exc:   # one subscriber's failure ends it, not the writer
+                    self.faults.record(exc, f"writing to #{sub.conn.id}")
+                    sub.dead = True
+                    with self._lock:
+                        sub.scheduled = False
+                    sub.conn.cancel_token.cancel(CloseReason.ERROR)
             with self._lock:
                 if self._closed:
                     return
@@ -271,7 +281,8 @@ class Hub:
                     continue
                 self._sleeping = True
                 timeout = self._next_expiry_timeout()
-            events = self._epoll.poll(-1 if timeout is None else timeout)
+            # (epoll refuses timeouts past ~24 days: never wait longer than an hour at once)
+            events = self._epoll.poll(-1 if timeout is None else min(timeout, 3600.0))
             with self._lock:
                 self._sleeping = False
                 for fd, _ in events:
@@ -292,7 +303,10 @@ class Hub:
             for sub in expired:
                 log.info("#%d %s took nothing for %.1f s; disconnecting", sub.conn.id,
                          sub.conn.peer_label, self.write_timeout)
-                sub.conn.cancel_token.cancel(CloseReason.WRITE_DEADLINE)
+                try:
+                    sub.conn.cancel_token.cancel(CloseReason.WRITE_DEADLINE)
+                except Exception as exc:
+                    self.faults.record(exc, f"cancelling #{sub.conn.id}")
 
     def _flush(self, sub: Subscription) -> None:
         """Send what the subscriber has queued until done or its socket is full."""

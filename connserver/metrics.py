@@ -52,9 +52,18 @@ def render_metrics(stats: "ServerStatistics", census: Census, pool: "PoolStatist
                 "Deadlines that fired, by I/O phase.",
                 [({"phase": phase}, count) for phase, count in sorted(stats.deadline_hits.items())]))
     add(_family("connserver_received_bytes_total", "counter",
-                "Bytes received by connections that have ended.", [({}, stats.bytes_received)]))
+                "Bytes received since start (live connections included).",
+                [({}, stats.bytes_received)]))
     add(_family("connserver_sent_bytes_total", "counter",
-                "Bytes sent by connections that have ended.", [({}, stats.bytes_sent)]))
+                "Bytes handed to the kernel since start (live connections included).",
+                [({}, stats.bytes_sent)]))
+    add(_family("connserver_unacked_bytes_total", "counter",
+                "Bytes sent that the peer had not acknowledged when its connection closed "
+                "(a lingering close timed out or was forced): possibly never delivered.",
+                [({}, stats.bytes_unacked)]))
+    add(_family("connserver_internal_errors_total", "counter",
+                "Unexpected exceptions the server's own threads survived, by thread role.",
+                [({"role": role}, count) for role, count in sorted(stats.internal_errors.items())]))
     add(_family("connserver_threads", "gauge", "Threads in the process, by role.",
                 [({"role": role}, count) for role, count in sorted(census.threads_by_role.items())]))
     add(_family("connserver_stuck_threads", "gauge",

@@ -25,8 +25,8 @@ class ShutdownReport:
 
     connections_at_start: int   # live when shutdown began
     drained: int                # ended within the grace period
-    forced: int                 # had their sockets forced shut after the grace
-    stuck: tuple[StuckThread, ...]  # threads still alive at the end
+    forced: int                 # had their sockets forced shut (grace over, or cut short)
+    stuck: tuple[StuckThread, ...]  # threads still alive at the end (some of the forced)
     duration: float
 
     @property

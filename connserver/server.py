@@ -29,6 +29,7 @@ from .connection import Connection, ConnectionInfo, format_peer, set_kernel_time
 from .deadline import Clock, monotonic
 from .diagnostics import stack_of
 from .errors import CloseReason, LimitExceeded, RemoteProtocolError
+from .faults import Faults
 from .handler import Handler
 from .hub import Hub
 from .limits import ConnectionLimiter
@@ -54,6 +55,9 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BACKOFF_INTERVAL = 0.1
 _ACCEPT_BURST = 64          # connections accepted per wake-up before checking for shutdown
 _FORCE_WAIT_INTERVAL = 1.0  # extra wait after forcing sockets shut
+# Ends after which nothing more can reach the peer: no lingering close, no hub flush.
+_UNDELIVERABLE = frozenset({CloseReason.RESET, CloseReason.SLOW_CONSUMER,
+                            CloseReason.WRITE_DEADLINE})
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -91,7 +95,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._prefix = "connserver" if name is None else f"connserver-{name}"
         self._watchdog = Watchdog(name=f"{self._prefix}-watchdog", clock=clock,
                                   stuck_timeout=self.config.stuck_thread_timeout,
-                                  on_stuck=self._report_stuck)
+                                  on_stuck=self._report_stuck,
+                                  on_fault=self._stats.internal_error)
+        self._accept_faults = Faults("accept", log, self._stats.internal_error)
         self._stuck: set[int] = set()   # ids of live connections reported stuck
         config = self.config
         self._ip_buckets = (BucketTable(config.ip_rate, max(1.0, config.ip_rate), clock=clock)
@@ -107,7 +113,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             max_spare=self.config.max_spare_threads,
             spare_timeout=self.config.spare_thread_timeout,
             stack_size=self.config.thread_stack_size, discard=self._discard_job,
-            name_prefix=self._prefix, max_threads=self.config.max_connections)
+            name_prefix=self._prefix, max_threads=self.config.max_connections,
+            on_fault=self._stats.internal_error)
         self._registry: dict[int, Connection] = {}
         self._registry_cond = threading.Condition(threading.Lock())
         self._next_id = iter(range(1, sys.maxsize)).__next__
@@ -121,6 +128,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._serving_thread: threading.Thread | None = None
         self._watchdog_started = False
         self._shutdown_report: ShutdownReport | None = None
+        self._drain_expires_at: float | None = None   # a shutdown's grace ends then
         self._shutdown_lock = threading.Lock()
         self._backing_off = False
         self._rejecting = False
@@ -178,11 +186,16 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 selector.register(self._wakeup_r, selectors.EVENT_READ)
                 self._accepting.set()
                 while not self._stopping.is_set():
-                    if self.config.on_limit == "wait" and not self._wait_for_slot():
-                        break
-                    for key, _ in selector.select():
-                        if key.fileobj is not self._wakeup_r and not self._stopping.is_set():
-                            self._accept_burst(key.fileobj)
+                    try:
+                        if self.config.on_limit == "wait" and not self._wait_for_slot():
+                            break
+                        for key, _ in selector.select():
+                            if key.fileobj is not self._wakeup_r and not self._stopping.is_set():
+                                self._accept_burst(key.fileobj)
+                    except Exception as exc:
+                        # The port stays open: the loop must not die with it (faults.py).
+                        self._accept_faults.record(exc)
+                        self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
         finally:
             self._accepting.clear()
             self._serving_thread = None
@@ -202,6 +215,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 return self._shutdown_report
             grace = self.config.graceful_timeout if grace is None else grace
             started = self._clock()
+            self._drain_expires_at = started + grace
             try:
                 self._stop_accepting()
                 with self._registry_cond:
@@ -214,8 +228,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 for conn in remaining:
                     conn.abort(force=True)
                 if remaining:
-                    log.warning("forced %d connection(s) shut after the %.1f s grace",
-                                len(remaining), grace)
+                    if self._force_now.is_set():
+                        log.warning("forced %d connection(s) shut after %.1f s: the %.1f s grace "
+                                    "was cut short", len(remaining), self._clock() - started, grace)
+                    else:
+                        log.warning("forced %d connection(s) shut after the %.1f s grace",
+                                    len(remaining), grace)
                     self._force_now.clear()
                     self._wait_drained(_FORCE_WAIT_INTERVAL)
                 self._close_resources()
@@ -229,13 +247,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             for thread in stuck:
                 log.error("thread %s still alive after shutdown (connection %s):\n%s",
                           thread.name, thread.conn_id, thread.stack)
+            for conn in self._others_live():
+                self._log_stuck_connection(conn)
             if self._serving_thread is not threading.current_thread():
                 self._close_listener()
-            forced = len({id(c) for c in remaining} - {id(c) for c in self._others_live()})
             self._shutdown_report = ShutdownReport(
                 connections_at_start=len(live),
                 drained=len({id(c) for c in live} - {id(c) for c in remaining}),
-                forced=forced, stuck=stuck, duration=self._clock() - started)
+                forced=len(remaining), stuck=stuck, duration=self._clock() - started)
             return self._shutdown_report
 
     def force(self) -> None:
@@ -301,9 +320,15 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.server_close()
 
     def stats(self) -> ServerStatistics:
+        """The counters; byte totals include what live connections moved so far."""
         busy, spare = self._threads.counts()
-        return self._stats.snapshot(handler_threads=busy, spare_threads=spare,
-                                    stuck_threads=len(self._stuck))
+        with self._registry_cond:
+            live = list(self._registry.values())
+            received = sum(conn.bytes_received for conn in live)
+            sent = sum(conn.bytes_sent for conn in live)
+            return self._stats.snapshot(handler_threads=busy, spare_threads=spare,
+                                        stuck_threads=len(self._stuck),
+                                        live_bytes=(received, sent))
 
     def _report_stuck(self, conn: Connection) -> None:
         """The watchdog found a cancelled connection's handler still running."""
@@ -342,6 +367,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def hub(self, name: str = "default", **options: Any) -> Hub:
         """The server's hub called ``name`` (made on first use with ``options``)."""
         options.setdefault("write_timeout", self.config.write_timeout)
+        options.setdefault("on_fault", self._stats.internal_error)
         return self.resource(("hub", name), lambda: Hub(name=name, clock=self._clock, **options))
 
     @property
@@ -381,7 +407,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             if self._backing_off:
                 self._backing_off = False
                 log.warning("accepting again after running out of resources")
-            self._admit(sock, address, slot_held=hold_slot_first)
+            try:
+                self._admit(sock, address, slot_held=hold_slot_first)
+            except Exception as exc:
+                # A bug or an odd socket: this connection is lost, the accept loop is not.
+                self._accept_faults.record(exc, f"admitting {format_peer(address)}")
+                sock.close()
 
     def _accept_failed(self, exc: OSError) -> None:
         if exc.errno in _RESOURCE_ERRNOS:
@@ -429,10 +460,13 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._rejecting = False
         self._admitted += 1
         if self._recycle is not None and self._admitted == self._recycle_limit:
-            self._recycle()
+            try:
+                self._recycle()
+            except Exception as exc:
+                self._accept_faults.record(exc, "recycle callback")
         try:
             set_kernel_timeouts(sock, self.config)   # here, not on the handler thread: see there
-        except OSError as exc:   # the socket is already unusable (e.g. reset)
+        except (OSError, OverflowError, ValueError) as exc:   # e.g. already reset
             self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()
             self._reject(sock, address, CloseReason.RESET, f"setting its timeouts failed: {exc}")
@@ -564,12 +598,18 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def _end_connection(self, conn: Connection, address: Any, reason: CloseReason) -> None:
+        linger_timeout = self._linger_timeout()
         try:
             self._watchdog.unwatch(conn)
-            if conn._subscription is not None:
-                conn._subscription.close()   # before close(): the hub's writer uses the fd
+            if conn._subscription is not None:   # before close(): the hub's writer uses the fd
+                if reason in _UNDELIVERABLE or linger_timeout <= 0:
+                    conn._subscription.close()
+                else:
+                    # Take the write side back from the hub with what it still had
+                    # queued for this peer, and deliver that too.
+                    conn.send_goodbye(b"", timeout=linger_timeout)
         finally:
-            conn.close()
+            conn.close(0.0 if reason in _UNDELIVERABLE else linger_timeout)
             conn.close_reason = reason
             conn.cancel_token._detach()
         handler, conn._handler = conn._handler, None
@@ -581,22 +621,47 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 except BaseException:
                     conn_log.exception("#%d %s connection_closed() raised", conn.id, conn.peer_label)
         finally:
-            with self._registry_cond:
-                self._registry.pop(conn.id, None)
-                if self._run_gate is not None:
-                    self._run_gate.connections -= 1
-                if self._stopping.is_set():
-                    self._registry_cond.notify_all()
             self._limiter.release_ip(conn.accounted_ip)
             self._limiter.release_slot()
             if conn.rate_ip is not None and self._ip_buckets is not None:
                 self._ip_buckets.release(conn.rate_ip)
             self._stuck.discard(conn.id)
-            self._stats.closed(reason, conn.bytes_received, conn.bytes_sent)
+            with self._registry_cond:
+                # One step, so stats() counts this connection's bytes exactly once.
+                self._registry.pop(conn.id, None)
+                self._stats.closed(reason, conn.bytes_received, conn.bytes_sent,
+                                   conn.bytes_unacked)
+                if self._run_gate is not None:
+                    self._run_gate.connections -= 1
+                if self._stopping.is_set():
+                    self._registry_cond.notify_all()
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s",
+                # bytes_out: what the peer acknowledged; unacked: sent, maybe never delivered.
+                access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s%s",
                                 conn.id, conn.peer_label, self._clock() - conn.created_at,
-                                conn.bytes_received, conn.bytes_sent, reason.value)
+                                conn.bytes_received, conn.bytes_sent - conn.bytes_unacked,
+                                reason.value,
+                                f" unacked={conn.bytes_unacked}" if conn.bytes_unacked else "")
+
+    def _log_stuck_connection(self, conn: Connection) -> None:
+        """An access-log line for a connection whose handler outlived the shutdown.
+
+        Its thread never reached ``_end_connection``; without this line the
+        connection would vanish from the access log. Its socket was shut both ways.
+        """
+        access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s stuck "
+                        "(handler thread still running at shutdown; socket shut, not closed)",
+                        conn.id, conn.peer_label, self._clock() - conn.created_at,
+                        conn.bytes_received, conn.bytes_sent,
+                        (conn.cancel_token.reason or CloseReason.SHUTDOWN).value)
+
+    def _linger_timeout(self) -> float:
+        """How long a closing connection may wait for its peer to take what was sent."""
+        timeout = self.config.linger_timeout
+        drain_expires_at = self._drain_expires_at
+        if drain_expires_at is not None:
+            timeout = min(timeout, max(0.0, drain_expires_at - self._clock()))
+        return timeout
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver prints to stderr here; we log (used only on unexpected paths)."""
@@ -652,6 +717,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return [conn for conn in self._registry.values() if conn.thread_ident != me]
 
     def _wait_drained(self, timeout: float) -> bool:
+        timeout = min(timeout, threading.TIMEOUT_MAX)
         me = threading.get_ident()
         with self._registry_cond:
             return self._registry_cond.wait_for(

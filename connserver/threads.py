@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Callable, Generic, TypeVar
 
+from .faults import Faults
+
 __all__ = ["HandlerThreadPool", "block_async_signals"]
 
 Job = TypeVar("Job")
@@ -64,8 +66,10 @@ class HandlerThreadPool(Generic[Job]):
     def __init__(self, run: Callable[[Job], None], *, min_spare: int, max_spare: int,
                  spare_timeout: float, stack_size: int = 0,
                  discard: Callable[[Job], None] | None = None,
-                 name_prefix: str = "connserver", max_threads: int | None = None) -> None:
+                 name_prefix: str = "connserver", max_threads: int | None = None,
+                 on_fault: Callable[[str], None] | None = None) -> None:
         self._run = run
+        self.faults = Faults("handler", log, on_fault)
         self._discard = discard
         self._min_spare = min_spare
         self._max_spare = max(max_spare, min_spare)
@@ -259,8 +263,8 @@ class HandlerThreadPool(Generic[Job]):
             while (job := self._next_job()) is not None:
                 try:
                     self._run(job)
-                except BaseException:   # a bug in the runner: log it, keep the books right
-                    log.exception("handler thread %s: unexpected error", me.name)
+                except BaseException as exc:   # a bug in the runner: record it, keep the books
+                    self.faults.record(exc, me.name)
                 finally:
                     job = None
                     me.name = spare_name
