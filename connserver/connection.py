@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import math
 import select
 import socket
 import ssl
@@ -37,6 +36,7 @@ from .config import Config
 from .deadline import Clock, monotonic
 from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
                      LocalProtocolError, RateLimited, RemoteProtocolError)
+from .tls import TLSSession
 
 if TYPE_CHECKING:
     from .admission import RunGate
@@ -58,6 +58,10 @@ _DONTWAIT = socket.MSG_DONTWAIT
 # small enough that an idle connection waits holding next to nothing.
 _HINT_MIN = 256
 _HINT_MAX = 16384
+# TLS: plaintext encrypted per step (bounds the ciphertext held for one write), and
+# what one handshake read asks for (a flight of records, client certificates included).
+_TLS_WRITE_MAX = 256 * 1024
+_TLS_HANDSHAKE_READ = 32 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +143,7 @@ class Connection:
         self.codec: "Codec | None" = None   # set by FramedHandler / LineHandler
         self._subscription: "Subscription | None" = None   # set by Hub.subscribe
         self._handler: object = None   # the Handler serving it, set by Handler.__init__
-        self.tls = False            # set by start_tls(); TLS changes how I/O is done
+        self.tls: TLSSession | None = None   # set by start_tls(); TLS changes how I/O is done
         self.accounted_ip: str | None = None   # the address max_connections_per_ip counted
         self.rate_ip: str | None = None        # the address whose ip_rate bucket we hold
         self._recv_flags = _DONTWAIT   # for reads of what is known to be waiting
@@ -200,8 +204,7 @@ class Connection:
         if self.tls:
             if self._in_gate:
                 self._leave_gate()
-            self._wait_readable_tls(phase)
-            data = self._recv_into_pool(b"", limit)
+            data = self._tls_recv(limit, message_expires_at, phase)
         else:
             want = self._recv_hint if self._recv_hint < limit else limit
             if self._in_gate:
@@ -257,53 +260,194 @@ class Connection:
         finally:
             pool.release(buffer)
 
-    def _wait_readable_tls(self, phase: str) -> None:
-        """TLS: wait until bytes wait decrypted inside OpenSSL, or records on the socket.
-
-        A plain socket needs no such wait (its blocking ``recv`` is bounded by
-        ``SO_RCVTIMEO``); OpenSSL's reads are not, so TLS polls under the deadline.
-        """
-        if self._sock.pending():
-            return
-        poller = select.poll()
-        poller.register(self._fileno, select.POLLIN)
-        try:
-            remaining = (self._op_expires_at or 0.0) - self._clock()
-            if remaining <= 0 or not poller.poll(max(1, math.ceil(remaining * 1000))):
-                self._deadline_exceeded(phase)
-        finally:
-            self.operation = None
-        if self.cancel_token.cancelled:
-            # Woken by the watchdog's shutdown: reading now would make OpenSSL see a
-            # truncated stream and fail the session, and the goodbye with it.
-            self._raise_cancelled()
+    # --- TLS: ciphertext goes through the same deadline-bound calls as plaintext ---
 
     def start_tls(self, context: "ssl.SSLContext", timeout: float) -> None:
-        """Run the server side of a TLS handshake within ``timeout`` (absolute).
+        """Run the server side of a TLS handshake within ``timeout`` (one absolute deadline).
 
         On this connection's own thread, so a client that never finishes its
-        handshake holds up no one else.
+        handshake holds up no one else. Every flight is read and written under
+        that one deadline, so a client trickling its handshake cannot stretch it.
         """
-        sock = context.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
-        self._sock = sock
-        self.tls = True
-        self._recv_flags = self._send_flags = 0   # SSLSocket refuses flags
-        self._rcvtimeo = self._sndtimeo = None
+        session = self.tls = TLSSession(context)
+        expires_at = self._clock() + timeout
         self.operation = "handshake"
+        self._op_expires_at = expires_at
+        sock = self._sock
         try:
-            # In timeout mode CPython's do_handshake keeps one deadline across all its
-            # waits, so a client trickling its handshake cannot stretch it.
-            sock.settimeout(timeout)
-            sock.do_handshake()
-        except OSError as exc:
-            self._io_failed(exc, "handshake")
+            while True:
+                try:
+                    done = session.handshake()
+                except ssl.SSLError as exc:
+                    self._tls_send_alert()
+                    self._io_failed(exc, "handshake")
+                if session.output_ready:
+                    self._tls_send(session.seal(), expires_at, "handshake")
+                if done:
+                    return
+                self._arm_tls(socket.SO_RCVTIMEO, expires_at, "handshake")
+                try:
+                    data = sock.recv(_TLS_HANDSHAKE_READ)
+                except OSError as exc:
+                    self._io_failed(exc, "handshake")
+                if data:
+                    session.receive(data, self._clock())
+                else:
+                    session.receive_eof()   # the next step fails as OpenSSL sees fit
         finally:
             self.operation = None
 
-    def _tls_sendmsg(self, buffers: list, ancillary: object, flags: int) -> int:
-        # SSLSocket has no sendmsg: one joined write instead of scatter-gather.
-        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
-        return self._sock.send(data)
+    def _tls_recv(self, limit: int, message_expires_at: float | None, phase: str) -> bytes:
+        """TLS's blocking read: plaintext already received, else wait for ciphertext.
+
+        The wait is a plaintext wait on the raw socket: between records, the
+        idle timeout (or the message's deadline); once a record has begun, the
+        rest of it is due within ``read_timeout`` of its first byte (or by the
+        message's deadline, if sooner), so a peer trickling a record cannot
+        stretch a read to the idle timeout.
+        """
+        session = self.tls
+        assert session is not None
+        sock = self._sock
+        try:
+            while True:
+                try:
+                    data = session.read(limit)
+                except ssl.SSLError as exc:
+                    self._tls_send_alert()
+                    self._io_failed(exc, phase)
+                if session.output_ready:
+                    self._tls_flush_output()
+                if data is not None:
+                    return data
+                started = session.record_started
+                if started is not None:
+                    expires_at = started + self._read_timeout
+                    if message_expires_at is not None and message_expires_at < expires_at:
+                        expires_at = message_expires_at
+                    phase = self._arm_recv(expires_at)
+                elif message_expires_at is not None or self._unit_expires_at is not None:
+                    phase = self._arm_recv(message_expires_at)
+                else:
+                    phase = self.operation = "idle"
+                    self._op_expires_at = self._clock() + self._idle_timeout
+                    if self._rcvtimeo != self._idle_timeout:
+                        self._set_timeout(socket.SO_RCVTIMEO, self._idle_timeout)
+                want = self._recv_hint
+                try:
+                    if self._pending_error is not None:
+                        raise self._pending_error   # seen after the last call's data
+                    data = sock.recv(want)
+                except OSError as exc:
+                    self._io_failed(exc, phase)
+                if not data:
+                    return data   # end of stream, with or without close_notify, as plaintext
+                if len(data) == want:   # sized as _recv_copy sizes plaintext reads
+                    data = self._recv_into_pool(data, self._buffer_size)
+                    self._recv_hint = min(_HINT_MAX, max(_HINT_MIN, 1 << len(data).bit_length()))
+                elif len(data) <= want >> 3 and want > _HINT_MIN:
+                    self._recv_hint = want >> 1
+                session.receive(data, self._clock())
+        finally:
+            self.operation = None
+
+    def _tls_fill(self, buffer: bytearray, received: int, size: int) -> bytes:
+        """:meth:`_fill` for TLS: the rest of a message that has begun, under its deadline."""
+        message_expires_at = self._clock() + self._read_timeout
+        with self._slot_released():
+            while received < size:
+                chunk = self._tls_recv(size - received, message_expires_at, "read")
+                if not chunk:
+                    self._saw_eof()
+                    raise RemoteProtocolError(
+                        f"peer closed the connection {received} bytes into a {size}-byte message")
+                buffer[received:received + len(chunk)] = chunk
+                received += len(chunk)
+                self.bytes_received += len(chunk)
+        with memoryview(buffer) as view:
+            return bytes(view[:size])
+
+    def _tls_send_buffers(self, buffers: list, expires_at: float) -> None:
+        """:meth:`_send_buffers` for TLS: encrypt a bounded part at a time, and send all
+        of its ciphertext (after any left unsent before) under the write deadline."""
+        session = self.tls
+        assert session is not None
+        first = 0
+        self.operation = "write"
+        self._op_expires_at = expires_at
+        try:
+            with self._slot_released():   # the run slot is given back first, as for any wait
+                while True:
+                    data, first = _take_plaintext(buffers, first, _TLS_WRITE_MAX)
+                    try:
+                        chunks = session.seal(data)
+                    except ssl.SSLError as exc:
+                        self._io_failed(exc, "write")
+                    self._tls_send(chunks, expires_at, "write")
+                    self.bytes_sent += len(data)
+                    if first >= len(buffers):
+                        return
+        finally:
+            self.operation = None
+
+    def _tls_send(self, chunks: list, expires_at: float, phase: str) -> None:
+        """Send all of ``chunks`` (ciphertext) by ``expires_at``; whatever is left when
+        this fails goes back to the session, to go out first next time."""
+        sock = self._sock
+        try:
+            while chunks:
+                if phase == "write":
+                    self._arm_send(expires_at)
+                else:
+                    self._arm_tls(socket.SO_SNDTIMEO, expires_at, phase)
+                try:
+                    sent = sock.sendmsg(chunks[:_IOV_MAX], (), _SEND_FLAGS)
+                except OSError as exc:
+                    self._io_failed(exc, phase)
+                del chunks[:_skip_sent(chunks, 0, sent)]
+        finally:
+            if chunks:
+                self.tls.put_back(chunks)   # type: ignore[union-attr]
+
+    def _tls_flush_output(self) -> None:
+        """Send the ciphertext that reading made (an alert, a key update): at once, or,
+        while subscribed, through the hub's writer, behind what it holds."""
+        if self._subscription is not None:
+            self._subscription.wake_writer()
+        else:
+            self._tls_send_buffers([], self._clock() + self._write_timeout)
+
+    def _tls_send_alert(self) -> None:
+        """Before failing on bad TLS input, send OpenSSL's alert if the socket takes it now."""
+        if self._subscription is not None:
+            return   # the hub's writer may be half-way through a record
+        try:
+            chunks = self.tls.seal()   # type: ignore[union-attr]
+            if chunks:
+                self._sock.sendmsg(chunks, (), _SEND_FLAGS | _DONTWAIT)
+        except OSError:
+            pass
+
+    def _tls_close_notify(self) -> None:
+        """Before closing: end the TLS stream with close_notify if the socket takes it
+        now (best effort), so the client can tell our end from a truncation."""
+        if self._subscription is not None:
+            return   # the hub's writer still owns the write side
+        try:
+            chunks = self.tls.close_notify()   # type: ignore[union-attr]
+            if chunks:
+                self._sock.sendmsg(chunks, (), _SEND_FLAGS | _DONTWAIT)
+        except OSError:
+            pass
+
+    def _arm_tls(self, option: int, expires_at: float, phase: str) -> None:
+        """Like :meth:`_arm_recv` / :meth:`_arm_send`, for a step of the handshake."""
+        remaining = expires_at - self._clock()
+        if remaining <= 0:
+            self._deadline_exceeded(phase)
+        current = self._rcvtimeo if option == socket.SO_RCVTIMEO else self._sndtimeo
+        if current is None or not (remaining <= current <= remaining + _TIMEOUT_SLACK):
+            self._set_timeout(option, remaining)
 
     def recv_exactly(self, size: int) -> bytes:
         """Receive exactly ``size`` bytes, or ``b""`` if the stream ends before the first.
@@ -330,6 +474,8 @@ class Connection:
 
     def _fill(self, buffer: bytearray, received: int, size: int) -> bytes:
         """Read the rest of a message that has begun, under its absolute read deadline."""
+        if self.tls:
+            return self._tls_fill(buffer, received, size)
         message_expires_at = self._clock() + self._read_timeout
         sock = self._sock
         # The rest may take up to read_timeout: wait for it without a run slot.
@@ -382,7 +528,8 @@ class Connection:
         """
         if self.cancel_token.cancelled and self._writes_cancelled():
             self._raise_cancelled()
-        if self._subscription is not None or self._unit_expires_at is not None or self._in_gate:
+        if (self._subscription is not None or self._unit_expires_at is not None or self._in_gate
+                or self.tls):
             self._send_buffers([data])
             return
         # Fast path: a fresh write deadline is always write_timeout away, so the
@@ -435,13 +582,16 @@ class Connection:
             expires_at = self._clock() + self._write_timeout
             if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
                 expires_at = self._unit_expires_at
-        sendmsg = self._sock.sendmsg if not self.tls else self._tls_sendmsg
+        if self.tls:
+            self._tls_send_buffers(buffers, expires_at)
+            return
+        sendmsg = self._sock.sendmsg
         sent_total = 0
         first = 0   # buffers before this index are fully sent
         self.operation = "write"
         self._op_expires_at = expires_at
         try:
-            if self._in_gate and not self.tls and len(buffers) <= _IOV_MAX:
+            if self._in_gate and len(buffers) <= _IOV_MAX:
                 # Holding a run slot: first what the kernel takes without blocking.
                 try:
                     sent_total = sendmsg(buffers, (), _SEND_FLAGS | _DONTWAIT)
@@ -451,7 +601,7 @@ class Connection:
                     self._io_failed(exc, "write")
                 first = _skip_sent(buffers, 0, sent_total)
             if first < len(buffers):
-                # The rest waits for the peer (or OpenSSL cannot try): no slot meanwhile.
+                # The rest waits for the peer: no slot meanwhile.
                 with self._slot_released():
                     while first < len(buffers):
                         self._arm_send(expires_at)
@@ -547,15 +697,8 @@ class Connection:
     # --- failure paths ---------------------------------------------------------
 
     def _set_timeout(self, option: int, seconds: float) -> None:
-        """Give the kernel (or, for TLS, CPython) the time this call may take; cached."""
+        """Give the kernel the time this call may take (TLS too: its socket is plain); cached."""
         receiving = option == socket.SO_RCVTIMEO
-        if self.tls:
-            # SO_RCVTIMEO does not bound an SSL read on a blocking socket (CPython
-            # retries in its own poll), so TLS connections use Python's timeouts,
-            # one value for both directions.
-            self._sock.settimeout(max(seconds, 1e-6))
-            self._rcvtimeo, self._sndtimeo = (seconds, None) if receiving else (None, seconds)
-            return
         # A zero timeval means "no timeout" to the kernel: never send one.
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, option, _timeval(seconds))
@@ -676,6 +819,8 @@ class Connection:
                 data = b"".join(bytes(part) for part in unsent) + data
         sent = 0
         try:
+            if self.tls:   # after any ciphertext left unsent (by the hub's writer, say)
+                data = b"".join(bytes(part) for part in self.tls.seal(data))
             with memoryview(data) as view:
                 while sent < len(view):
                     remaining = expires_at - self._clock()
@@ -700,6 +845,8 @@ class Connection:
             self._leave_gate()
         if self._closed:
             return
+        if self.tls:
+            self._tls_close_notify()
         tcp = self._sock.family in (socket.AF_INET, socket.AF_INET6)
         if tcp:
             self._linger(linger_timeout)
@@ -841,6 +988,19 @@ def _skip_sent(buffers: list, first: int, sent: int) -> int:
     if sent:
         buffers[first] = memoryview(buffers[first])[sent:]
     return first
+
+
+def _take_plaintext(buffers: list, first: int, limit: int) -> tuple:
+    """Up to ``limit`` bytes from ``buffers[first:]`` as one buffer (joined only if they
+    are several), and the index of the first buffer not wholly taken (see _skip_sent)."""
+    end, size = first, 0
+    while end < len(buffers) and size < limit:
+        size += len(buffers[end])
+        end += 1
+    data = buffers[first] if end - first == 1 else b"".join(buffers[first:end])
+    if size > limit:
+        data = memoryview(data)[:limit]
+    return data, _skip_sent(buffers, first, min(size, limit))
 
 
 def _unacked_bytes(sock: socket.socket) -> int:

@@ -21,6 +21,11 @@ nothing for ``write_timeout`` is cancelled with reason ``write_deadline``.
 While a connection is subscribed, its own writes (``conn.sendall``,
 ``conn.send_frame``) are queued on the same subscription, so they keep their
 order with broadcasts and only the writer thread ever writes to the socket.
+
+Over TLS the queue still holds the shared plaintext: the writer encrypts a
+subscriber's messages when it flushes them (under the connection's TLS lock,
+which keeps records in the order they were made) and keeps what the socket did
+not take as that subscriber's pending ciphertext.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from .deadline import Clock, monotonic
 from .faults import Faults
-from .errors import CloseReason, LocalProtocolError, SlowConsumer
+from .errors import CloseReason, SlowConsumer
 from .queues import ByteBoundedQueue, OverflowPolicy, QueueClosed
 from .threads import block_async_signals
 
@@ -84,8 +89,17 @@ class Subscription:
         return self.hub._deliver((self,), data) == 1
 
     def close(self) -> list:
-        """Unsubscribe (idempotent); returns the buffers queued but not yet sent."""
+        """Unsubscribe (idempotent); returns the buffers queued but not yet sent.
+
+        Over TLS these are plaintext not yet encrypted; ciphertext already made
+        stays with the connection's TLS session, to go out before anything newer.
+        """
         return self.hub._unsubscribe(self)
+
+    def wake_writer(self) -> None:
+        """TLS: the handler thread's reading made ciphertext (a key update, an alert);
+        have the writer send it, behind what it holds."""
+        self.hub._schedule(self)
 
     def __enter__(self) -> "Subscription":
         return self
@@ -134,10 +148,6 @@ class Hub:
     def subscribe(self, conn: "Connection", *, policy: OverflowPolicy | None = None,
                   max_queue_bytes: int | None = None, name: str | None = None) -> Subscription:
         """Subscribe ``conn``; unsubscribed when the block exits or the connection ends."""
-        if conn.tls:
-            # The writer thread would write while the handler thread reads, and an
-            # OpenSSL connection must not be used from two threads at once.
-            raise LocalProtocolError("hub subscriptions over TLS are not supported yet")
         policy = policy or self.policy
         if policy not in HUB_POLICIES:
             raise ValueError(f"hub policy must be one of {', '.join(HUB_POLICIES)}, not {policy!r}")
@@ -161,6 +171,9 @@ class Hub:
                 return []
             sub.active = False
             unsent, sub.pending = sub.pending, []
+            if sub.conn.tls:
+                sub.conn.tls.put_back(unsent)   # ciphertext: it stays first in the stream
+                unsent = []
             with self._lock:
                 self._subs.pop(id(sub), None)
                 fd = sub.conn._fileno
@@ -213,20 +226,31 @@ class Hub:
                 continue
         if not taken:
             return 0
-        wake = False
         with self._lock:
             self._queued += len(taken)
-            for sub in taken:
-                sub.conn.queue_bytes = sub.queue.bytes
-                if not sub.scheduled:
-                    sub.scheduled = True
-                    self._ready.append(sub)
-            if self._sleeping:
-                self._sleeping = False
-                wake = True
+            wake = self._schedule_locked(taken)
         if wake:
             self._wake()
         return len(taken)
+
+    def _schedule(self, sub: Subscription) -> None:
+        """Have the writer flush ``sub`` (unless it is already due to)."""
+        with self._lock:
+            wake = sub.active and not sub.dead and self._schedule_locked((sub,))
+        if wake:
+            self._wake()
+
+    def _schedule_locked(self, subs: Iterable[Subscription]) -> bool:
+        """Put ``subs`` on the ready list (hub lock held); return whether to wake the writer."""
+        for sub in subs:
+            sub.conn.queue_bytes = sub.queue.bytes
+            if not sub.scheduled:
+                sub.scheduled = True
+                self._ready.append(sub)
+        if self._sleeping:
+            self._sleeping = False
+            return True
+        return False
 
     def _slow_consumer(self, sub: Subscription) -> None:
         with self._lock:
@@ -316,12 +340,25 @@ class Hub:
                     sub.scheduled = False
                 return
             sock = sub.conn.socket
+            tls = sub.conn.tls
             while True:
                 if not sub.pending:
-                    sub.pending = sub.queue.drain_nowait(_FLUSH_BYTES)
+                    if tls:
+                        # Encrypted now, per subscriber; the queue holds the shared plaintext.
+                        # The session's ciphertext also holds what the handler's reading made.
+                        plaintext = sub.queue.drain_nowait(_FLUSH_BYTES)
+                        try:
+                            sub.pending = tls.seal(plaintext[0] if len(plaintext) == 1
+                                                   else b"".join(plaintext))
+                        except OSError as exc:   # ssl.SSLError: the session has failed
+                            self._write_failed(sub, exc)
+                            return
+                        sub.conn.bytes_sent += sum(len(part) for part in plaintext)
+                    else:
+                        sub.pending = sub.queue.drain_nowait(_FLUSH_BYTES)
                     if not sub.pending:
                         with self._lock:
-                            if len(sub.queue):
+                            if len(sub.queue) or (tls and tls.has_output()):
                                 continue
                             sub.scheduled = False
                             sub.conn.queue_bytes = 0
@@ -331,16 +368,11 @@ class Hub:
                 except BlockingIOError:
                     sent = -1
                 except OSError as exc:
-                    # The peer is gone; its handler will see it too. Stop writing to it.
-                    log.debug("#%d %s hub write failed: %s", sub.conn.id, sub.conn.peer_label, exc)
-                    sub.dead = True
-                    sub.pending = []
-                    with self._lock:
-                        sub.scheduled = False
-                    sub.conn.cancel_token.cancel(CloseReason.RESET)
+                    self._write_failed(sub, exc)
                     return
                 if sent >= 0:
-                    sub.conn.bytes_sent += sent
+                    if not tls:   # over TLS, the plaintext was counted as it was encrypted
+                        sub.conn.bytes_sent += sent
                     pending = sub.pending
                     index = 0
                     while index < len(pending) and sent >= len(pending[index]):
@@ -363,6 +395,15 @@ class Hub:
                     except FileExistsError:
                         pass
                 return
+
+    def _write_failed(self, sub: Subscription, exc: OSError) -> None:
+        """The peer is gone (its handler will see it too): stop writing to it."""
+        log.debug("#%d %s hub write failed: %s", sub.conn.id, sub.conn.peer_label, exc)
+        sub.dead = True
+        sub.pending = []
+        with self._lock:
+            sub.scheduled = False
+        sub.conn.cancel_token.cancel(CloseReason.RESET)
 
     def _unregister(self, fd: int) -> None:
         try:

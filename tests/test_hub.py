@@ -13,6 +13,7 @@ import connserver
 from connserver import CloseReason, Hub
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
+from tests.tls_support import ca, certs, tls_client  # noqa: F401 (fixtures)
 
 
 class Subscriber(connserver.Handler):
@@ -170,3 +171,121 @@ def test_hub_refuses_a_blocking_policy():
     """publish() must never block, so the block policy is not allowed."""
     with pytest.raises(ValueError):
         Hub(policy="block")
+
+
+# --- over TLS: the writer encrypts per subscriber, and never blocks --------------------
+
+
+def read_tls(client, expected: int, timeout: float = 30.0) -> bytes:
+    """Read from a TLS client socket until ``expected`` bytes came (bounded in time)."""
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while len(received) < expected and time.monotonic() < deadline:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+def test_a_large_broadcast_reaches_a_tls_subscriber_intact_and_in_order(serve, ca, certs):
+    """1 MiB of broadcasts, interleaved with the handler's own sends, arrives over TLS in order."""
+    chunks = [b"%05d:" % i + bytes([65 + i % 26]) * 4090 for i in range(256)]   # 1 MiB
+
+    class Broadcaster(connserver.Handler):
+        def handle(self):
+            # A small send buffer: the writer fills it and resumes half-way through records.
+            self.conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            hub = self.server.hub("big", max_queue_bytes=8 << 20)
+            with hub.subscribe(self.conn):
+                assert self.conn.recv(5) == b"start"
+                for index, chunk in enumerate(chunks):
+                    hub.publish(chunk)
+                    self.conn.sendall(b"direct %d\n" % index)
+                while self.conn.recv() == b"ping":   # read while subscribed; reply through the hub
+                    self.conn.sendall(b"pong\n")
+
+    server = serve(Broadcaster, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
+    expected = b"".join(chunk + b"direct %d\n" % index for index, chunk in enumerate(chunks))
+    with tls_client(server, ca) as client:
+        client.sendall(b"start")
+        assert read_tls(client, len(expected)) == expected
+        client.sendall(b"ping")
+        assert read_tls(client, 5) == b"pong\n"
+    assert wait_closed(server, 1).close_reasons == {"eof": 1}
+    stats = server.hub("big").statistics()
+    assert stats.subscribers == 0 and stats.slow_consumers == 0
+
+
+def test_a_stalled_tls_subscriber_meets_the_hub_policy(serve, ca, certs):
+    """Over TLS too, a subscriber that stops reading is disconnected; a reader gets everything."""
+    server = serve(Subscriber, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"], idle_timeout=60.0)
+    hub = server.hub("test", max_queue_bytes=4 << 20)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled = tls_client(server, ca, raw=raw)
+    try:
+        reader = tls_client(server, ca)
+    except BaseException:
+        stalled.close()
+        raise
+    try:
+        stalled.sendall(b"S")
+        reader.sendall(b"N")
+        assert wait_for(lambda: hub.statistics().subscribers == 2)
+        messages = [b"%06d:" % i + b"m" * 993 + b"\n" for i in range(2000)]   # 2 MB
+        expected = b"".join(messages)
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(read_tls(reader, len(expected))),
+                                  name="test-tls-reader")
+        thread.start()
+        try:
+            for message in messages:
+                hub.publish(message)
+        finally:
+            thread.join(40.0)
+        assert not thread.is_alive(), "the reader did not finish"
+        assert result == [expected]
+        assert wait_for(lambda: hub.statistics().slow_consumers == 1)
+    finally:
+        stalled.close()
+        reader.close()
+    reasons = wait_closed(server, 2).close_reasons
+    assert reasons.get("slow_consumer") == 1 and sum(reasons.values()) == 2
+
+
+def test_tls_bytes_made_by_the_reading_thread_go_out_behind_the_writers(serve, ca, certs):
+    """Ciphertext the handler thread makes while subscribed follows the writer's unsent records."""
+    messages = [b"%05d:" % i + b"x" * 1000 + b"\n" for i in range(512)]
+    ready = threading.Event()
+
+    class Injector(connserver.Handler):
+        def handle(self):
+            conn = self.conn
+            conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            hub = self.server.hub("inject", max_queue_bytes=8 << 20)
+            with hub.subscribe(conn) as subscription:
+                for message in messages[:256]:
+                    hub.publish(message)
+                # The writer now holds records the socket did not take (the client waits).
+                assert wait_for(lambda: subscription.blocked_since is not None)
+                # As reading makes ciphertext (a TLS 1.3 key update): made on this thread.
+                with conn.tls.lock:
+                    conn.tls._ssl.write(b"<made while reading>\n")
+                conn._tls_flush_output()
+                for message in messages[256:]:
+                    hub.publish(message)
+                ready.set()
+                while conn.recv():
+                    pass
+
+    server = serve(Injector, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with tls_client(server, ca, raw=raw) as client:
+        assert ready.wait(10.0)
+        expected = b"".join(messages)
+        received = read_tls(client, len(expected) + len(b"<made while reading>\n"))
+    assert received.count(b"<made while reading>\n") == 1
+    assert received.replace(b"<made while reading>\n", b"") == expected
+    wait_closed(server, 1)

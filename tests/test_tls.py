@@ -5,41 +5,18 @@ from __future__ import annotations
 import logging
 import ssl
 import struct
+import threading
 import time
 
 import pytest
-import trustme
 
 import connserver
+from connserver.apps.chat import ChatHandler
 from connserver.apps.echo import EchoHandler, FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def certs(ca, tmp_path):
-    server_cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    server_cert.cert_chain_pems[0].write_to_path(str(cert))
-    for extra in server_cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(cert), append=True)
-    server_cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return {"tls_cert": str(cert), "tls_key": str(key), "ca": str(ca_file)}
-
-
-def tls_client(server, ca, client_cert=None):
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    if client_cert is not None:
-        client_cert.configure_cert(context)
-    raw = connect(server)
-    return context.wrap_socket(raw, server_hostname="localhost")
+from tests.test_chat import Client as ChatClient
+from tests.tls_support import RawTLSClient, ca, certs, tls_client  # noqa: F401 (fixtures)
 
 
 def test_tls_echo(serve, ca, certs):
@@ -99,6 +76,22 @@ def test_mutual_tls_requires_a_client_certificate(serve, ca, certs):
     wait_closed(server, 2)
 
 
+def test_the_handler_sees_the_tls_version_and_client_certificate(serve, ca, certs):
+    """conn.tls gives the handler the protocol version and, with mutual TLS, the client's cert."""
+    class WhoAmI(connserver.Handler):
+        def handle(self):
+            subject = dict(item[0] for item in self.conn.tls.getpeercert()["subject"])
+            self.conn.sendall(f"{self.conn.tls.version()} {subject.get('commonName', '?')}"
+                              .encode())
+
+    server = serve(WhoAmI, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"],
+                   tls_client_ca=certs["ca"])
+    client_cert = ca.issue_cert("client@example", common_name="client-7")
+    with tls_client(server, ca, client_cert=client_cert) as client:
+        assert client.recv(100).decode() == f"{client.version()} client-7"
+    wait_closed(server, 1)
+
+
 def test_framed_handler_over_tls_and_goodbye_at_shutdown(serve, ca, certs):
     """Frames work over TLS, and a shutdown goodbye arrives encrypted."""
     class Polite(FramedEchoHandler):
@@ -129,3 +122,138 @@ def test_tls_configuration_errors(certs, tmp_path, monkeypatch):
     config = connserver.Config(tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
     with pytest.raises(connserver.ConfigError, match="SSLKEYLOGFILE"):
         connserver.Server(("127.0.0.1", 0), EchoHandler, config)
+
+
+def test_a_trickled_record_is_cut_at_the_read_timeout(serve, ca, certs):
+    """A TLS record sent a byte every 0.1 s ends with read_deadline at read_timeout, not later."""
+    read_timeout = 0.5
+    closed: list = []
+    closed_event = threading.Event()
+
+    class Echo(FramedEchoHandler):
+        def connection_closed(self, reason):
+            closed.append((time.monotonic(), reason))
+            closed_event.set()
+
+    server = serve(Echo, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"],
+                   read_timeout=read_timeout, idle_timeout=5.0)
+    client = RawTLSClient(server, ca)
+    try:
+        record = client.record(struct.pack("!I", 10) + b"0123456789")   # one record, ~36 bytes
+        assert wait_for(lambda: [i for i in server.connections() if i.operation == "idle"])
+        started = time.monotonic()
+        sent = 0
+        # At most len(record) * 0.1 s (under idle_timeout: each byte would reset a
+        # per-call timeout); the read deadline should end it after 0.5 s.
+        for sent in range(1, len(record) + 1):
+            try:
+                client.sock.sendall(record[sent - 1:sent])
+            except OSError:
+                break
+            if closed_event.wait(0.1):
+                break
+        assert closed_event.is_set(), "the trickled record was accepted"
+    finally:
+        client.close()
+    (closed_at, reason), = closed
+    assert reason is connserver.CloseReason.READ_DEADLINE
+    assert read_timeout - 0.02 <= closed_at - started <= read_timeout + 0.5
+    assert 3 <= sent <= 10
+    stats = wait_closed(server, 1)
+    assert stats.close_reasons == {"read_deadline": 1}
+    assert stats.deadline_hits == {"read": 1}
+
+
+def test_an_idle_tls_connection_meets_the_idle_timeout(serve, ca, certs):
+    """Between records the wait is idle_timeout, and its close reason is idle."""
+    server = serve(FramedEchoHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"],
+                   read_timeout=5.0, idle_timeout=0.3)
+    with tls_client(server, ca) as client:
+        client.sendall(struct.pack("!I", 2) + b"hi")
+        assert client.recv(100) == struct.pack("!I", 2) + b"hi"
+        assert client.recv(100) == b""
+    assert wait_closed(server, 1).close_reasons == {"idle": 1}
+
+
+class TLSChatClient(ChatClient):
+    """The chat tests' line client, over TLS."""
+
+    def __init__(self, server, ca):
+        self.sock = tls_client(server, ca)
+        self.buffer = b""
+
+
+def test_chat_over_tls(serve, ca, certs):
+    """Chat over TLS: users join (hub subscriptions), talk, and leave with a goodbye."""
+    server = serve(ChatHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
+    alice = TLSChatClient(server, ca)
+    try:
+        bob = TLSChatClient(server, ca)
+    except BaseException:
+        alice.close()
+        raise
+    try:
+        assert alice.join("alice").startswith("* You are alice; 1 online")
+        assert bob.join("bob").startswith("* You are bob; 2 online")
+        assert alice.line() == "* bob joined"
+        alice.say("hello bob")
+        assert bob.line() == "<alice> hello bob"
+        bob.say("/who")
+        assert bob.line() == "* Online: alice, bob"
+        bob.say("hi alice")
+        assert alice.line() == "<bob> hi alice"
+        bob.say("/quit")
+        assert bob.line() == "* Bye!"
+        assert bob.sock.recv(10) == b""
+        assert alice.line() == "* bob left"
+    finally:
+        alice.close()
+        bob.close()
+    assert wait_closed(server, 2).close_reasons == {"closed": 1, "eof": 1}
+
+
+def test_chat_over_tls_says_goodbye_at_shutdown(serve, ca, certs):
+    """At shutdown, subscribed TLS users get the hub's last lines, then the goodbye, intact."""
+    server = serve(ChatHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
+    users: list = []
+    try:
+        for index in range(3):
+            users.append(TLSChatClient(server, ca))
+            users[-1].join(f"user{index}")
+        users[0].say("last words")
+        for user in users[1:]:
+            while user.line() != "<user0> last words":
+                pass
+        report = server.shutdown(grace=5.0)
+        assert report.clean and report.drained == 3
+        for user in users:
+            lines = []
+            while True:
+                try:
+                    lines.append(user.line())
+                except AssertionError:
+                    break
+            assert lines[-1] == "* Disconnected: shutdown. Bye!"
+    finally:
+        for user in users:
+            user.close()
+
+
+def test_recv_exactly_over_tls_spans_records(serve, ca, certs):
+    """recv_exactly gathers a message that spans several TLS records, no more, no less."""
+    class Exact(connserver.Handler):
+        def handle(self):
+            message = self.conn.recv_exactly(40000)
+            self.conn.sendall(struct.pack("!I", len(message)) + message[-4:])
+            self.conn.sendall(self.conn.recv_exactly(3))
+
+    server = serve(Exact, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
+    with tls_client(server, ca) as client:
+        client.sendall(b"x" * 39996 + b"tail" + b"end")   # records of 16 KiB at most
+        received = b""
+        while len(received) < 11:
+            chunk = client.recv(100)
+            assert chunk
+            received += chunk
+        assert received == struct.pack("!I", 40000) + b"tail" + b"end"
+    wait_closed(server, 1)
