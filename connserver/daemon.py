@@ -2,8 +2,15 @@
 
 ``connserver serve`` runs this directly, or once per worker under the
 supervisor (``--workers N``). Signals: SIGTERM/SIGINT drain within
-``graceful_timeout`` then exit 0 (a second one forces the rest shut); SIGUSR1
-logs a census and every thread's stack; SIGHUP reopens log files.
+``graceful_timeout`` then exit 0 (a second one forces the rest shut; exit 1
+if a handler thread still would not end); SIGUSR1 logs a census and every
+thread's stack; SIGHUP reopens log files.
+
+A handler class may offer a ``usage_hint(address)`` classmethod (the chat demo
+does): once serving, the daemon logs the line it returns for the first
+listener, where ``address`` is ``(host, port)`` (a wildcard host given as
+loopback) or a Unix socket's path. Only for plain connections: no hint under
+TLS or the PROXY protocol, which ``nc`` cannot speak.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import dataclasses
 import logging
 import os
 import random
+import select
 import signal
 import socket
 import threading
@@ -24,7 +32,7 @@ from .listeners import describe, inherited_listener, systemd_listen_fds, tcp_lis
 from .logsetup import reopen_log_files
 from .sdnotify import Notifier
 
-__all__ = ["DaemonOptions", "make_listeners", "run_daemon"]
+__all__ = ["DaemonOptions", "make_listeners", "run_daemon", "log_usage_hint"]
 
 log = logging.getLogger("connserver.daemon")
 
@@ -38,6 +46,7 @@ class DaemonOptions:
     reuse_port: bool = False                      # workers: one socket each, kernel-balanced
     worker_max_connections: int | None = None     # recycle this process after about this many
     on_ready: Callable[[], None] | None = None    # workers tell the supervisor
+    announce: bool = True                         # log how to connect (a supervisor does, for workers)
 
 
 def make_listeners(binds: list[str], fds: list[int], backlog: int,
@@ -77,6 +86,7 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
             return
         reason.append(why)
         stop_requested.set()   # before logging: a second signal may arrive mid-log
+        wakeup.notify()        # recycling calls this from the accept thread
         log.info("%s: draining (up to %.1f s)", why, config.graceful_timeout)
 
     def on_usr1(signum: int, frame: Any) -> None:
@@ -91,6 +101,7 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
         signal.SIGUSR1: on_usr1,
         signal.SIGHUP: lambda signum, frame: reopen_log_files(),
     }
+    wakeup = _MainThreadWakeup()
     previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     if options.worker_max_connections:
         # Recycle the whole process after about N connections (jittered so workers
@@ -100,11 +111,9 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
     pinger = None
     try:
         with server:
-            server.start()
-            for listener in server.listeners:
-                log.info("listening on %s", describe(listener))
-            if server.admin_address is not None:
-                log.info("admin endpoint on http://%s:%d/", *server.admin_address)
+            server.start()   # logs "accepting on" for each listener, and the admin endpoint
+            if options.announce:
+                log_usage_hint(options.handler, server.listeners, config)
             notifier.notify("READY=1", f"STATUS=serving on {', '.join(map(describe, server.listeners))}")
             if options.on_ready is not None:
                 options.on_ready()
@@ -112,9 +121,9 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
                 pinger = threading.Thread(target=_ping_systemd, name="connserver-sdnotify",
                                           args=(notifier, server, stop_requested))
                 pinger.start()
-            stop_requested.wait()
+            wakeup.wait_until(stop_requested)
             notifier.notify("STOPPING=1", f"STATUS=draining: {reason[0] if reason else 'stop'}")
-            report = _drain(server, config.graceful_timeout)
+            report = _drain(server, config.graceful_timeout, wakeup)
     finally:
         stop_requested.set()
         if pinger is not None:
@@ -122,6 +131,7 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
         notifier.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        wakeup.close()
     log.info("stopped: %d drained, %d forced, %d stuck thread(s)",
              report.drained, report.forced, len(report.stuck))
     if not report.clean:
@@ -132,7 +142,72 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
     return 0
 
 
-def _drain(server: Any, grace: float) -> Any:
+def log_usage_hint(handler: type[Handler], listeners: list[socket.socket], config: Config) -> None:
+    """Log the handler's ``usage_hint`` for the first listener, if it has one."""
+    hint = getattr(handler, "usage_hint", None)
+    if hint is None or not listeners or config.tls_cert or config.proxy_protocol:
+        return
+    sock = listeners[0]
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if not isinstance(address, str) or not address:
+            return   # unnamed or abstract: nothing to type
+        log.info("%s", hint(address))
+        return
+    host, port = address[:2]
+    log.info("%s", hint((_LOOPBACK.get(host, host), port)))
+
+
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+class _MainThreadWakeup:
+    """What the main thread sleeps on, so that every signal wakes it.
+
+    Python runs signal handlers in the main thread only, between bytecodes.
+    The kernel hands a signal sent to the process to any thread that does not
+    block it (a busy handler thread often takes it first); its C-level handler
+    then only sets a flag, and a main thread asleep in ``Event.wait()`` would
+    not run the Python handler until something else woke it. A worker that
+    sat out its whole drain that way was SIGKILLed by the supervisor.
+    ``signal.set_wakeup_fd`` makes that C handler also write a byte to a pipe,
+    on whichever thread it runs, and the main thread waits in ``select()`` on
+    the pipe instead of on a lock.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        except BaseException:
+            os.close(self._read)
+            os.close(self._write)
+            raise
+
+    def notify(self) -> None:
+        """Wake the main thread (from any thread) to look at its events again."""
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass   # a full pipe wakes it anyway
+
+    def wait_until(self, event: threading.Event) -> None:
+        """Sleep until ``event`` is set (its setter calls ``notify()``), running signal handlers."""
+        while not event.is_set():
+            select.select([self._read], [], [])   # handlers run as this returns
+            try:
+                while os.read(self._read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _drain(server: Any, grace: float, wakeup: _MainThreadWakeup) -> Any:
     """shutdown() on its own thread, so this (main) thread stays free for signals."""
     done = threading.Event()
     result: list = []
@@ -142,9 +217,12 @@ def _drain(server: Any, grace: float) -> Any:
             result.append(server.shutdown(grace))
         finally:
             done.set()
+            wakeup.notify()
 
-    threading.Thread(target=drain, name="connserver-shutdown").start()
-    done.wait()
+    thread = threading.Thread(target=drain, name="connserver-shutdown")
+    thread.start()
+    wakeup.wait_until(done)
+    thread.join(5.0)   # past its notify(), so the pipe can be closed
     if not result:
         raise RuntimeError("shutdown failed; see the log")
     return result[0]

@@ -78,7 +78,8 @@ class Recorder:
 class Daemon:
     """A `python -m connserver serve ...` subprocess, always killed at the end."""
 
-    def __init__(self, cwd, *args: str, env: dict | None = None, pass_fds=()) -> None:
+    def __init__(self, cwd, *args: str, env: dict | None = None, pass_fds=(),
+                 start_new_session: bool = False) -> None:
         import os
         import subprocess
         import sys
@@ -87,7 +88,8 @@ class Daemon:
         full_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "connserver", "serve", *args],
                                      cwd=cwd, env=full_env, stderr=subprocess.PIPE, bufsize=0,
-                                     pass_fds=tuple(pass_fds))
+                                     pass_fds=tuple(pass_fds), start_new_session=start_new_session)
+        self.args = args
         self.lines: list[str] = []
         self._partial = b""
 
@@ -122,7 +124,14 @@ class Daemon:
         raise AssertionError(f"daemon never logged {pattern!r}; it said:\n{''.join(self.lines)}")
 
     def port(self) -> int:
-        return int(self.read_until(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        """The first listener's port, from the server's "accepting on" line.
+
+        An admin endpoint's own server starts first and logs that line for its port
+        too, then "admin endpoint on": with --admin, read past it.
+        """
+        if {"--admin", "--admin-address"} & set(self.args):
+            self.read_until(r"admin endpoint on")
+        return int(self.read_until(r"accepting on 127\.0\.0\.1:(\d+)").group(1))
 
     def signal(self, sig) -> None:
         self.proc.send_signal(sig)
@@ -143,11 +152,17 @@ class Daemon:
 
 @pytest.fixture
 def daemon(tmp_path):
-    """Factory: daemon(*args, env=...) -> a started Daemon, killed at teardown."""
+    """Factory: daemon(*args, env=...) -> a started Daemon, killed at teardown.
+
+    ``start_new_session=True`` gives it a process group of its own, to signal
+    like a terminal does (``os.killpg``).
+    """
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict | None = None, pass_fds=()) -> Daemon:
-        process = Daemon(tmp_path, *args, env=env, pass_fds=pass_fds)
+    def start(*args: str, env: dict | None = None, pass_fds=(),
+              start_new_session: bool = False) -> Daemon:
+        process = Daemon(tmp_path, *args, env=env, pass_fds=pass_fds,
+                         start_new_session=start_new_session)
         started.append(process)
         return process
 

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import signal
 import socket
 import stat
 
+import pytest
 
+from connserver import Config
+from connserver.apps.chat import ChatHandler
+from connserver.apps.echo import EchoHandler
+from connserver.daemon import log_usage_hint
 from connserver.testing import wait_for
+
+from tests.conftest import unavailable
+
+
+def worker_port(process) -> int:
+    """The port the supervisor of ``--workers`` reserved (logged before it starts them)."""
+    return int(process.read_until(r"workers on 127\.0\.0\.1:(\d+)").group(1))
 
 
 def echo_once(address, family=socket.AF_INET, payload=b"ping"):
@@ -25,7 +39,7 @@ def test_unix_socket_and_tcp_together(daemon, tmp_path):
     path = str(tmp_path / "echo.sock")
     process = daemon("echo", "--bind", "127.0.0.1:0", "--bind", f"unix:{path}")
     port = process.port()
-    process.read_until(r"listening on unix:")
+    process.read_until(r"accepting on unix:")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert echo_once(("127.0.0.1", port)) == b"ping"
     assert echo_once(path, socket.AF_UNIX) == b"ping"
@@ -42,9 +56,9 @@ def test_inherited_fd_and_json_logs(daemon):
     try:
         process = daemon("echo", "--fd", str(listener.fileno()), "--log-format", "json",
                          pass_fds=[listener.fileno()])
-        line = process.read_until(r'"listening on 127\.0\.0\.1:\d+"').string
+        line = process.read_until(r'"accepting on 127\.0\.0\.1:\d+"').string
         record = json.loads(line)
-        assert record["level"] == "INFO" and record["logger"] == "connserver.daemon"
+        assert record["level"] == "INFO" and record["logger"] == "connserver.server"
     finally:
         listener.close()
     assert echo_once(("127.0.0.1", port)) == b"ping"
@@ -56,7 +70,7 @@ def test_sigusr1_logs_a_census_and_sighup_reopens_the_log(daemon, tmp_path):
     """SIGUSR1 dumps census and stacks; SIGHUP reopens --log-file after a rotation."""
     log_file = tmp_path / "server.log"
     process = daemon("echo", "--bind", "127.0.0.1:0", "--log-file", str(log_file))
-    assert wait_for(lambda: "listening on" in log_file.read_text() if log_file.exists() else False)
+    assert wait_for(lambda: "accepting on" in log_file.read_text() if log_file.exists() else False)
     process.signal(signal.SIGUSR1)
     assert wait_for(lambda: "census:" in log_file.read_text() and "connserver-watchdog" in
                     log_file.read_text())
@@ -94,11 +108,14 @@ def test_systemd_notify_protocol(daemon, tmp_path):
 def test_workers_share_the_port_and_drain_together(daemon):
     """--workers 2: both serve one port; SIGTERM drains both and the supervisor exits 0."""
     process = daemon("echo", "--bind", "127.0.0.1:0", "--workers", "2")
-    port = process.port()
-    pids = {int(process.read_until(r"started worker (\d+)").group(1)) for _ in range(2)}
-    assert len(pids) == 2
-    for _ in range(2):
-        process.read_until(r"connserver.daemon: listening on 127\.0\.0\.1:%d" % port)
+    port = worker_port(process)
+    pids, accepting = set(), 0
+    while len(pids) < 2 or accepting < 2:   # the two kinds of line interleave
+        match = process.read_until(r"started worker (\d+)|accepting on 127\.0\.0\.1:%d" % port)
+        if match.group(1):
+            pids.add(int(match.group(1)))
+        else:
+            accepting += 1
     for _ in range(100):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"x")
@@ -112,12 +129,11 @@ def test_workers_share_the_port_and_drain_together(daemon):
 def test_a_crashed_worker_is_restarted(daemon):
     """A worker killed by a signal is replaced; the port keeps serving."""
     process = daemon("echo", "--bind", "127.0.0.1:0", "--workers", "1")
-    port = process.port()
+    port = worker_port(process)
     first = int(process.read_until(r"started worker (\d+)").group(1))
     os.kill(first, signal.SIGKILL)
     second = int(process.read_until(r"started worker (\d+)").group(1))
     assert second != first
-    process.read_until(r"listening on 127\.0\.0\.1:")
     assert wait_for(lambda: _serves(port), 10)
     process.signal(signal.SIGTERM)
     assert process.wait() == 0
@@ -126,7 +142,7 @@ def test_a_crashed_worker_is_restarted(daemon):
 def test_workers_exit_when_the_supervisor_is_killed(daemon):
     """No orphans: SIGKILL the supervisor and its workers stop by themselves."""
     process = daemon("echo", "--bind", "127.0.0.1:0", "--workers", "2", "--graceful-timeout", "2")
-    process.port()
+    worker_port(process)
     pids = [int(process.read_until(r"started worker (\d+)").group(1)) for _ in range(2)]
     process.proc.kill()
     process.wait()
@@ -138,7 +154,7 @@ def test_workers_are_recycled_after_max_connections(daemon):
     """--worker-max-connections: a worker exits after about N connections and is replaced."""
     process = daemon("echo", "--bind", "127.0.0.1:0", "--workers", "1",
                      "--worker-max-connections", "5")
-    port = process.port()
+    port = worker_port(process)
     first = int(process.read_until(r"started worker (\d+)").group(1))
     for _ in range(6):
         wait_for(lambda: _serves(port), 10)
@@ -189,3 +205,77 @@ def test_tls_daemon(daemon, tmp_path):
             assert client.recv(100) == b"over tls"
     process.signal(signal.SIGTERM)
     assert process.wait() == 0
+
+
+def test_a_signal_caught_on_another_thread_still_drains(daemon):
+    """SIGTERM handled at C level on a non-main thread (the kernel's pick) still wakes the drain."""
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
+    if tgkill is None:
+        unavailable("tgkill() (glibc 2.30 or later) to signal one thread")
+    process = daemon("echo", "--bind", "127.0.0.1:0")
+    pid = process.proc.pid
+    port = process.port()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        assert wait_for(lambda: _thread_state(pid, pid) == "S"), "the main thread never slept"
+        # The lowest thread id after the main thread's is the accept thread, which
+        # lives as long as the server (a spare thread might be exiting).
+        other = min(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+        assert tgkill(pid, other, signal.SIGTERM) == 0
+        client.settimeout(5)
+        assert client.recv(1) == b""
+    assert process.wait(5) == 0
+    assert "stopped: 1 drained, 0 forced" in process.output()
+
+
+def _thread_state(pid: int, tid: int) -> str:
+    with open(f"/proc/{pid}/task/{tid}/stat") as stat_file:
+        return stat_file.read().rsplit(") ", 1)[1][0]
+
+
+def test_start_up_names_each_listener_once_and_the_chat_says_how_to_connect(daemon):
+    """One "accepting on" line per listener (no second "listening on"); the chat demo's nc hint."""
+    process = daemon("chat", "--bind", "127.0.0.1:0")
+    port = process.port()
+    process.read_until(r"connserver\.daemon: chat demo: connect with `nc 127\.0\.0\.1 %d`" % port)
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    output = process.output()
+    assert "listening on" not in output
+    assert output.count(f" on 127.0.0.1:{port}") == 1
+
+
+def test_workers_say_how_to_connect_once(daemon):
+    """With --workers the supervisor gives the hint once, when every worker serves."""
+    process = daemon("chat", "--bind", "127.0.0.1:0", "--workers", "2")
+    port = worker_port(process)
+    process.read_until(r"chat demo: connect with `nc 127\.0\.0\.1 %d`" % port)
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    output = process.output()
+    assert output.count("chat demo:") == 1
+    assert output.count(f"accepting on 127.0.0.1:{port}") == 2
+    assert "listening on" not in output
+
+
+@pytest.mark.parametrize("handler, config, expected", [
+    (ChatHandler, Config(), "chat demo: connect with `nc 127.0.0.1 {port}`"),
+    (ChatHandler, Config(), "chat demo: connect with `nc -U {path}`"),
+    (EchoHandler, Config(), None),   # no usage_hint
+    (ChatHandler, Config(proxy_protocol=True, trusted_proxy=("127.0.0.1/32",)), None),
+])
+def test_usage_hint(tmp_path, caplog, handler, config, expected):
+    """The hint names the first listener's address; none without usage_hint or for PROXY/TLS."""
+    unix = "{path}" in (expected or "")
+    path = str(tmp_path / "chat.sock")
+    listener = socket.socket(socket.AF_UNIX if unix else socket.AF_INET)
+    try:
+        listener.bind(path if unix else ("127.0.0.1", 0))
+        port = None if unix else listener.getsockname()[1]
+        with caplog.at_level(logging.INFO, logger="connserver.daemon"):
+            log_usage_hint(handler, [listener], config)
+    finally:
+        listener.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ([] if expected is None else [expected.format(port=port, path=path)])

@@ -66,6 +66,13 @@ class ChatHandler(LineHandler):
         server = self.server
         return server.resource("chat-room", lambda: ChatRoom(server.hub("chat")))
 
+    @classmethod
+    def usage_hint(cls, address: tuple[str, int] | str) -> str:
+        """The daemon's start-up line: how to join from a terminal."""
+        if isinstance(address, str):
+            return f"chat demo: connect with `nc -U {address}`"
+        return f"chat demo: connect with `nc {address[0]} {address[1]}`"
+
     def setup(self) -> None:
         self.send_line("* Welcome to connserver chat! Choose a nickname:")
 
