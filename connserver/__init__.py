@@ -3,7 +3,8 @@
 from .buffers import BufferLease, BufferPool, PoolStatistics
 from .cancel import CancelToken, Watchdog
 from .config import Config
-from .connection import Connection, ConnectionInfo
+from .connection import Connection
+from .stats import ConnectionInfo
 from .deadline import Deadline
 from . import framing
 from .errors import (
@@ -24,9 +25,10 @@ from .errors import (
 from .handler import FramedHandler, Handler, LineHandler
 from .hub import Hub, Subscription
 from .queues import ByteBoundedQueue, QueueClosed, QueueEmpty, QueueFull
-from .ratelimit import TokenBucket
+from .rate_limits import TokenBucket
 from .server import Server, ShutdownReport, StuckThread
 from .stats import ServerStatistics
+from . import admin as _admin   # noqa: F401  (attaches the admin endpoint to Server)
 
 __version__ = "0.1.0"
 

@@ -32,10 +32,9 @@ from .diagnostics import MemoryTracker, census, thread_stacks
 from .errors import CloseReason, RemoteProtocolError
 from .handler import Handler
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render_metrics
-from .outcome import ip_of
+from .addresses import ip_of
+from .server import Server
 
-if TYPE_CHECKING:
-    from .server import Server
 
 __all__ = ["AdminServer", "AdminHandler", "AdminAdmission", "AdminAdmissionStatistics",
            "parse_request", "stats_document"]
@@ -231,23 +230,27 @@ class AdminServer:
     room for new connections; replace it before :meth:`start` to change its clock).
     """
 
-    def __init__(self, target: "Server", address: str) -> None:
-        from .server import Server
-
+    def __init__(self, target: Server, address: str) -> None:
         host, port = parse_address(address, "admin_address", default_host="127.0.0.1")
         self.target = target
         self.memory = MemoryTracker()
         self.memory_lock = threading.Lock()   # one pympler walk at a time
         self.admission = AdminAdmission(MAX_WAITING, MAX_WAITING_PER_ADDRESS, PROTECTED_INTERVAL)
         self._next_room_warning = 0.0
-        self.server = Server((host, port), AdminHandler, ADMIN_CONFIG, name="admin")
-        self.server.admin = self   # type: ignore[attr-defined]
+        # A handler class bound to this endpoint: its handlers find it as ``self.admin``.
+        handler = type("AdminHandler", (AdminHandler,), {"admin": self})
+        self.server = Server((host, port), handler, ADMIN_CONFIG, name="admin")
+        self._started = False
 
     @property
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
 
     def start(self) -> None:
+        """Serve (idempotent: the target server calls it each time it starts serving)."""
+        if self._started:
+            return
+        self._started = True
         self.server.start()
         log.info("admin endpoint on http://%s:%d/", *self.address)
 
@@ -269,11 +272,12 @@ class AdminServer:
 
 
 class AdminHandler(Handler):
-    """One GET request per connection; tells the admission when it is answered and ends."""
+    """One GET request per connection; tells the admission when it is answered and ends.
 
-    @property
-    def admin(self) -> AdminServer:
-        return self.server.admin   # type: ignore[attr-defined,no-any-return]
+    ``admin`` is set on the subclass each :class:`AdminServer` makes for itself.
+    """
+
+    admin: AdminServer
 
     def setup(self) -> None:
         self.admin.admit(self.id, ip_of(self.peer))
@@ -371,3 +375,14 @@ ROUTES: dict[str, Callable[[AdminServer], tuple[int, str, str]]] = {
     "/debug/threads": _threads,
     "/debug/memory": _memory,
 }
+
+
+def attach_admin(server: Server) -> AdminServer | None:
+    """The admin endpoint for ``server``, if its ``Config.admin_address`` asks for one."""
+    if server.config.admin_address is None:
+        return None
+    return AdminServer(server, server.config.admin_address)
+
+
+# Attached from here, so the core never imports the operations layer.
+Server.attachments["admin"] = attach_admin

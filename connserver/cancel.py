@@ -86,7 +86,23 @@ class CancelToken:
         if self.cancelled:
             raise Cancelled(self._reason or CloseReason.CANCELLED)
 
-    def _detach(self) -> None:
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when cancelled (at once if already cancelled).
+
+        The server uses it to hand a cancelled connection to its watchdog.
+        """
+        with self._lock:
+            if not self.cancelled:
+                self._on_cancel = callback
+                return
+        callback()
+
+    @property
+    def callback(self) -> Callable[[], None] | None:
+        """The callback still attached, if any (memory accounting excludes it)."""
+        return self._on_cancel
+
+    def detach(self) -> None:
         """Drop the callback (and the references it holds) once the connection ended."""
         with self._lock:
             self._on_cancel = None
@@ -155,6 +171,11 @@ class Watchdog:
             raise RuntimeError("watchdog already started")
         self._thread = threading.Thread(target=self._run, name=self._name)
         self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The watchdog's thread, once started."""
+        return self._thread
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the thread; return ``False`` if it did not exit within ``timeout``."""

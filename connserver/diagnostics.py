@@ -15,8 +15,9 @@ import json
 import os
 import sys
 import threading
-import traceback
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .report import stack_of, thread_stacks
 
 if TYPE_CHECKING:
     from .server import Server
@@ -82,18 +83,6 @@ def census(server: "Server | None" = None) -> Census:
         rss_bytes=rss_bytes(), allocated_blocks=sys.getallocatedblocks(),
         gc_counts=gc.get_count(), gc_collections=sum(s["collections"] for s in gc.get_stats()),
         connections=connections, pool_leases=leases)
-
-
-def stack_of(ident: int | None) -> str:
-    """The formatted current stack of the thread ``ident`` (for reports and logs)."""
-    frame = sys._current_frames().get(ident or -1)
-    return "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
-
-
-def thread_stacks(threads: Iterable[threading.Thread] | None = None) -> list[tuple[str, str]]:
-    """(name, formatted stack) of each thread (all threads by default)."""
-    return [(thread.name, stack_of(thread.ident))
-            for thread in (threads if threads is not None else threading.enumerate())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +159,13 @@ def footprint(*objects: Any) -> int:
         if server is not None:
             shared.append(server)
             shared.extend(vars(server).values())
-        for attribute in ("config", "_pool", "_stats", "_clock", "hub", "run_gate"):
+        for attribute in ("config", "hub"):
             value = getattr(obj, attribute, None)
             if value is not None:
                 shared.append(value)
-        token = getattr(obj, "cancel_token", None)
-        if token is not None and token._on_cancel is not None:
-            shared.append(token._on_cancel)   # leads to the watchdog, shared by all
+        shared_by_all = getattr(obj, "shared_objects", None)
+        if shared_by_all is not None:
+            shared.extend(shared_by_all())
     sizer = asizeof.Asizer()
     if shared:
         sizer.exclude_objs(*shared)

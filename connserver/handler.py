@@ -63,7 +63,7 @@ class Handler(socketserver.BaseRequestHandler):
         self.id = request.id
         self.peer = client_address
         self.server = server
-        request._handler = self
+        request.attach_handler(self)
         self._prepare()
         super().__init__(request, client_address, server)
 
@@ -103,7 +103,7 @@ class _MessageHandler(Handler):
     def _prepare(self) -> None:
         # Before setup(), so a greeting sent there is already framed.
         self.conn.codec = self.make_codec()
-        self.conn.rate_unit = "messages"
+        self.conn.set_rate_unit("messages")   # each message is charged as one
 
     def end(self) -> None:
         """End the connection once the current frame or line has been handled.
@@ -117,7 +117,7 @@ class _MessageHandler(Handler):
         conn = self.conn
         codec = conn.codec
         assert codec is not None
-        clock = conn._clock
+        clock = conn.clock
         read_timeout = self.server.config.read_timeout
         message_expires_at: float | None = None
         while True:
@@ -129,7 +129,7 @@ class _MessageHandler(Handler):
                 return
             frames = codec.feed(data)
             data = None
-            limited = bool(conn.rate_limiters)
+            limited = conn.rate is not None
             for frame in frames:
                 if limited:
                     conn.charge(1)

@@ -41,6 +41,7 @@ from .deadline import Clock, monotonic
 from .faults import Faults
 from .errors import CloseReason, SlowConsumer
 from .queues import ByteBoundedQueue, OverflowPolicy, QueueClosed
+from .server import Server
 from .threads import block_async_signals
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ log = logging.getLogger("connserver.hub")
 
 HUB_POLICIES = ("disconnect", "drop_oldest", "drop_newest")
 _FLUSH_BYTES = 256 * 1024   # most bytes handed to one sendmsg
-_SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Subscription:
     """One connection's place in a hub; a context manager that always unsubscribes."""
 
     __slots__ = ("hub", "conn", "queue", "name", "lock", "active", "pending", "scheduled",
-                 "blocked_since", "dead", "__weakref__")
+                 "blocked_since", "dead", "queued_bytes", "__weakref__")
 
     def __init__(self, hub: "Hub", conn: "Connection", queue: ByteBoundedQueue, name: str | None) -> None:
         self.hub = hub
@@ -83,6 +83,7 @@ class Subscription:
         self.pending: list = []        # buffers taken from the queue, not yet fully sent
         self.scheduled = False         # in the writer's ready list, or blocked on the socket
         self.blocked_since: float | None = None
+        self.queued_bytes = 0          # queued and not yet sent, as of the last change
 
     def send(self, data: bytes) -> bool:
         """Queue a message for this subscriber only (in order with broadcasts)."""
@@ -157,12 +158,9 @@ class Hub:
         with self._lock:
             if self._closed:
                 raise QueueClosed("hub is closed")
-            if conn._subscription is not None:
-                raise ValueError(f"connection #{conn.id} is already subscribed to a hub")
+            conn.attach_write_sink(sub)   # ValueError if it already has one
             self._start_writer()
             self._subs[id(sub)] = sub
-            conn._subscription = sub
-        conn.queue_bytes = 0
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> list:
@@ -171,20 +169,18 @@ class Hub:
                 return []
             sub.active = False
             unsent, sub.pending = sub.pending, []
-            if sub.conn.tls:
-                sub.conn.tls.put_back(unsent)   # ciphertext: it stays first in the stream
-                unsent = []
+            # TLS ciphertext goes back to the session, to stay first in the stream.
+            unsent = sub.conn.take_back_unsent(unsent)
             with self._lock:
                 self._subs.pop(id(sub), None)
-                fd = sub.conn._fileno
+                fd = sub.conn.fileno()
                 if self._blocked.get(fd) is sub:
                     del self._blocked[fd]
                     self._unregister(fd)
-                if sub.conn._subscription is sub:
-                    sub.conn._subscription = None
+                sub.conn.detach_write_sink(sub)
         sub.queue.close()
         unsent.extend(sub.queue.drain_nowait(sub.queue.max_bytes, sub.queue.max_items))
-        sub.conn.queue_bytes = 0
+        sub.queued_bytes = 0
         with self._lock:
             self._dropped += sub.queue.statistics().dropped
         return unsent
@@ -243,7 +239,7 @@ class Hub:
     def _schedule_locked(self, subs: Iterable[Subscription]) -> bool:
         """Put ``subs`` on the ready list (hub lock held); return whether to wake the writer."""
         for sub in subs:
-            sub.conn.queue_bytes = sub.queue.bytes
+            sub.queued_bytes = sub.queue.bytes
             if not sub.scheduled:
                 sub.scheduled = True
                 self._ready.append(sub)
@@ -333,63 +329,44 @@ class Hub:
                     self.faults.record(exc, f"cancelling #{sub.conn.id}")
 
     def _flush(self, sub: Subscription) -> None:
-        """Send what the subscriber has queued until done or its socket is full."""
+        """Send what the subscriber has queued until done or its socket is full.
+
+        Through the connection's non-blocking calls: over TLS, what goes on the wire
+        is encrypted here, per subscriber, while the queue holds the shared plaintext.
+        """
         with sub.lock:
             if not sub.active or sub.dead:
                 with self._lock:
                     sub.scheduled = False
                 return
-            sock = sub.conn.socket
-            tls = sub.conn.tls
+            conn = sub.conn
             while True:
                 if not sub.pending:
-                    if tls:
-                        # Encrypted now, per subscriber; the queue holds the shared plaintext.
-                        # The session's ciphertext also holds what the handler's reading made.
-                        plaintext = sub.queue.drain_nowait(_FLUSH_BYTES)
-                        try:
-                            sub.pending = tls.seal(plaintext[0] if len(plaintext) == 1
-                                                   else b"".join(plaintext))
-                        except OSError as exc:   # ssl.SSLError: the session has failed
-                            self._write_failed(sub, exc)
-                            return
-                        sub.conn.bytes_sent += sum(len(part) for part in plaintext)
-                    else:
-                        sub.pending = sub.queue.drain_nowait(_FLUSH_BYTES)
+                    try:
+                        sub.pending = conn.wire_bytes(sub.queue.drain_nowait(_FLUSH_BYTES))
+                    except OSError as exc:   # ssl.SSLError: the session has failed
+                        self._write_failed(sub, exc)
+                        return
                     if not sub.pending:
                         with self._lock:
-                            if len(sub.queue) or (tls and tls.has_output()):
+                            if len(sub.queue) or conn.wire_output_waiting():
                                 continue
                             sub.scheduled = False
-                            sub.conn.queue_bytes = 0
+                            sub.queued_bytes = 0
                         return
                 try:
-                    sent = sock.sendmsg(sub.pending, (), _SEND_FLAGS)
-                except BlockingIOError:
-                    sent = -1
+                    if conn.send_nowait(sub.pending):
+                        continue
                 except OSError as exc:
                     self._write_failed(sub, exc)
                     return
-                if sent >= 0:
-                    if not tls:   # over TLS, the plaintext was counted as it was encrypted
-                        sub.conn.bytes_sent += sent
-                    pending = sub.pending
-                    index = 0
-                    while index < len(pending) and sent >= len(pending[index]):
-                        sent -= len(pending[index])
-                        index += 1
-                    del pending[:index]
-                    if sent:
-                        pending[0] = memoryview(pending[0])[sent:]
-                    if not pending:
-                        continue
                 # The socket's send buffer is full: wait for EPOLLOUT.
                 with self._lock:
-                    fd = sub.conn._fileno
+                    fd = conn.fileno()
                     self._blocked[fd] = sub
                     if sub.blocked_since is None:
                         sub.blocked_since = self._clock()
-                    sub.conn.queue_bytes = sub.queue.bytes + sum(len(b) for b in sub.pending)
+                    sub.queued_bytes = sub.queue.bytes + sum(len(b) for b in sub.pending)
                     try:
                         self._epoll.register(fd, select.EPOLLOUT)   # type: ignore[union-attr]
                     except FileExistsError:
@@ -457,3 +434,8 @@ class Hub:
                              dropped=stats[2] + sum(s.queue.statistics().dropped for s in subs),
                              slow_consumers=stats[3], write_deadlines=stats[4],
                              queued_bytes=sum(s.queue.bytes for s in subs))
+
+
+# Server.hub(name) makes hubs with this factory; registered here so the core never
+# imports the broadcast layer.
+Server.resource_factories["hub"] = Hub

@@ -8,14 +8,14 @@ Anything else is a bug in handler code, logged once at ERROR with its traceback.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import Cancelled, CloseReason, ConnServerError, LocalProtocolError
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["classify_failure", "ip_of"]
+__all__ = ["classify_failure"]
 
 log = logging.getLogger("connserver.conn")
 
@@ -43,10 +43,3 @@ def classify_failure(conn: "Connection", exc: BaseException) -> CloseReason:
         return conn.cancel_token.reason or CloseReason.CANCELLED
     log.error("%s handler raised %s", prefix, type(exc).__name__, exc_info=exc)
     return CloseReason.ERROR
-
-
-def ip_of(address: Any) -> str:
-    """The host part of a peer address ("unix" for a Unix socket peer)."""
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    return "unix"

@@ -1,13 +1,14 @@
-"""What ``Server.shutdown()`` reports, including threads that would not stop."""
+"""What ``Server.shutdown()`` reports, including threads that would not stop, with stacks."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
+import traceback
+from typing import Iterable
 
-from .diagnostics import stack_of
-
-__all__ = ["ShutdownReport", "StuckThread", "describe_thread"]
+__all__ = ["ShutdownReport", "StuckThread", "describe_thread", "stack_of", "thread_stacks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +45,15 @@ def describe_thread(thread: threading.Thread) -> StuckThread:
         except ValueError:
             pass
     return StuckThread(name=thread.name, conn_id=conn_id, stack=stack)
+
+
+def stack_of(ident: int | None) -> str:
+    """The formatted current stack of the thread ``ident`` (for reports and logs)."""
+    frame = sys._current_frames().get(ident or -1)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
+
+
+def thread_stacks(threads: Iterable[threading.Thread] | None = None) -> list[tuple[str, str]]:
+    """(name, formatted stack) of each thread (all threads by default)."""
+    return [(thread.name, stack_of(thread.ident))
+            for thread in (threads if threads is not None else threading.enumerate())]

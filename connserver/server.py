@@ -18,37 +18,44 @@ import socket
 import socketserver
 import sys
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
-from .admin import AdminServer
-from .admission import RunGate
+from .addresses import format_peer, ip_of
 from .buffers import BufferPool
 from .cancel import CancelToken, Watchdog
 from .config import Config
-from .connection import Connection, ConnectionInfo, format_peer, set_kernel_timeouts
-from .deadline import Clock, monotonic
-from .diagnostics import stack_of
-from .errors import CloseReason, LimitExceeded, RemoteProtocolError
+from .connection import Connection
+from .connection_limits import ConnectionLimiter
+from .deadline import Clock, monotonic, set_kernel_timeouts
+from .errors import CloseReason
 from .faults import Faults
 from .handler import Handler
-from .hub import Hub
-from .limits import ConnectionLimiter
-from .preamble import TrustedNetworks, read_proxy_header
-from .tls import server_context
 from .listeners import describe
-from .ratelimit import BucketTable, TokenBucket
-from .outcome import classify_failure, ip_of
-from .report import ShutdownReport, StuckThread, describe_thread
-from .stats import ServerStatistics, ServerStats
+from .outcome import classify_failure
+from .preamble import Preamble
+from .registry import ConnectionRegistry
+from .report import ShutdownReport, StuckThread, describe_thread, stack_of
+from .run_slots import RunGate, RunSlot
+from .stats import ConnectionInfo, ServerStatistics, ServerStats
 from .threads import HandlerThreadPool
 
-__all__ = ["Server", "ShutdownReport", "StuckThread"]
+__all__ = ["Server", "ShutdownReport", "StuckThread", "Attachment"]
 
 T = TypeVar("T")
 
 log = logging.getLogger("connserver.server")
 conn_log = logging.getLogger("connserver.conn")
 access_log = logging.getLogger("connserver.access")
+
+
+class Attachment(Protocol):
+    """Something a layer above the core attaches to a server (the admin endpoint)."""
+
+    def start(self) -> None:
+        """Called when the server starts serving (again: must be idempotent)."""
+
+    def close(self) -> None:
+        """Called last in a shutdown."""
 
 # accept() errors that mean "out of a resource": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -60,22 +67,30 @@ _UNDELIVERABLE = frozenset({CloseReason.RESET, CloseReason.SLOW_CONSUMER,
                             CloseReason.WRITE_DEADLINE})
 
 
-class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class Server(socketserver.TCPServer):
     """A TCP server running each connection's handler on its own thread.
 
     Methods for the caller: ``start()``, ``serve_forever()``, ``shutdown(grace)``,
-    ``server_close()``, ``stats()``, ``connections()``, ``cancel(conn_id, reason)``;
-    also a context manager (leaving it shuts the server down).
+    ``force()``, ``server_close()``, ``stats()``, ``connections()``,
+    ``cancel(conn_id, reason)``, ``resource(key, factory)``, ``hub(name)``,
+    ``add_listener()``, ``recycle_after()``; also a context manager (leaving it
+    shuts the server down).
 
     Methods that may be overridden: ``verify_request(request, client_address)``
     (return False to refuse a connection, as in socketserver).
 
     Class variables that may be overridden: ``allow_reuse_address`` (True).
+
+    Extension points for the layers above the core, which register themselves
+    when imported (``import connserver`` imports them all): ``attachments``
+    (name → factory called with each new server, returning an
+    :class:`Attachment` or None; the admin endpoint is one) and
+    ``resource_factories`` (name → factory for :meth:`hub`-style shared objects).
     """
 
     allow_reuse_address = True
-    daemon_threads = False
-    block_on_close = False   # we join our own threads, with timeouts
+    attachments: ClassVar[dict[str, Callable[["Server"], "Attachment | None"]]] = {}
+    resource_factories: ClassVar[dict[str, Callable[..., Any]]] = {}
 
     def __init__(self, server_address: Any, RequestHandlerClass: type[Handler],
                  config: Config | None = None, *, bind_and_activate: bool = True,
@@ -100,23 +115,16 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._accept_faults = Faults("accept", log, self._stats.internal_error)
         self._stuck: set[int] = set()   # ids of live connections reported stuck
         config = self.config
-        self._ip_buckets = (BucketTable(config.ip_rate, max(1.0, config.ip_rate), clock=clock)
-                            if config.ip_rate else None)
-        self._server_bucket = (TokenBucket(config.server_rate, max(1.0, config.server_rate),
-                                           clock=clock) if config.server_rate else None)
-        self._trusted_proxies = (TrustedNetworks(config.trusted_proxy)
-                                 if config.proxy_protocol else None)
-        self._tls_context = server_context(config) if config.tls_cert else None
+        self._preamble = Preamble(config, self._limiter, clock)
         self._run_gate = RunGate(config.max_running) if config.max_running else None
-        self._threads = HandlerThreadPool(
+        self._registry = ConnectionRegistry(self._stats, clock, self._run_gate)
+        self._handler_threads = HandlerThreadPool(
             self._serve_connection, min_spare=self.config.min_spare_threads,
             max_spare=self.config.max_spare_threads,
             spare_timeout=self.config.spare_thread_timeout,
             stack_size=self.config.thread_stack_size, discard=self._discard_job,
             name_prefix=self._prefix, max_threads=self.config.max_connections,
             on_fault=self._stats.internal_error)
-        self._registry: dict[int, Connection] = {}
-        self._registry_cond = threading.Condition(threading.Lock())
         self._next_id = iter(range(1, sys.maxsize)).__next__
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._stopping = threading.Event()
@@ -138,19 +146,21 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._admitted = 0
         self._resources: dict[Any, Any] = {}
         self._resources_lock = threading.RLock()   # a factory may ask for another resource
-        self._admin: AdminServer | None = None
+        self._attached: dict[str, Attachment] = {}
         try:
             super().__init__(server_address, RequestHandlerClass, bind_and_activate)
         except BaseException:
             self._wakeup_r.close()
             self._wakeup_w.close()
             raise
-        if self.config.admin_address is not None:
-            try:
-                self._admin = AdminServer(self, self.config.admin_address)
-            except BaseException:
-                self._close_listener()
-                raise
+        try:
+            for name, attach in self.attachments.items():
+                attachment = attach(self)
+                if attachment is not None:
+                    self._attached[name] = attachment
+        except BaseException:
+            self._close_listener()
+            raise
 
     # --- the caller's API -------------------------------------------------------
 
@@ -175,9 +185,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._serving_thread = threading.current_thread()
         try:
             self._start_watchdog()
-            self._threads.start()
-            if self._admin is not None and not self._admin.server._accepting.is_set():
-                self._admin.start()
+            self._handler_threads.start()
+            for attachment in self._attached.values():
+                attachment.start()
             with selectors.DefaultSelector() as selector:
                 for listener in self.listeners:
                     listener.setblocking(False)
@@ -216,10 +226,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             grace = self.config.graceful_timeout if grace is None else grace
             started = self._clock()
             self._drain_expires_at = started + grace
+            alive: list[threading.Thread] = []
             try:
                 self._stop_accepting()
-                with self._registry_cond:
-                    everyone = list(self._registry.values())
+                everyone = self._registry.live()
                 live = self._others_live()   # the caller's own connection is not waited for
                 for conn in everyone:
                     conn.cancel_token.cancel(CloseReason.SHUTDOWN)
@@ -237,18 +247,18 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     self._force_now.clear()
                     self._wait_drained(_FORCE_WAIT_INTERVAL)
                 self._close_resources()
-                alive = self._threads.shutdown(timeout=0.5 if remaining else 2.0)
+                alive = self._handler_threads.shutdown(timeout=0.5 if remaining else 2.0)
             finally:
-                if self._admin is not None:   # last, so /healthz said 503 during the drain
-                    self._admin.close()
-                if not self._watchdog.stop(timeout=2.0) and self._watchdog._thread is not None:
-                    alive = [*locals().get("alive", []), self._watchdog._thread]
+                for attachment in self._attached.values():
+                    attachment.close()   # last, so /healthz said 503 during the drain
+                if not self._watchdog.stop(timeout=2.0) and self._watchdog.thread is not None:
+                    alive.append(self._watchdog.thread)
             stuck = tuple(describe_thread(thread) for thread in alive)
             for thread in stuck:
                 log.error("thread %s still alive after shutdown (connection %s):\n%s",
                           thread.name, thread.conn_id, thread.stack)
             for conn in self._others_live():
-                self._log_stuck_connection(conn)
+                self._registry.log_stuck(conn)
             if self._serving_thread is not threading.current_thread():
                 self._close_listener()
             self._shutdown_report = ShutdownReport(
@@ -260,17 +270,16 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def force(self) -> None:
         """End a shutdown's grace period now (e.g. on a second SIGTERM)."""
         self._force_now.set()
-        with self._registry_cond:
-            self._registry_cond.notify_all()
+        self._registry.wake()
 
     def server_close(self) -> None:
         """Close the listener; if still serving, shut down first (with no grace)."""
-        if self._shutdown_report is None and (not self._serve_done.is_set() or self._registry
+        if self._shutdown_report is None and (not self._serve_done.is_set() or len(self._registry)
                                               or self._watchdog_started):
             self.shutdown(grace=0.0)
         self._close_listener()
-        if self._admin is not None:
-            self._admin.close()
+        for attachment in self._attached.values():
+            attachment.close()
 
     @property
     def listeners(self) -> list[socket.socket]:
@@ -314,21 +323,21 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     @property
     def admin_address(self) -> tuple[str, int] | None:
         """Where the admin endpoint listens, if ``Config.admin_address`` is set."""
-        return None if self._admin is None else self._admin.address
+        admin = self._attached.get("admin")
+        return None if admin is None else admin.address   # type: ignore[attr-defined]
+
+    def attachment(self, name: str) -> "Attachment | None":
+        """What the layer registered as ``name`` attached to this server, if anything."""
+        return self._attached.get(name)
 
     def __exit__(self, *exc_info: object) -> None:
         self.server_close()
 
     def stats(self) -> ServerStatistics:
         """The counters; byte totals include what live connections moved so far."""
-        busy, spare = self._threads.counts()
-        with self._registry_cond:
-            live = list(self._registry.values())
-            received = sum(conn.bytes_received for conn in live)
-            sent = sum(conn.bytes_sent for conn in live)
-            return self._stats.snapshot(handler_threads=busy, spare_threads=spare,
-                                        stuck_threads=len(self._stuck),
-                                        live_bytes=(received, sent))
+        busy, spare = self._handler_threads.statistics()
+        return self._registry.statistics(handler_threads=busy, spare_threads=spare,
+                                         stuck_threads=len(self._stuck))
 
     def _report_stuck(self, conn: Connection) -> None:
         """The watchdog found a cancelled connection's handler still running."""
@@ -339,14 +348,11 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     self.config.stuck_thread_timeout, conn.cancel_token.reason, stack)
 
     def connections(self) -> list[ConnectionInfo]:
-        with self._registry_cond:
-            live = list(self._registry.values())
-        return [conn.info() for conn in live]
+        return self._registry.infos()
 
     def cancel(self, conn_id: int, reason: CloseReason | str = CloseReason.CANCELLED) -> bool:
         """Cancel one connection (its blocked I/O wakes at once); False if not live."""
-        with self._registry_cond:
-            conn = self._registry.get(conn_id)
+        conn = self._registry.get(conn_id)
         return conn is not None and conn.cancel_token.cancel(reason)
 
     def resource(self, key: Any, factory: Callable[[], T]) -> T:
@@ -364,11 +370,19 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 value = self._resources[key] = factory()
                 return value
 
-    def hub(self, name: str = "default", **options: Any) -> Hub:
-        """The server's hub called ``name`` (made on first use with ``options``)."""
+    def hub(self, name: str = "default", **options: Any) -> Any:
+        """The server's :class:`~connserver.Hub` called ``name`` (made on first use with
+        ``options``). The hub module registers its factory (see the class docstring)."""
+        factory = self.resource_factories.get("hub")
+        if factory is None:
+            raise RuntimeError("no hub factory registered: import connserver.hub first")
         options.setdefault("write_timeout", self.config.write_timeout)
         options.setdefault("on_fault", self._stats.internal_error)
-        return self.resource(("hub", name), lambda: Hub(name=name, clock=self._clock, **options))
+        return self.resource(("hub", name), lambda: factory(name=name, clock=self._clock, **options))
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def accepting(self) -> bool:
@@ -394,7 +408,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         for _ in range(_ACCEPT_BURST):
             if self._stopping.is_set():
                 return
-            if hold_slot_first and not self._limiter.try_acquire_slot():
+            if hold_slot_first and not self._limiter.acquire_slot_nowait():
                 return   # back to the loop, which waits for a slot before accepting
             try:
                 sock, address = listener.accept()
@@ -445,14 +459,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._limiter.release_slot()
             self._reject(sock, address, CloseReason.LIMIT, "refused by verify_request")
             return
-        if not slot_held and not self._limiter.try_acquire_slot():
+        if not slot_held and not self._limiter.acquire_slot_nowait():
             self._reject(sock, address, CloseReason.LIMIT,
                          f"max_connections={self.config.max_connections} reached")
             return
         # Behind a PROXY-protocol balancer the peer is the balancer: the client's
         # address (and so its per-address limit) is known only after the header.
-        accounted_ip = None if self._trusted_proxies is not None else ip
-        if accounted_ip is not None and not self._limiter.try_acquire_ip(accounted_ip):
+        accounted_ip = None if self._preamble.proxied else ip
+        if accounted_ip is not None and not self._limiter.acquire_ip_nowait(accounted_ip):
             self._limiter.release_slot()
             self._reject(sock, address, CloseReason.LIMIT,
                          f"max_connections_per_ip={self.config.max_connections_per_ip} reached")
@@ -465,14 +479,15 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             except Exception as exc:
                 self._accept_faults.record(exc, "recycle callback")
         try:
-            set_kernel_timeouts(sock, self.config)   # here, not on the handler thread: see there
+            # Here, not on the handler thread: see set_kernel_timeouts.
+            set_kernel_timeouts(sock, self.config.idle_timeout, self.config.write_timeout)
         except (OSError, OverflowError, ValueError) as exc:   # e.g. already reset
             self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()
             self._reject(sock, address, CloseReason.RESET, f"setting its timeouts failed: {exc}")
             return
         try:
-            self._threads.submit((sock, address, accounted_ip))
+            self._handler_threads.submit((sock, address, accounted_ip))
         except Exception as exc:
             # E.g. "can't start new thread": refuse this one, keep accepting.
             self._limiter.release_ip(accounted_ip)
@@ -490,15 +505,15 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the accepted socket to a handler thread (never blocks on the handler)."""
-        set_kernel_timeouts(request, self.config)
-        self._threads.submit((request, client_address, ip_of(client_address)))
+        set_kernel_timeouts(request, self.config.idle_timeout, self.config.write_timeout)
+        self._handler_threads.submit((request, client_address, ip_of(client_address)))
 
     # --- one connection, on its handler thread -------------------------------------
 
     def _serve_connection(self, job: tuple[socket.socket, Any, str | None]) -> None:
         sock, address, accounted_ip = job
         try:
-            conn = self._open_connection(sock, address, accounted_ip)
+            conn = self._open_connection(sock, address)
         except BaseException:
             log.exception("setting up the connection from %s failed", format_peer(address))
             sock.close()
@@ -509,50 +524,16 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         reason = CloseReason.ERROR
         try:
             self._set_socket_options(sock)
-            self._run_preamble(conn)
+            proxied_ip = self._preamble.run(conn)
+            if proxied_ip is not None:
+                accounted_ip = proxied_ip   # behind a proxy: the real client's slot
             self.finish_request(conn, conn.peer)
         except BaseException as exc:
             reason = classify_failure(conn, exc)
         else:
             reason = token.reason or conn.outcome or CloseReason.CLOSED
         finally:
-            self._end_connection(conn, address, reason)
-
-    def _run_preamble(self, conn: Connection) -> None:
-        """The PROXY header, then TLS, then the rate limiters (which need the real peer)."""
-        expires_at = self._clock() + self.config.handshake_timeout
-        if self._trusted_proxies is not None:
-            proxy = ip_of(conn.peer)
-            if proxy not in self._trusted_proxies:
-                raise RemoteProtocolError(f"PROXY header expected from a trusted proxy, "
-                                          f"not from {proxy}")
-            header = read_proxy_header(conn, expires_at)
-            if header.command == "PROXY" and header.source is not None:
-                conn.set_peer(header.source)
-            ip = ip_of(conn.peer)
-            if not self._limiter.try_acquire_ip(ip):
-                raise LimitExceeded(f"max_connections_per_ip={self.config.max_connections_per_ip}"
-                                    f" reached for {ip}")
-            conn.accounted_ip = ip
-        if self._tls_context is not None:
-            remaining = expires_at - self._clock()
-            if remaining <= 0:
-                conn._deadline_exceeded("handshake")
-            conn.start_tls(self._tls_context, remaining)
-        conn.rate_limiters = self._rate_limiters_for(conn)
-
-    def _rate_limiters_for(self, conn: Connection) -> tuple[TokenBucket, ...]:
-        config = self.config
-        limiters = []
-        if config.rate:
-            limiters.append(TokenBucket(config.rate, config.burst or max(1.0, config.rate),
-                                        clock=self._clock))
-        if self._ip_buckets is not None:
-            conn.rate_ip = ip_of(conn.peer)
-            limiters.append(self._ip_buckets.acquire(conn.rate_ip))
-        if self._server_bucket is not None:
-            limiters.append(self._server_bucket)
-        return tuple(limiters)
+            self._end_connection(conn, reason, accounted_ip)
 
     def _discard_job(self, job: tuple[socket.socket, Any, str | None]) -> None:
         """A connection accepted but never given a thread (the pool shut down first)."""
@@ -562,23 +543,17 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._limiter.release_slot()
         self._stats.rejected_at_accept(CloseReason.SHUTDOWN)
 
-    def _open_connection(self, sock: socket.socket, address: Any,
-                         accounted_ip: str | None) -> Connection:
+    def _open_connection(self, sock: socket.socket, address: Any) -> Connection:
         """Wrap, register and watch a newly accepted socket (on its handler thread)."""
         conn_id = self._next_id()
         threading.current_thread().name = f"{self._prefix}-conn-{conn_id}"
         token = CancelToken()
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
                           cancel_token=token, stats=self._stats, clock=self._clock,
-                          kernel_timeouts_set=True)
-        token._on_cancel = functools.partial(self._watchdog.abort_soon, conn)
-        conn.accounted_ip = accounted_ip
-        conn.run_gate = self._run_gate
-        with self._registry_cond:
-            self._registry[conn_id] = conn
-            if self._run_gate is not None:
-                self._run_gate.connections += 1
-        self._stats.opened()
+                          kernel_timeouts_set=True,
+                          run_slot=None if self._run_gate is None else RunSlot(self._run_gate))
+        token.on_cancel(functools.partial(self._watchdog.abort_soon, conn))
+        self._registry.add(conn)
         if self._stopping.is_set():
             token.cancel(CloseReason.SHUTDOWN)
         lifetime = self.config.max_lifetime
@@ -597,63 +572,33 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             if self.config.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
-    def _end_connection(self, conn: Connection, address: Any, reason: CloseReason) -> None:
+    def _end_connection(self, conn: Connection, reason: CloseReason,
+                        accounted_ip: str | None) -> None:
+        """After the handler: close (lingering), clean up, count. Every path ends here."""
         linger_timeout = self._linger_timeout()
         try:
             self._watchdog.unwatch(conn)
-            if conn._subscription is not None:   # before close(): the hub's writer uses the fd
-                if reason in _UNDELIVERABLE or linger_timeout <= 0:
-                    conn._subscription.close()
-                else:
-                    # Take the write side back from the hub with what it still had
-                    # queued for this peer, and deliver that too.
-                    conn.send_goodbye(b"", timeout=linger_timeout)
+            if conn.write_sink_attached:   # before close(): the hub's writer uses the fd
+                # Take the write side back from the hub with what it still had queued
+                # for this peer, and deliver that too, unless nothing more can reach it.
+                conn.send_goodbye(b"", timeout=0.0 if reason in _UNDELIVERABLE else linger_timeout)
         finally:
-            conn.close(0.0 if reason in _UNDELIVERABLE else linger_timeout)
-            conn.close_reason = reason
-            conn.cancel_token._detach()
-        handler, conn._handler = conn._handler, None
+            conn.close(0.0 if reason in _UNDELIVERABLE else linger_timeout, reason)
+            conn.cancel_token.detach()
+        handler, conn.handler = conn.handler, None
         try:
             self._pool.check_account(conn.leases, f"connection #{conn.id}")
             if handler is not None:
                 try:
-                    handler.connection_closed(reason)
+                    handler.connection_closed(reason)   # type: ignore[attr-defined]
                 except BaseException:
                     conn_log.exception("#%d %s connection_closed() raised", conn.id, conn.peer_label)
         finally:
-            self._limiter.release_ip(conn.accounted_ip)
+            self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()
-            if conn.rate_ip is not None and self._ip_buckets is not None:
-                self._ip_buckets.release(conn.rate_ip)
+            self._preamble.release(conn)
             self._stuck.discard(conn.id)
-            with self._registry_cond:
-                # One step, so stats() counts this connection's bytes exactly once.
-                self._registry.pop(conn.id, None)
-                self._stats.closed(reason, conn.bytes_received, conn.bytes_sent,
-                                   conn.bytes_unacked)
-                if self._run_gate is not None:
-                    self._run_gate.connections -= 1
-                if self._stopping.is_set():
-                    self._registry_cond.notify_all()
-            if access_log.isEnabledFor(logging.INFO):
-                # bytes_out: what the peer acknowledged; unacked: sent, maybe never delivered.
-                access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s%s",
-                                conn.id, conn.peer_label, self._clock() - conn.created_at,
-                                conn.bytes_received, conn.bytes_sent - conn.bytes_unacked,
-                                reason.value,
-                                f" unacked={conn.bytes_unacked}" if conn.bytes_unacked else "")
-
-    def _log_stuck_connection(self, conn: Connection) -> None:
-        """An access-log line for a connection whose handler outlived the shutdown.
-
-        Its thread never reached ``_end_connection``; without this line the
-        connection would vanish from the access log. Its socket was shut both ways.
-        """
-        access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s stuck "
-                        "(handler thread still running at shutdown; socket shut, not closed)",
-                        conn.id, conn.peer_label, self._clock() - conn.created_at,
-                        conn.bytes_received, conn.bytes_sent,
-                        (conn.cancel_token.reason or CloseReason.SHUTDOWN).value)
+            self._registry.remove(conn, reason)
 
     def _linger_timeout(self) -> float:
         """How long a closing connection may wait for its peer to take what was sent."""
@@ -712,14 +657,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def _others_live(self) -> list[Connection]:
         """Live connections, except the caller's own (when a handler shuts us down)."""
-        me = threading.get_ident()
-        with self._registry_cond:
-            return [conn for conn in self._registry.values() if conn.thread_ident != me]
+        return self._registry.live(except_thread=threading.get_ident())
 
     def _wait_drained(self, timeout: float) -> bool:
-        timeout = min(timeout, threading.TIMEOUT_MAX)
-        me = threading.get_ident()
-        with self._registry_cond:
-            return self._registry_cond.wait_for(
-                lambda: self._force_now.is_set() or all(
-                    conn.thread_ident == me for conn in self._registry.values()), timeout)
+        return self._registry.wait_empty(timeout, except_thread=threading.get_ident(),
+                                         stop_waiting=self._force_now.is_set)

@@ -1,4 +1,5 @@
-"""Server-wide counters, and the frozen record ``Server.stats()`` returns."""
+"""Server-wide counters, and the frozen records ``Server.stats()`` and
+``Server.connections()`` return."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Mapping
 from .deadline import Clock, monotonic
 from .errors import CloseReason
 
-__all__ = ["ServerStats", "ServerStatistics"]
+__all__ = ["ConnectionInfo", "ServerStats", "ServerStatistics"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,21 @@ class ServerStatistics:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionInfo:
+    """A snapshot of one live connection (for ``server.connections()``)."""
+
+    id: int
+    peer: str
+    age: float
+    bytes_in: int
+    bytes_out: int
+    operation: str | None            # "idle", "read", "write", "linger"… or None (handler code)
+    deadline_remaining: float | None
+    leases: int
+    queue_bytes: int
 
 
 class ServerStats:

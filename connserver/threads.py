@@ -111,7 +111,7 @@ class HandlerThreadPool(Generic[Job]):
         if self._spawner is None:
             self.start()
 
-    def counts(self) -> tuple[int, int]:
+    def statistics(self) -> tuple[int, int]:
         """(jobs being run or queued, spare threads waiting)."""
         with self._cond:
             return self._busy, max(0, self._surplus)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import connserver
-from connserver.admission import RunGate
+from connserver.run_slots import RunGate
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect
@@ -130,7 +130,7 @@ class BigReply(connserver.Handler):
     def handle(self) -> None:
         while self.conn.recv():
             self.conn.sendall(b"y" * (16 * 1024 * 1024))
-            SLOT_HELD_AFTER_WRITE.append(self.conn._in_gate)
+            SLOT_HELD_AFTER_WRITE.append(self.conn.run_slot.held)
 
 
 def test_a_write_that_had_to_wait_takes_its_slot_back(serve):

@@ -12,6 +12,7 @@ import pytest
 
 import connserver
 from connserver import BufferPool, CancelToken, CloseReason, Config, Connection, Watchdog
+from connserver.rate_limits import RateMeter
 from connserver.testing import FakeClock, wait_for
 
 
@@ -174,7 +175,7 @@ def test_cancel_wakes_a_blocked_recv_within_100ms(socketpair):
     token = CancelToken()
     conn = Connection(server_side, "peer", id=7, config=Config(idle_timeout=30.0),
                       pool=BufferPool(4096, 4), cancel_token=token)
-    token._on_cancel = lambda: watchdog.abort_soon(conn)
+    token.on_cancel(lambda: watchdog.abort_soon(conn))
     outcome: list = []
     woke_at: list = []
 
@@ -207,7 +208,7 @@ def test_cancel_wakes_a_blocked_sendall(socketpair):
     watchdog = Watchdog()
     watchdog.start()
     conn = make_conn(server_side, write_timeout=30.0)
-    conn.cancel_token._on_cancel = lambda: watchdog.abort_soon(conn)
+    conn.cancel_token.on_cancel(lambda: watchdog.abort_soon(conn))
     outcome: list = []
 
     def writer():
@@ -314,7 +315,7 @@ def test_recv_exactly_charges_the_whole_message_to_a_byte_rate_limit(socketpair)
     clock = FakeClock()
     bucket = connserver.TokenBucket(100.0, 10_000, clock=clock)
     conn = make_conn(server_side)
-    conn.rate_limiters = (bucket,)
+    conn.limit_rate(RateMeter((bucket,)))
     client.sendall(b"x" * 3000)
     assert conn.recv_exactly(3000) == b"x" * 3000
     assert bucket.statistics().tokens == 10_000 - 3000

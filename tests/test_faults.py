@@ -103,10 +103,10 @@ def test_the_accept_loop_survives_a_fault_admitting_one_connection(serve, monkey
     real = server_module.set_kernel_timeouts
     failures = iter([True])
 
-    def fail_once(sock, config):
+    def fail_once(sock, receive, send):
         if next(failures, False):
             raise error("injected")
-        real(sock, config)
+        real(sock, receive, send)
 
     monkeypatch.setattr(server_module, "set_kernel_timeouts", fail_once)
     server = serve(EchoHandler)

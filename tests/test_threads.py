@@ -20,7 +20,7 @@ def test_jobs_run_with_spares_ahead_and_never_past_max_threads():
     pool = HandlerThreadPool(run, min_spare=4, max_spare=8, spare_timeout=5.0, max_threads=3)
     pool.start()
     try:
-        assert wait_for(lambda: pool.counts() == (0, 3))   # spares capped at max_threads
+        assert wait_for(lambda: pool.statistics() == (0, 3))   # spares capped at max_threads
         for job in range(3):
             pool.submit(job)
         assert wait_for(lambda: len(started) == 3)

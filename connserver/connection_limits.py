@@ -1,4 +1,8 @@
-"""Connection limits: a global semaphore and a per-address table.
+"""Connection limits: how many connections may be open, in all and per address.
+
+(Not to be confused with ``run_slots`` — how many handler threads may run at
+once — or ``rate_limits`` — how fast a connection may send.) A global
+semaphore and a per-address table.
 
 The global slot is taken *before* a handler thread is given the connection, so
 the number of handler threads never exceeds ``max_connections``. The per-address
@@ -14,6 +18,8 @@ __all__ = ["ConnectionLimiter"]
 
 
 class ConnectionLimiter:
+    """``max_connections`` slots, and at most ``max_per_ip`` of them per address."""
+
     def __init__(self, max_connections: int, max_per_ip: int | None) -> None:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
@@ -22,7 +28,7 @@ class ConnectionLimiter:
         self._per_ip: dict[str, int] = {}
         self._woken = False
 
-    def try_acquire_slot(self) -> bool:
+    def acquire_slot_nowait(self) -> bool:
         """Take a global slot if one is free (never blocks)."""
         return self._slots.acquire(blocking=False)
 
@@ -43,7 +49,8 @@ class ConnectionLimiter:
     def release_slot(self) -> None:
         self._slots.release()
 
-    def try_acquire_ip(self, ip: str) -> bool:
+    def acquire_ip_nowait(self, ip: str) -> bool:
+        """Count one more connection from ``ip``, unless it is at its limit."""
         if self.max_per_ip is None:
             return True
         with self._lock:

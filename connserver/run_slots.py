@@ -1,4 +1,4 @@
-"""Admission: at most ``max_running`` handler threads run Python at once, in FIFO order.
+"""Run slots: at most ``max_running`` handler threads run Python at once, in FIFO order.
 
 Why. With a thousand busy connections, a thousand threads return from ``recv``
 at once and all wait for the GIL. CPython's GIL is not fair: a thread coming
@@ -12,8 +12,8 @@ before it blocks again. When every slot is taken it waits on its own lock in
 a queue, so it costs no CPU while it waits and is admitted strictly in the
 order it arrived.
 
-A slot is never held across a wait for the network: :class:`Connection`
-gives it back before any call that may block (a ``recv``, a write the peer's
+A slot is never held across a wait for the network: the connection's
+:class:`RunSlot` is given back before any call that may block (a ``recv``, a write the peer's
 window cannot take, a rate-limit wait). Handler code that blocks on something
 else (a database, a lock, a sleep) keeps its slot; so that such code cannot
 stall everyone, a thread that has waited ``overdue`` seconds for a slot goes
@@ -23,11 +23,12 @@ live connections than slots; below that it is never consulted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import deque
 
-__all__ = ["RunGate", "RunGateStatistics"]
+__all__ = ["RunGate", "RunGateStatistics", "RunSlot"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +94,60 @@ class RunGate:
             return RunGateStatistics(slots=self.slots, running=self._running,
                                      waiting=len(self._queue), waited=self._waited,
                                      overdue=self._overdue_count)
+
+
+class RunSlot:
+    """One connection's place at a :class:`RunGate`: held while its handler code runs.
+
+    The connection takes a slot when a message arrives (:meth:`enter_if_engaged`)
+    and gives it back around anything that may block (:meth:`released`).
+    """
+
+    __slots__ = ("gate", "held", "_ticket")
+
+    def __init__(self, gate: RunGate) -> None:
+        self.gate = gate
+        self.held = False
+        self._ticket: threading.Lock | None = None   # what this connection queues on
+
+    def enter_if_engaged(self) -> None:
+        """Take a slot, if the gate is engaged (more live connections than slots)."""
+        gate = self.gate
+        if gate.connections > gate.slots:
+            self.enter()
+
+    def enter(self) -> None:
+        if self._ticket is None:
+            self._ticket = threading.Lock()
+            self._ticket.acquire()
+        self.gate.enter(self._ticket)
+        self.held = True
+
+    def leave(self) -> None:
+        """Give the slot back (before something that may block, or at the end)."""
+        if self.held:
+            self.held = False
+            self.gate.leave()
+
+    def released(self) -> "contextlib.AbstractContextManager[None]":
+        """Around a wait: give the slot back, and take one again if the wait went well."""
+        return _Released(self) if self.held else _NOTHING_HELD
+
+
+class _Released:
+    """See RunSlot.released; after an exception the connection is ending: no re-entry."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: RunSlot) -> None:
+        self.slot = slot
+
+    def __enter__(self) -> None:
+        self.slot.leave()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.slot.enter()
+
+
+_NOTHING_HELD = contextlib.nullcontext()

@@ -1,4 +1,7 @@
-"""TokenBucket: rate limiting with no timer thread.
+"""Rate limits: token buckets with no timer thread, and each connection's meter.
+
+(Not to be confused with ``connection_limits`` — how many connections may be
+open — or ``run_slots`` — how many handler threads may run at once.)
 
 The article's Go limiter refills a buffered channel from a ticker goroutine —
 one goroutine per limiter, leaked whenever a limiter is dropped. Here the
@@ -19,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable
+from typing import Callable, ContextManager, Protocol
 
 from .cancel import CancelToken
 from .deadline import Clock, monotonic
+from .errors import RateLimited
 
-__all__ = ["TokenBucket", "BucketStatistics", "BucketTable"]
+__all__ = ["TokenBucket", "BucketStatistics", "BucketTable", "RateMeter"]
 
 _EPSILON = 1e-9
 
@@ -183,3 +187,46 @@ class BucketTable:
             del self._released[key]
             del self._entries[key]
             over -= 1
+
+
+class RateWaiter(Protocol):
+    """What a :class:`RateMeter` needs from the connection it charges."""
+
+    cancel_token: CancelToken
+
+    def waiting(self, operation: str) -> ContextManager[None]:
+        """Around a wait: shown as ``operation``, with no run slot held."""
+
+
+class RateMeter:
+    """The rate limiters one connection is charged by, and what happens over them.
+
+    ``buckets``: its own (``rate``), its address's (``ip_rate``) and the server's
+    (``server_rate``); ``unit``: what raw reads charge (``"bytes"``; message
+    handlers charge ``"messages"``); ``wait``: over a limit, wait for the tokens
+    (TCP pushes back on the client meanwhile) rather than raise
+    :class:`~connserver.RateLimited`; ``ip``: the address whose shared bucket is
+    held, for the server to give back at the end.
+    """
+
+    __slots__ = ("buckets", "unit", "wait", "ip")
+
+    def __init__(self, buckets: tuple[TokenBucket, ...] = (), *, wait: bool = True,
+                 ip: str | None = None) -> None:
+        self.buckets = buckets
+        self.unit = "bytes"
+        self.wait = wait
+        self.ip = ip
+
+    def charge(self, amount: float, waiter: RateWaiter) -> None:
+        """Take ``amount`` from every bucket, a burst at a time; wait or raise when short."""
+        for bucket in self.buckets:
+            remaining = amount
+            while remaining > 0:
+                step = min(remaining, bucket.burst)
+                if not bucket.acquire_nowait(step):
+                    if not self.wait:
+                        raise RateLimited(f"over the rate limit of {bucket.rate:g}/s")
+                    with waiter.waiting("rate_wait"):
+                        bucket.acquire(step, cancel=waiter.cancel_token)
+                remaining -= step
