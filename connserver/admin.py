@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .config import Config, parse_address
 from .deadline import Clock, monotonic

@@ -34,7 +34,7 @@ from .connection_tls import TLSConnectionIO
 from .connection_writing import WriteSink, WritingIO
 from .deadline import TIMEOUT_SLACK, Clock, Deadline, KernelTimeouts, monotonic
 from .errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
-                     LocalProtocolError, RateLimited, RemoteProtocolError)
+                     RateLimited, RemoteProtocolError)
 from .stats import ConnectionInfo
 from .tls import TLSSession
 

@@ -36,6 +36,8 @@ class TLSConnectionIO:
     """TLS reads, writes and handshake for :class:`~connserver.Connection`."""
 
     __slots__ = ()
+    # The Connection attributes and methods this half uses, declared for readers and
+    # type checkers (defined in connection.py and connection_writing.py).
     tls: TLSSession | None
     _sock: socket.socket
     _read_timeout: float
@@ -45,6 +47,20 @@ class TLSConnectionIO:
     _pending_error: OSError | None
     _unit_expires_at: float | None
     _write_sink: Any
+    operation: str | None
+    _op_expires_at: float | None
+    bytes_received: int
+    bytes_sent: int
+    clock: Any
+    _io_failed: Any
+    _arm_recv: Any
+    _arm_idle: Any
+    _arm_send: Any
+    _bound_wait: Any
+    _adapt_hint: Any
+    _recv_into_pool: Any
+    _saw_eof: Any
+    _slot_released: Any
 
     def start_tls(self, context: ssl.SSLContext, deadline: "Deadline") -> None:
         """Run the server side of a TLS handshake before ``deadline``.
@@ -53,12 +69,11 @@ class TLSConnectionIO:
         handshake holds up no one else. Every flight is read and written under
         that one deadline, so a client trickling its handshake cannot stretch it.
         """
-        conn: Any = self
         session = self.tls = TLSSession(context)
         expires_at = deadline.expires_at
         assert expires_at is not None
-        conn.operation = "handshake"
-        conn._op_expires_at = expires_at
+        self.operation = "handshake"
+        self._op_expires_at = expires_at
         sock = self._sock
         try:
             while True:
@@ -66,22 +81,22 @@ class TLSConnectionIO:
                     done = session.handshake()
                 except ssl.SSLError as exc:
                     self._tls_send_alert()
-                    conn._io_failed(exc, "handshake")
+                    self._io_failed(exc, "handshake")
                 if session.output_ready:
                     self._tls_send(session.seal(), expires_at, "handshake")
                 if done:
                     return
-                conn._bound_wait(socket.SO_RCVTIMEO, expires_at, "handshake")
+                self._bound_wait(socket.SO_RCVTIMEO, expires_at, "handshake")
                 try:
                     data = sock.recv(_TLS_HANDSHAKE_READ)
                 except OSError as exc:
-                    conn._io_failed(exc, "handshake")
+                    self._io_failed(exc, "handshake")
                 if data:
-                    session.receive(data, conn.clock())
+                    session.receive(data, self.clock())
                 else:
                     session.receive_eof()   # the next step fails as OpenSSL sees fit
         finally:
-            conn.operation = None
+            self.operation = None
 
     def _tls_recv(self, limit: int, message_expires_at: float | None, phase: str) -> bytes:
         """TLS's blocking read: plaintext already received, else wait for ciphertext.
@@ -92,7 +107,6 @@ class TLSConnectionIO:
         message's deadline, if sooner), so a peer trickling a record cannot
         stretch a read to the idle timeout.
         """
-        conn: Any = self
         session = self.tls
         assert session is not None
         sock = self._sock
@@ -102,7 +116,7 @@ class TLSConnectionIO:
                     data = session.read(limit)
                 except ssl.SSLError as exc:
                     self._tls_send_alert()
-                    conn._io_failed(exc, phase)
+                    self._io_failed(exc, phase)
                 if session.output_ready:
                     self._tls_flush_output()
                 if data is not None:
@@ -112,83 +126,80 @@ class TLSConnectionIO:
                     expires_at = started + self._read_timeout
                     if message_expires_at is not None and message_expires_at < expires_at:
                         expires_at = message_expires_at
-                    phase = conn._arm_recv(expires_at)
+                    phase = self._arm_recv(expires_at)
                 elif message_expires_at is not None or self._unit_expires_at is not None:
-                    phase = conn._arm_recv(message_expires_at)
+                    phase = self._arm_recv(message_expires_at)
                 else:
-                    phase = conn._arm_idle()
+                    phase = self._arm_idle()
                 want = self._recv_hint
                 try:
                     if self._pending_error is not None:
                         raise self._pending_error   # seen after the last call's data
                     data = sock.recv(want)
                 except OSError as exc:
-                    conn._io_failed(exc, phase)
+                    self._io_failed(exc, phase)
                 if not data:
                     return data   # end of stream, with or without close_notify, as plaintext
                 if len(data) == want:   # sized as plaintext reads are
-                    data = conn._recv_into_pool(data, self._buffer_size)
-                conn._adapt_hint(want, len(data))
-                session.receive(data, conn.clock())
+                    data = self._recv_into_pool(data, self._buffer_size)
+                self._adapt_hint(want, len(data))
+                session.receive(data, self.clock())
         finally:
-            conn.operation = None
+            self.operation = None
 
     def _tls_fill(self, buffer: bytearray, received: int, size: int) -> bytes:
         """The rest of a message that has begun, under its deadline (see ``_fill``)."""
-        conn: Any = self
-        message_expires_at = conn.clock() + self._read_timeout
-        with conn._slot_released():
+        message_expires_at = self.clock() + self._read_timeout
+        with self._slot_released():
             while received < size:
                 chunk = self._tls_recv(size - received, message_expires_at, "read")
                 if not chunk:
-                    conn._saw_eof()
+                    self._saw_eof()
                     raise RemoteProtocolError(
                         f"peer closed the connection {received} bytes into a {size}-byte message")
                 buffer[received:received + len(chunk)] = chunk
                 received += len(chunk)
-                conn.bytes_received += len(chunk)
+                self.bytes_received += len(chunk)
         with memoryview(buffer) as view:
             return bytes(view[:size])
 
     def _tls_send_buffers(self, buffers: list, expires_at: float) -> None:
         """Encrypt a bounded part at a time, and send all of its ciphertext (after any
         left unsent before) under the write deadline."""
-        conn: Any = self
         session = self.tls
         assert session is not None
         first = 0
-        conn.operation = "write"
-        conn._op_expires_at = expires_at
+        self.operation = "write"
+        self._op_expires_at = expires_at
         try:
-            with conn._slot_released():   # the run slot is given back first, as for any wait
+            with self._slot_released():   # the run slot is given back first, as for any wait
                 while True:
                     data, first = take_up_to(buffers, first, _TLS_WRITE_MAX)
                     try:
                         chunks = session.seal(data)
                     except ssl.SSLError as exc:
-                        conn._io_failed(exc, "write")
+                        self._io_failed(exc, "write")
                     self._tls_send(chunks, expires_at, "write")
-                    conn.bytes_sent += len(data)
+                    self.bytes_sent += len(data)
                     if first >= len(buffers):
                         return
         finally:
-            conn.operation = None
+            self.operation = None
 
     def _tls_send(self, chunks: list, expires_at: float, phase: str) -> None:
         """Send all of ``chunks`` (ciphertext) by ``expires_at``; whatever is left when
         this fails goes back to the session, to go out first next time."""
-        conn: Any = self
         sock = self._sock
         try:
             while chunks:
                 if phase == "write":
-                    conn._arm_send(expires_at)
+                    self._arm_send(expires_at)
                 else:
-                    conn._bound_wait(socket.SO_SNDTIMEO, expires_at, phase)
+                    self._bound_wait(socket.SO_SNDTIMEO, expires_at, phase)
                 try:
                     sent = sock.sendmsg(chunks[:IOV_MAX], (), SEND_FLAGS)
                 except OSError as exc:
-                    conn._io_failed(exc, phase)
+                    self._io_failed(exc, phase)
                 del chunks[:skip_sent(chunks, 0, sent)]
         finally:
             if chunks:
@@ -197,11 +208,10 @@ class TLSConnectionIO:
     def _tls_flush_output(self) -> None:
         """Send the ciphertext that reading made (an alert, a key update): at once, or,
         while a hub's writer owns the write side, through it, behind what it holds."""
-        conn: Any = self
         if self._write_sink is not None:
             self._write_sink.wake_writer()
         else:
-            self._tls_send_buffers([], conn.clock() + self._write_timeout)
+            self._tls_send_buffers([], self.clock() + self._write_timeout)
 
     def _tls_send_alert(self) -> None:
         """Before failing on bad TLS input, send OpenSSL's alert if the socket takes it now."""

@@ -11,7 +11,7 @@ the connection ever touches its socket.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from .errors import Cancelled, ConnServerError, LocalProtocolError
 from .send_buffers import IOV_MAX, SEND_FLAGS, skip_sent

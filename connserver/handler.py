@@ -5,15 +5,29 @@ from __future__ import annotations
 import functools
 import logging
 import socketserver
-from typing import TYPE_CHECKING, Any, MutableMapping
+from typing import Any, MutableMapping, Protocol
 
 from .cancel import CancelToken
+from .config import Config
 from .connection import Connection
 from .errors import CloseReason, RemoteProtocolError
 from .framing import Codec, LengthPrefixed, Lines, LineTooLong
 
-if TYPE_CHECKING:
-    from .server import Server
+
+
+class HandlerServer(Protocol):
+    """What the handler bases use of their server (a :class:`~connserver.Server`).
+
+    A protocol rather than the class itself, so the handler module does not
+    import the server module that imports it; handlers may use all of the
+    server's public API.
+    """
+
+    config: Config
+
+    def hub(self, name: str = "default", **options: Any) -> Any: ...
+
+    def resource(self, key: Any, factory: Any) -> Any: ...
 
 __all__ = ["Handler", "FramedHandler", "LineHandler", "ConnectionLoggerAdapter"]
 
@@ -55,9 +69,9 @@ class Handler(socketserver.BaseRequestHandler):
 
     conn: Connection
     cancel: CancelToken
-    server: "Server"
+    server: HandlerServer
 
-    def __init__(self, request: Connection, client_address: Any, server: "Server") -> None:
+    def __init__(self, request: Connection, client_address: Any, server: HandlerServer) -> None:
         self.conn = request
         self.cancel = request.cancel_token
         self.id = request.id

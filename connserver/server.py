@@ -9,7 +9,6 @@ any handler thread that is still alive with its stack. It never waits forever.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import random
@@ -28,12 +27,13 @@ from .connection import Connection
 from .connection_limits import ConnectionLimiter
 from .deadline import Clock, monotonic, set_kernel_timeouts
 from .errors import CloseReason
-from .faults import Faults
+from .accepting import ACCEPT_BACKOFF_INTERVAL, Acceptor
 from .handler import Handler
 from .listeners import describe
 from .outcome import classify_failure
 from .preamble import Preamble
 from .registry import ConnectionRegistry
+from .resources import Resources
 from .report import ShutdownReport, StuckThread, describe_thread, stack_of
 from .run_slots import RunGate, RunSlot
 from .stats import ConnectionInfo, ServerStatistics, ServerStats
@@ -57,10 +57,6 @@ class Attachment(Protocol):
     def close(self) -> None:
         """Called last in a shutdown."""
 
-# accept() errors that mean "out of a resource": back off instead of spinning.
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_ACCEPT_BACKOFF_INTERVAL = 0.1
-_ACCEPT_BURST = 64          # connections accepted per wake-up before checking for shutdown
 _FORCE_WAIT_INTERVAL = 1.0  # extra wait after forcing sockets shut
 # Ends after which nothing more can reach the peer: no lingering close, no hub flush.
 _UNDELIVERABLE = frozenset({CloseReason.RESET, CloseReason.SLOW_CONSUMER,
@@ -112,7 +108,6 @@ class Server(socketserver.TCPServer):
                                   stuck_timeout=self.config.stuck_thread_timeout,
                                   on_stuck=self._report_stuck,
                                   on_fault=self._stats.internal_error)
-        self._accept_faults = Faults("accept", log, self._stats.internal_error)
         self._stuck: set[int] = set()   # ids of live connections reported stuck
         config = self.config
         self._preamble = Preamble(config, self._limiter, clock)
@@ -138,14 +133,11 @@ class Server(socketserver.TCPServer):
         self._shutdown_report: ShutdownReport | None = None
         self._drain_expires_at: float | None = None   # a shutdown's grace ends then
         self._shutdown_lock = threading.Lock()
-        self._backing_off = False
-        self._rejecting = False
         self._extra_listeners: list[socket.socket] = []
-        self._recycle_limit: int | None = None
-        self._recycle: Callable[[], None] | None = None
-        self._admitted = 0
-        self._resources: dict[Any, Any] = {}
-        self._resources_lock = threading.RLock()   # a factory may ask for another resource
+        self._acceptor = Acceptor(self, config, self._limiter, self._stats,
+                                  self._handler_threads.submit, self._stopping,
+                                  proxied=self._preamble.proxied)
+        self._resources = Resources()
         self._attached: dict[str, Attachment] = {}
         try:
             super().__init__(server_address, RequestHandlerClass, bind_and_activate)
@@ -197,15 +189,15 @@ class Server(socketserver.TCPServer):
                 self._accepting.set()
                 while not self._stopping.is_set():
                     try:
-                        if self.config.on_limit == "wait" and not self._wait_for_slot():
+                        if self.config.on_limit == "wait" and not self._acceptor.wait_for_slot():
                             break
                         for key, _ in selector.select():
                             if key.fileobj is not self._wakeup_r and not self._stopping.is_set():
-                                self._accept_burst(key.fileobj)
+                                self._acceptor.accept_burst(key.fileobj)
                     except Exception as exc:
                         # The port stays open: the loop must not die with it (faults.py).
-                        self._accept_faults.record(exc)
-                        self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
+                        self._acceptor.faults.record(exc)
+                        self._stopping.wait(ACCEPT_BACKOFF_INTERVAL)
         finally:
             self._accepting.clear()
             self._serving_thread = None
@@ -246,7 +238,7 @@ class Server(socketserver.TCPServer):
                                     len(remaining), grace)
                     self._force_now.clear()
                     self._wait_drained(_FORCE_WAIT_INTERVAL)
-                self._close_resources()
+                self._resources.close_all()
                 alive = self._handler_threads.shutdown(timeout=0.5 if remaining else 2.0)
             finally:
                 for attachment in self._attached.values():
@@ -292,7 +284,7 @@ class Server(socketserver.TCPServer):
         For recycling a whole worker process as a last line of defence against slow
         leaks in handler code; the callback usually starts a graceful shutdown.
         """
-        self._recycle_limit, self._recycle = connections, callback
+        self._acceptor.recycle_after(connections, callback)
 
     def add_listener(self, listener: socket.socket) -> None:
         """Also accept on ``listener`` (bound and listening: TCP, Unix, or inherited).
@@ -361,14 +353,9 @@ class Server(socketserver.TCPServer):
         For state shared by connections (a hub, a chat room). Objects with a
         ``close()`` method are closed at shutdown, after the connections ended.
         """
-        with self._resources_lock:
-            try:
-                return self._resources[key]
-            except KeyError:
-                if self._stopping.is_set():
-                    raise RuntimeError("server is shutting down") from None
-                value = self._resources[key] = factory()
-                return value
+        if self._stopping.is_set():
+            self._resources.refuse_new()
+        return self._resources.get(key, factory)
 
     def hub(self, name: str = "default", **options: Any) -> Any:
         """The server's :class:`~connserver.Hub` called ``name`` (made on first use with
@@ -402,106 +389,6 @@ class Server(socketserver.TCPServer):
         return self._limiter
 
     # --- accepting --------------------------------------------------------------
-
-    def _accept_burst(self, listener: socket.socket) -> None:
-        hold_slot_first = self.config.on_limit == "wait"
-        for _ in range(_ACCEPT_BURST):
-            if self._stopping.is_set():
-                return
-            if hold_slot_first and not self._limiter.acquire_slot_nowait():
-                return   # back to the loop, which waits for a slot before accepting
-            try:
-                sock, address = listener.accept()
-            except OSError as exc:
-                if hold_slot_first:
-                    self._limiter.release_slot()
-                if not isinstance(exc, BlockingIOError):
-                    self._accept_failed(exc)
-                return
-            if self._backing_off:
-                self._backing_off = False
-                log.warning("accepting again after running out of resources")
-            try:
-                self._admit(sock, address, slot_held=hold_slot_first)
-            except Exception as exc:
-                # A bug or an odd socket: this connection is lost, the accept loop is not.
-                self._accept_faults.record(exc, f"admitting {format_peer(address)}")
-                sock.close()
-
-    def _accept_failed(self, exc: OSError) -> None:
-        if exc.errno in _RESOURCE_ERRNOS:
-            if not self._backing_off:
-                self._backing_off = True
-                log.error("accept() failed: %s; backing off %.0f ms at a time until it "
-                          "succeeds (logged once per burst)", exc.strerror,
-                          _ACCEPT_BACKOFF_INTERVAL * 1000)
-            # Wait without spinning; shutdown still wakes us at once.
-            self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
-        elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-            log.warning("accept() failed: %s", exc)
-
-    def _wait_for_slot(self) -> bool:
-        """on_limit='wait': hold off accept() until a slot frees (or we stop)."""
-        if not self._limiter.wait_for_slot():
-            return False
-        self._limiter.release_slot()   # _admit takes it for real
-        return not self._stopping.is_set()
-
-    def _admit(self, sock: socket.socket, address: Any, slot_held: bool) -> None:
-        ip = ip_of(address)
-        try:
-            allowed = self.verify_request(sock, address)
-        except Exception:
-            log.exception("verify_request failed for %s", format_peer(address))
-            allowed = False
-        if not allowed:
-            if slot_held:
-                self._limiter.release_slot()
-            self._reject(sock, address, CloseReason.LIMIT, "refused by verify_request")
-            return
-        if not slot_held and not self._limiter.acquire_slot_nowait():
-            self._reject(sock, address, CloseReason.LIMIT,
-                         f"max_connections={self.config.max_connections} reached")
-            return
-        # Behind a PROXY-protocol balancer the peer is the balancer: the client's
-        # address (and so its per-address limit) is known only after the header.
-        accounted_ip = None if self._preamble.proxied else ip
-        if accounted_ip is not None and not self._limiter.acquire_ip_nowait(accounted_ip):
-            self._limiter.release_slot()
-            self._reject(sock, address, CloseReason.LIMIT,
-                         f"max_connections_per_ip={self.config.max_connections_per_ip} reached")
-            return
-        self._rejecting = False
-        self._admitted += 1
-        if self._recycle is not None and self._admitted == self._recycle_limit:
-            try:
-                self._recycle()
-            except Exception as exc:
-                self._accept_faults.record(exc, "recycle callback")
-        try:
-            # Here, not on the handler thread: see set_kernel_timeouts.
-            set_kernel_timeouts(sock, self.config.idle_timeout, self.config.write_timeout)
-        except (OSError, OverflowError, ValueError) as exc:   # e.g. already reset
-            self._limiter.release_ip(accounted_ip)
-            self._limiter.release_slot()
-            self._reject(sock, address, CloseReason.RESET, f"setting its timeouts failed: {exc}")
-            return
-        try:
-            self._handler_threads.submit((sock, address, accounted_ip))
-        except Exception as exc:
-            # E.g. "can't start new thread": refuse this one, keep accepting.
-            self._limiter.release_ip(accounted_ip)
-            self._limiter.release_slot()
-            self._reject(sock, address, CloseReason.LIMIT, f"cannot start a handler thread: {exc}")
-            self._stopping.wait(_ACCEPT_BACKOFF_INTERVAL)
-
-    def _reject(self, sock: socket.socket, address: Any, reason: CloseReason, why: str) -> None:
-        self._stats.rejected_at_accept(reason)   # counted before the client can see the close
-        sock.close()
-        if not self._rejecting:
-            self._rejecting = True
-            log.warning("rejecting connections: %s (logged once per burst)", why)
-        access_log.info("#- %s rejected reason=%s (%s)", format_peer(address), reason.value, why)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the accepted socket to a handler thread (never blocks on the handler)."""
@@ -635,19 +522,6 @@ class Server(socketserver.TCPServer):
         elif not self._serve_done.wait(5.0):
             log.error("serve_forever() did not return within 5 s of shutdown")
         self._close_listener()
-
-    def _close_resources(self) -> None:
-        with self._resources_lock:
-            resources, self._resources = list(self._resources.values()), {}
-        for resource in resources:
-            close = getattr(resource, "close", None)
-            if close is None:
-                continue
-            try:
-                if close() is False:
-                    log.error("%r did not close in time", resource)
-            except Exception:
-                log.exception("closing %r failed", resource)
 
     def _close_listener(self) -> None:
         for listener in self.listeners:
