@@ -12,10 +12,13 @@ Three parts, run in this order by :func:`run_soak`:
    (urllib, a timeout on every request, proxies ignored) before, during and
    after the load; after the load it keeps sampling for ``settle`` seconds, so
    it can see threads, fds and connections come back.
-3. **Verdict.** :func:`judge` fits a least-squares line to RSS over the steady
-   part of the load (after the ``warmup`` fraction), and compares threads
-   (spare handler threads excepted), fds, connections and buffer leases at the
-   end of the settle period with the baseline taken before the load.
+3. **Verdict.** :func:`judge` asks :mod:`.soak_trend` whether memory is still
+   growing: the load runs in identical cycles, each cycle's RSS is reduced to
+   its median, and the steady cycles (after the warm-up) get a Theil-Sen trend
+   and a Mann-Kendall test, so the answer is *no leak*, *leak* or
+   *inconclusive* (too short to tell). It also compares threads (spare handler
+   threads excepted), fds, connections and buffer leases at the end of the
+   settle period with the baseline taken before the load.
 
 Only loopback targets are accepted unless ``allow_remote`` is set: this tool
 opens hundreds of hostile connections and should not be pointed at someone
@@ -36,12 +39,16 @@ import re
 import socket
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from .soak_driver import BEHAVIOURS, Driver
+from .soak_trend import MIN_STEADY_CYCLES, cycle_levels, judge_memory
 
-__all__ = ["SoakPlan", "SoakError", "parse_duration", "fit_slope", "judge", "run_soak",
-           "add_soak_parser", "run_from_args", "BEHAVIOURS"]
+__all__ = ["SoakPlan", "SoakError", "parse_duration", "judge", "run_soak", "add_soak_parser",
+           "run_from_args", "warmup_cycles", "shortest_judged_duration", "BEHAVIOURS",
+           "EXIT_PASS", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INCONCLUSIVE"]
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 
 _BASELINE_SAMPLES = 2           # the last one before the load is the baseline
 
@@ -109,6 +116,9 @@ class SoakPlan:
     duration: float = _opt(600.0, "how long the load runs: 30s, 10m, 1h, or seconds", "duration", "run")
     settle: float = _opt(10.0, "how long to keep sampling after the load stopped", "duration", "run")
     interval: float = _opt(1.0, "how often /stats is sampled", "duration", "run")
+    cycle: float = _opt(1.0, "length of one load cycle: every cycle sends the same requests "
+                        "(sizes, payloads, timings), and memory is compared cycle by cycle; at "
+                        "least one --interval", "duration", "run")
     protocol: str = _opt("raw", "what the server speaks: raw bytes (echo), 4-byte length-prefixed "
                          "frames (framed-echo) or lines", "choice:raw,framed,line", "run")
     verify: bool = _opt(True, "expect replies to be an echo of each request and check them "
@@ -146,12 +156,15 @@ class SoakPlan:
                                 "duration", "behaviours")
     max_client_connections: int = _opt(1000, "most client sockets open at once, all behaviours "
                                        "together", "positive", "behaviours", "N")
-    warmup: float = _opt(0.25, "fraction of the load phase left out of the RSS fit (thread starts, "
-                         "pools filling, allocator arenas)", "fraction", "verdict", "FRACTION")
-    max_rss_slope: float = _opt(256.0, "fail if RSS grows faster than this over the steady phase",
-                                "number", "verdict", "KIB_PER_MIN")
-    rss_noise: float = _opt(2048.0, "...unless the fitted growth over the whole steady phase is "
-                            "under this (noise on short runs)", "number", "verdict", "KIB")
+    warmup: float = _opt(0.25, "fraction of the load left out of the memory verdict (thread "
+                         "starts, pools filling, allocator arenas), rounded up to whole cycles, "
+                         "at least one", "fraction", "verdict", "FRACTION")
+    max_rss_slope: float = _opt(256.0, "a memory trend above this over the steady cycles is "
+                                "growth (Theil-Sen slope of the per-cycle medians)", "number",
+                                "verdict", "KIB_PER_MIN")
+    rss_noise: float = _opt(1024.0, "a steady rise smaller than this over the steady phase is "
+                            "inconclusive, not a leak: an allocator settling in grows as much "
+                            "on a short run", "number", "verdict", "KIB")
     thread_tolerance: int = _opt(0, "non-spare threads allowed above the baseline at the end",
                                  "count", "verdict", "N")
     fd_tolerance: int = _opt(0, "fds allowed above the baseline at the end", "count", "verdict", "N")
@@ -167,6 +180,11 @@ class SoakPlan:
             raise SoakError("--duration is at most 7 days")
         if not 0 <= self.warmup <= 0.9:
             raise SoakError("--warmup is a fraction of the load phase, from 0 to 0.9")
+        if self.cycle > self.duration:
+            raise SoakError(f"--cycle {self.cycle:g}s is longer than --duration {self.duration:g}s")
+        if self.cycle < self.interval:
+            raise SoakError(f"--cycle {self.cycle:g}s needs a sample in every cycle: use an "
+                            f"--interval of at most {self.cycle:g}s, or a longer cycle")
         long_lived = self.echo_clients + self.idle + self.slowloris + self.zero_window
         if long_lived > self.max_client_connections:
             raise SoakError(f"{long_lived} long-lived clients asked for, more than "
@@ -180,6 +198,20 @@ class SoakPlan:
             raise SoakError(f"--max-client-connections {self.max_client_connections} needs more "
                             f"file descriptors than this process may open ({soft}); raise "
                             f"`ulimit -n` or lower it")
+
+
+def warmup_cycles(plan: SoakPlan, duration: float | None = None) -> int:
+    """Cycles of warm-up: the ``warmup`` fraction of the load rounded up, at least one."""
+    cycles = int((plan.duration if duration is None else duration) / plan.cycle + 1e-9)
+    return max(1, math.ceil(plan.warmup * cycles - 1e-9))
+
+
+def shortest_judged_duration(plan: SoakPlan) -> float:
+    """The shortest --duration with enough steady cycles for a memory verdict."""
+    cycles = MIN_STEADY_CYCLES + 1
+    while cycles - warmup_cycles(plan, cycles * plan.cycle) < MIN_STEADY_CYCLES:
+        cycles += 1
+    return cycles * plan.cycle
 
 
 def plan_fields() -> list[dataclasses.Field]:
@@ -235,48 +267,51 @@ def sample_record(t: float, phase: str, stats: dict[str, Any]) -> dict[str, Any]
 
 # --- the verdict ----------------------------------------------------------------------
 
-def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Least-squares slope of ys over xs; None with fewer than two distinct xs."""
-    n = len(xs)
-    if n < 2 or n != len(ys):
-        return None
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+def _check(name: str, passed: bool, summary: str, outcome: str | None = None,
+           **values: Any) -> dict[str, Any]:
+    outcome = outcome or ("pass" if passed else "fail")
+    return {"name": name, "passed": bool(passed), "outcome": outcome, "summary": summary, **values}
 
 
-def _check(name: str, passed: bool, summary: str, **values: Any) -> dict[str, Any]:
-    return {"name": name, "passed": bool(passed), "summary": summary, **values}
+def _memory_check(plan: SoakPlan, samples: list[dict[str, Any]],
+                  phases: dict[str, float]) -> dict[str, Any]:
+    """The ``rss`` check: :func:`.soak_trend.judge_memory` over the load's cycles."""
+    points = [(s["t"], s["rss_bytes"] / 1024) for s in samples if s["phase"] == "load"]
+    levels = cycle_levels(points, phases["load_start"], phases["load_end"], plan.cycle)
+    trend = judge_memory(levels, cycle=plan.cycle, warmup_cycles=int(phases["warmup_cycles"]),
+                         max_slope=plan.max_rss_slope, allowance=plan.rss_noise)
+    outcome = {"no leak": "pass", "leak": "fail"}.get(trend.outcome, "inconclusive")
+    steady = trend.steady
+    if trend.slope is None:
+        need = shortest_judged_duration(plan)
+        summary = (f"{trend.outcome}, {trend.reason} (cycles of {plan.cycle:g} s): run "
+                   f"--duration {need:g}s or more")
+    else:
+        summary = (f"{trend.outcome}, {trend.reason}: trend {trend.slope:+,.0f} KiB/min, later "
+                   f"half {trend.late_slope:+,.0f} (limit {plan.max_rss_slope:,.0f}); "
+                   f"{steady[0].kib / 1024:,.1f} -> {steady[-1].kib / 1024:,.1f} MiB over "
+                   f"{len(steady)} steady cycles of {plan.cycle:g} s ({steady[0].start:.0f}-"
+                   f"{steady[-1].end:.0f} s), up on the one before in {trend.cycles_grown} of "
+                   f"{len(steady) - 1}, Mann-Kendall p = {trend.p_value:.2g}")
+    return _check("rss", outcome == "pass", summary, outcome, **trend.as_dict())
 
 
 def judge(plan: SoakPlan, samples: list[dict[str, Any]], phases: dict[str, float],
           driver: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """The verdict: each check passed or not, with the numbers behind it."""
-    checks = []
+    """The verdict: each check's outcome, with the numbers behind it.
+
+    ``outcome`` is ``fail`` if any check failed, else ``inconclusive`` if the
+    memory check could not decide, else ``pass``; ``passed`` is true only for
+    ``pass``.
+    """
+    checks = [_memory_check(plan, samples, phases)]
     baseline = next((s for s in reversed(samples) if s["phase"] == "baseline"), None)
     final = next((s for s in reversed(samples) if s["phase"] == "settle"), None)
-    steady = [s for s in samples if s["phase"] == "load" and s["t"] >= phases["steady_start"]]
-    slope = fit_slope([s["t"] / 60 for s in steady], [s["rss_bytes"] / 1024 for s in steady])
-    if slope is None or len(steady) < 3:
-        checks.append(_check("rss", False, f"only {len(steady)} samples in the steady phase: run "
-                             f"longer or sample more often", slope_kib_per_min=slope))
-    else:
-        span = (steady[-1]["t"] - steady[0]["t"]) / 60
-        growth = slope * span
-        checks.append(_check(
-            "rss", slope <= plan.max_rss_slope or growth <= plan.rss_noise,
-            f"slope {slope:+,.0f} KiB/min over the steady phase ({steady[0]['t']:.0f}-"
-            f"{steady[-1]['t']:.0f} s, fitted growth {growth:+,.0f} KiB; limit "
-            f"{plan.max_rss_slope:,.0f} KiB/min, growth under {plan.rss_noise:,.0f} KiB ignored)",
-            slope_kib_per_min=round(slope, 1), fitted_growth_kib=round(growth, 1),
-            steady_samples=len(steady)))
     if baseline is None or final is None:
         checks.append(_check("admin", False, "no /stats sample "
                              + ("before the load" if baseline is None else "after it")
                              + ": the server stopped answering?"))
-        return {"passed": False, "checks": checks, "close_reasons": {}}
+        return _verdict(checks, {})
 
     base_roles, end_roles = baseline["threads_by_role"], final["threads_by_role"]
     grown = {role: end_roles.get(role, 0) - base_roles.get(role, 0)
@@ -315,7 +350,14 @@ def judge(plan: SoakPlan, samples: list[dict[str, Any]], phases: dict[str, float
             "echo", trips > 0 and not any(bad.values()),
             f"{trips:,} round trips verified, {bad['mismatches']} mismatched, "
             f"{bad['timeouts']} timed out (over {plan.reply_timeout:g} s)", round_trips=trips, **bad))
-    return {"passed": all(check["passed"] for check in checks), "checks": checks,
+    return _verdict(checks, reasons)
+
+
+def _verdict(checks: list[dict[str, Any]], reasons: dict[str, int]) -> dict[str, Any]:
+    outcomes = {check["outcome"] for check in checks}
+    outcome = ("fail" if "fail" in outcomes
+               else "inconclusive" if "inconclusive" in outcomes else "pass")
+    return {"passed": outcome == "pass", "outcome": outcome, "checks": checks,
             "close_reasons": reasons}
 
 
@@ -402,17 +444,19 @@ def run_soak(plan: SoakPlan, progress: Any = None) -> dict[str, Any]:
     finally:
         if progress is not None:
             progress.close()
+    warmup = warmup_cycles(plan)
     phases = {"load_start": round(load_start - t0, 3),
-              "steady_start": round(load_start - t0 + plan.warmup * (load_end - load_start), 3),
-              "load_end": round(load_end - t0, 3), "end": round(time.monotonic() - t0, 3)}
+              "steady_start": round(load_start - t0 + warmup * plan.cycle, 3),
+              "load_end": round(load_end - t0, 3), "end": round(time.monotonic() - t0, 3),
+              "cycle": plan.cycle, "warmup_cycles": warmup}
     counts = driver.counts()
     verdict = judge(plan, samples, phases, counts)
     if driver.failure is not None:
-        verdict["passed"] = False
         verdict["checks"].append(_check("driver", False, f"the load driver failed: {driver.failure!r}"))
+        verdict = _verdict(verdict["checks"], verdict["close_reasons"])
     plan_doc = dataclasses.asdict(plan)
     plan_doc["seed"] = seed
-    return {"tool": "connserver soak", "format": 1, "started_at": started_wall.isoformat(),
+    return {"tool": "connserver soak", "format": 2, "started_at": started_wall.isoformat(),
             "interrupted": interrupted, "plan": plan_doc, "phases": phases, "samples": samples,
             "sample_failures": failures, "driver": counts, "verdict": verdict}
 
@@ -458,8 +502,10 @@ def add_soak_parser(commands: Any) -> argparse.ArgumentParser:
         description="Drive ordinary and hostile clients at a running server for --duration, "
                     "sample its admin /stats every --interval, keep sampling for --settle after "
                     "the load, then write a JSON report and an HTML chart and print a verdict: "
-                    "RSS slope over the steady phase, threads/fds/connections back to baseline, "
-                    "close reasons. Exit status 0 if it passes, 1 if it fails, 2 on a usage error.")
+                    "is memory still growing cycle after cycle (leak, no leak, or inconclusive "
+                    "when the run is too short to tell), are threads/fds/connections back to "
+                    "baseline, which close reasons. Exit status 0 if it passes, 1 if it fails, "
+                    "2 on a usage error, 3 if it is inconclusive.")
     parser.add_argument("target", metavar="HOST:PORT", help="the server to soak (loopback only "
                         "unless --allow-remote)")
     parser.add_argument("--admin", metavar="HOST:PORT", required=True,
@@ -497,7 +543,8 @@ def add_soak_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """``connserver soak``: 0 if the verdict passes, 1 if it fails, 2 if it could not run."""
+    """``connserver soak``: 0 if the verdict passes, 1 if it fails, 2 if it could not run, 3 if
+    it is inconclusive (the run was too short to tell growth from settling)."""
     from . import soak_report
 
     try:
@@ -509,7 +556,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         document = run_soak(plan, progress)
     except SoakError as exc:
         print(f"connserver soak: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("connserver soak: interrupted", file=sys.stderr)
         return 130
@@ -519,4 +566,5 @@ def run_from_args(args: argparse.Namespace) -> int:
             write(document, path)
             written.append(path)
     print(soak_report.format_verdict(document, written))
-    return 0 if document["verdict"]["passed"] else 1
+    return {"pass": EXIT_PASS, "inconclusive": EXIT_INCONCLUSIVE}.get(document["verdict"]["outcome"],
+                                                                     EXIT_FAIL)

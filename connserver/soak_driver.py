@@ -43,34 +43,35 @@ _LETTERS = bytes(ord("a") + i % 26 for i in range(256))
 class _Wire:
     """Requests in the target's protocol. For an echo server, the reply equals the request."""
 
-    def __init__(self, protocol: str, rng: random.Random) -> None:
+    def __init__(self, protocol: str) -> None:
         self.protocol = protocol
-        self.rng = rng
 
-    def _payload(self, size: int) -> bytes:
-        data = self.rng.randbytes(size)
+    def _payload(self, size: int, rng: random.Random) -> bytes:
+        data = rng.randbytes(size)
         return data.translate(_LETTERS) if self.protocol == "line" else data
 
-    def message(self, size: int) -> bytes:
+    def message(self, size: int, rng: random.Random) -> bytes:
         if self.protocol == "framed":
-            return struct.pack("!I", size) + self._payload(size)
+            return struct.pack("!I", size) + self._payload(size, rng)
         if self.protocol == "line":
-            return self._payload(max(1, size - 1)) + b"\n"
-        return self._payload(size)
+            return self._payload(max(1, size - 1), rng) + b"\n"
+        return self._payload(size, rng)
 
-    def unfinished(self, size: int) -> bytes:
+    def unfinished(self, size: int, rng: random.Random) -> bytes:
         """The start of a message that will never be completed."""
         if self.protocol == "framed":
-            return struct.pack("!I", 2 * size) + self._payload(size)
-        return self._payload(size) if self.protocol == "raw" else self._payload(size).rstrip(b"\n")
+            return struct.pack("!I", 2 * size) + self._payload(size, rng)
+        data = self._payload(size, rng)
+        return data if self.protocol == "raw" else data.rstrip(b"\n")
 
     def drip_start(self) -> bytes:
         return struct.pack("!I", _DRIP_FRAME_SIZE) if self.protocol == "framed" else b""
 
-    def bulk(self, total: int) -> bytes:
+    def bulk(self, total: int, rng: random.Random) -> bytes:
         """About ``total`` bytes of whole requests (each one a frame or line the server takes)."""
         chunk = 1000 if self.protocol == "line" else 65536
-        return b"".join(self.message(min(chunk, total - offset)) for offset in range(0, total, chunk))
+        return b"".join(self.message(min(chunk, total - offset), rng)
+                        for offset in range(0, total, chunk))
 
 
 # --- the clients ------------------------------------------------------------------------
@@ -81,8 +82,11 @@ class _Client:
     kind = ""
     long_lived = True
 
-    def __init__(self, driver: "Driver") -> None:
+    def __init__(self, driver: "Driver", index: int) -> None:
         self.driver = driver
+        self.index = index   # which one of its kind (rate behaviours: in this cycle)
+        self._rng = random.Random()
+        self._rng_cycle = -1
         self.sock: socket.socket | None = None
         self.connecting = False
         self.mask = 0
@@ -90,6 +94,19 @@ class _Client:
         self.generation = 0   # bumped on close: timers of a closed socket do nothing
 
     # plumbing
+    def rng(self) -> random.Random:
+        """This client's random numbers, restarted every cycle from the same seed.
+
+        Per client, not one stream for all: the echo client that sent 812 bytes
+        first in one cycle sends them first in every cycle, on the same
+        connection, so the server's allocations repeat thread by thread.
+        """
+        driver = self.driver
+        if self._rng_cycle != driver.cycle:
+            self._rng.seed(f"{driver.seed}/{self.kind}/{self.index}")
+            self._rng_cycle = driver.cycle
+        return self._rng
+
     def count(self, event: str, n: int = 1) -> None:
         self.driver.count(self.kind, event, n)
 
@@ -253,7 +270,8 @@ class _Echo(_Client):
 
     def round_trip(self) -> None:
         driver = self.driver
-        message = driver.wire.message(driver.rng.randint(1, driver.plan.echo_max_size))
+        rng = self.rng()
+        message = driver.wire.message(rng.randint(1, driver.plan.echo_max_size), rng)
         self.started, self.received = time.monotonic(), 0
         self.send(message)
         if not driver.plan.verify:
@@ -371,7 +389,7 @@ class _ZeroWindow(_Client):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
 
     def connected(self) -> None:
-        self.send(self.driver.wire.bulk(self.driver.plan.zero_window_bytes))
+        self.send(self.driver.wire.bulk(self.driver.plan.zero_window_bytes, self.rng()))
         self.since = time.monotonic()
         self.later(1.0, self.check)
 
@@ -417,8 +435,9 @@ class _Reset(_Client):
 
     def connected(self) -> None:
         driver = self.driver
-        self.send(driver.wire.unfinished(driver.rng.randint(1024, 32768)))
-        self.later(driver.rng.uniform(0.02, 0.2), self.abort)
+        rng = self.rng()
+        self.send(driver.wire.unfinished(rng.randint(1024, 32768), rng))
+        self.later(rng.uniform(0.02, 0.2), self.abort)
 
     def abort(self) -> None:
         self.count("resets_sent")
@@ -433,8 +452,10 @@ class Driver:
     def __init__(self, plan: "SoakPlan", address: tuple[int, Any], seed: int) -> None:
         self.plan = plan
         self.address = address
-        self.rng = random.Random(seed)
-        self.wire = _Wire(plan.protocol, self.rng)
+        self.seed = seed
+        self.cycle = 0                  # which load cycle is running (see SoakPlan.cycle)
+        self._started: collections.Counter[type] = collections.Counter()   # in this cycle
+        self.wire = _Wire(plan.protocol)
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -480,10 +501,11 @@ class Driver:
         plan = self.plan
         long_lived = [(_Echo, plan.echo_clients), (_Idle, plan.idle),
                       (_Slowloris, plan.slowloris), (_ZeroWindow, plan.zero_window)]
-        clients = [cls(self) for cls, n in long_lived for _ in range(n)]
-        self.rng.shuffle(clients)
-        # Spread out (no SYN burst), and done within the warm-up, before the RSS fit starts.
-        ramp = min(_RAMP_INTERVAL, plan.duration * plan.warmup / 2)
+        clients = [cls(self, index) for cls, n in long_lived for index in range(n)]
+        random.Random(self.seed).shuffle(clients)
+        self._new_cycle(time.monotonic(), first=True)
+        # Spread out (no SYN burst), and done within the first cycle: the warm-up.
+        ramp = min(_RAMP_INTERVAL, plan.cycle / 2)
         for index, client in enumerate(clients):
             self.call_later(ramp * index / max(1, len(clients)), client.start)
         for cls, rate in ((_Churn, plan.churn_rate), (_Oversized, plan.oversized_rate),
@@ -491,11 +513,21 @@ class Driver:
             if rate > 0:
                 self._tick(cls, rate, time.monotonic())
 
+    def _new_cycle(self, due: float, first: bool = False) -> None:
+        """Every ``plan.cycle``: the same requests again (each client's rng restarts)."""
+        if not first:
+            self.cycle += 1
+        self._started.clear()
+        due += self.plan.cycle
+        self.call_later(due - time.monotonic(), lambda: self._new_cycle(due))
+
     def _tick(self, cls: type[_Client], rate: float, due: float) -> None:
         # In flight per rate behaviour is bounded, so a stalled server does not pile them up.
         in_flight = sum(1 for client in self.open if type(client) is cls)
         if in_flight < 8 + 2 * rate:
-            cls(self).start()
+            index = self._started[cls]
+            self._started[cls] += 1
+            cls(self, index).start()
         else:
             self.count(cls.kind, "skipped_in_flight")
         due = max(due + 1.0 / rate, time.monotonic() - 1.0)   # no catch-up storm after a stall
