@@ -252,7 +252,7 @@ def assert_no_leaks(workload: Callable[[], Any], cycles: int = 5, warmup: int = 
     """
     import gc
 
-    from .diagnostics import MemoryTracker
+    from .operations.diagnostics import MemoryTracker
 
     for _ in range(warmup):
         workload()
@@ -391,7 +391,7 @@ if pytest is not None:
     def connserver_server(request: Any) -> Iterator[Callable[..., Any]]:
         """Factory: ``connserver_server(HandlerClass, **config)`` -> a running Server."""
         from .config import Config
-        from .server import Server
+        from .core.server import Server
 
         servers: list[Server] = []
         request.node._connserver_servers = servers   # for the leak-check marker

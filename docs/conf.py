@@ -142,7 +142,7 @@ def config_reference() -> str:
 
 
 def serve_help() -> str:
-    from connserver.cli import build_parser
+    from connserver.daemon.cli import build_parser
 
     parser = build_parser()
     subparsers = next(action for action in parser._actions

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import connserver
-from connserver.run_slots import RunGate
+from connserver.core.run_slots import RunGate
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect

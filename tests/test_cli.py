@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from connserver import Config, cli
+from connserver import Config
+from connserver.daemon import cli
 from connserver.config import config_fields
 
 
@@ -150,7 +151,7 @@ def test_second_signal_forces_shutdown(daemon, tmp_path):
 @pytest.fixture
 def nothing_serves(monkeypatch):
     """Make reaching the server a test failure, never a hang: bad input must stop before it."""
-    from connserver import daemon, supervisor
+    from connserver.daemon import process as daemon, supervisor
 
     def refuse(options, listeners):
         for listener in listeners:

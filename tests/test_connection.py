@@ -12,7 +12,7 @@ import pytest
 
 import connserver
 from connserver import BufferPool, CancelToken, CloseReason, Config, Connection, Watchdog
-from connserver.rate_limits import RateMeter
+from connserver.core.rate_limits import RateMeter
 from connserver.testing import FakeClock, wait_for
 
 

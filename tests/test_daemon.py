@@ -15,7 +15,7 @@ import pytest
 from connserver import Config
 from connserver.apps.chat import ChatHandler
 from connserver.apps.echo import EchoHandler
-from connserver.daemon import log_usage_hint
+from connserver.daemon.process import log_usage_hint
 from connserver.testing import wait_for
 
 from tests.conftest import unavailable

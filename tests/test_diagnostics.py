@@ -6,7 +6,7 @@ import logging
 import threading
 
 import connserver
-from connserver import diagnostics
+from connserver.operations import diagnostics
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed

@@ -17,7 +17,7 @@ import pytest
 import connserver
 from connserver import CancelToken, CloseReason, Hub, Watchdog
 from connserver.apps.echo import EchoHandler
-from connserver.faults import Faults
+from connserver.core.faults import Faults
 from connserver.testing import FakeClock, wait_for
 from tests.conftest import connect
 
@@ -98,7 +98,7 @@ def test_the_watchdog_survives_a_fault_and_counts_it():
 def test_the_accept_loop_survives_a_fault_admitting_one_connection(serve, monkeypatch, error):
     """A non-OSError while admitting one connection (OverflowError: the timeval of a
     huge timeout; RuntimeError: any bug) loses that connection, not the accept loop."""
-    from connserver import server as server_module
+    from connserver.core import accepting as server_module
 
     real = server_module.set_kernel_timeouts
     failures = iter([True])

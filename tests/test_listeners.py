@@ -10,7 +10,7 @@ import pytest
 
 import connserver
 from connserver.apps.echo import EchoHandler
-from connserver.listeners import (check_inherited_fd, describe, inherited_listener,
+from connserver.daemon.listeners import (check_inherited_fd, describe, inherited_listener,
                                   systemd_listen_fds, unix_listener)
 from tests.conftest import wait_closed
 
@@ -76,7 +76,7 @@ def test_inherited_fd_must_be_a_listening_stream_socket():
 
 def test_version_flag(capsys):
     """connserver --version prints the version."""
-    from connserver import cli
+    from connserver.daemon import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])

@@ -10,7 +10,7 @@ import pytest
 
 import connserver
 from connserver import CancelToken
-from connserver.rate_limits import TokenBucket
+from connserver.core.rate_limits import TokenBucket
 from connserver.testing import FakeClock
 
 
@@ -85,7 +85,7 @@ def test_bad_parameters(rate, burst):
 
 def test_bucket_table_shares_per_key_and_forgets_refilled_entries():
     """Connections from one address share a bucket; the entry goes once it is full again."""
-    from connserver.rate_limits import BucketTable
+    from connserver.core.rate_limits import BucketTable
 
     clock = FakeClock()
     table = BucketTable(rate=10, burst=10, clock=clock)
@@ -106,7 +106,7 @@ def test_bucket_table_shares_per_key_and_forgets_refilled_entries():
 
 def test_bucket_table_is_bounded():
     """However many addresses come and go, the table keeps at most max_entries."""
-    from connserver.rate_limits import BucketTable
+    from connserver.core.rate_limits import BucketTable
 
     table = BucketTable(rate=1, burst=1, clock=FakeClock(), max_entries=50)
     for index in range(1000):

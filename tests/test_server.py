@@ -386,7 +386,7 @@ def test_accept_resource_errors_back_off_and_log_once(serve, caplog, monkeypatch
             raise OSError(errno.EMFILE, "Too many open files")
 
     for _ in range(5):
-        server._accept_burst(Exhausted())
+        server._acceptor.accept_burst(Exhausted())
     assert waits == [0.1] * 5
     logged = [r for r in caplog.records if "Too many open files" in r.getMessage()]
     assert len(logged) == 1

@@ -38,7 +38,8 @@ def test_shutdown_from_a_signal_handler_in_the_serving_thread():
 def test_a_failed_thread_start_does_not_stop_accepting(serve, monkeypatch):
     """If a handler thread cannot start, that client is refused and the next one served."""
     server = serve(EchoHandler)
-    real_submit = server._handler_threads.submit
+    acceptor = server._acceptor
+    real_submit = acceptor._submit
     calls = []
 
     def failing_once(job):
@@ -47,7 +48,7 @@ def test_a_failed_thread_start_does_not_stop_accepting(serve, monkeypatch):
             raise RuntimeError("can't start new thread")
         real_submit(job)
 
-    monkeypatch.setattr(server._handler_threads, "submit", failing_once)
+    monkeypatch.setattr(acceptor, "_submit", failing_once)
     with connect(server) as refused:
         assert refused.recv(1) == b""
     with connect(server) as client:

@@ -11,11 +11,12 @@ import types
 
 import pytest
 
-from connserver import cli, soak
-from connserver.soak import SoakError, SoakPlan, judge, parse_duration, shortest_judged_duration
-from connserver.soak_driver import _Echo, _Reset, _Wire
-from connserver.soak_report import CLIENT_EVENTS, format_verdict, nice_ticks, render_html
-from connserver.soak_trend import cycle_levels, theil_sen, trend_p_value
+from connserver.daemon import cli
+from connserver.soak import runner as soak
+from connserver.soak.runner import SoakError, SoakPlan, judge, parse_duration, shortest_judged_duration
+from connserver.soak.driver import _Echo, _Reset, _Wire
+from connserver.soak.report import CLIENT_EVENTS, format_verdict, nice_ticks, render_html
+from connserver.soak.trend import cycle_levels, theil_sen, trend_p_value
 
 # Four seconds of every behaviour in cycles of half a second, sampled eight times a second.
 # A run this short can only catch gross leaks: --max-rss-slope 32 MiB/min lets the echo

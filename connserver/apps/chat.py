@@ -10,8 +10,8 @@ import re
 import threading
 
 from ..errors import Cancelled, CloseReason
-from ..handler import LineHandler
-from ..hub import Hub, Subscription
+from ..core.handler import LineHandler
+from ..broadcast.hub import Hub, Subscription
 
 __all__ = ["ChatHandler", "ChatRoom"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..handler import FramedHandler, Handler
+from ..core.handler import FramedHandler, Handler
 
 __all__ = ["EchoHandler", "FramedEchoHandler"]
 

@@ -12,7 +12,7 @@ soak`` must fail it (see docs/howto/soak.md); never use it for anything else.
 
 from __future__ import annotations
 
-from ..handler import Handler
+from ..core.handler import Handler
 
 __all__ = ["LeakyEchoHandler", "RETAINED_BYTES_PER_MESSAGE"]
 

@@ -1,0 +1,1 @@
+"""Broadcast: the Hub (one writer thread per hub) and byte-bounded queues."""

@@ -1,0 +1,222 @@
+"""Handler: what users subclass, the way they subclass socketserver's handlers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socketserver
+from typing import Any, MutableMapping, Protocol
+
+from .cancel import CancelToken
+from ..config import Config
+from .connection import Connection
+from ..errors import CloseReason, RemoteProtocolError
+from ..protocols.framing import Codec, LengthPrefixed, Lines, LineTooLong
+
+
+
+class HandlerServer(Protocol):
+    """What the handler bases use of their server (a :class:`~connserver.Server`).
+
+    A protocol rather than the class itself, so the handler module does not
+    import the server module that imports it; handlers may use all of the
+    server's public API.
+    """
+
+    config: Config
+
+    def hub(self, name: str = "default", **options: Any) -> Any: ...
+
+    def resource(self, key: Any, factory: Any) -> Any: ...
+
+__all__ = ["Handler", "FramedHandler", "LineHandler", "ConnectionLoggerAdapter"]
+
+
+class ConnectionLoggerAdapter(logging.LoggerAdapter):
+    """Prefixes every line with the connection id and peer."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        kwargs.setdefault("extra", {}).update(extra)
+        return f"#{extra.get('conn_id')} {extra.get('peer')} {msg}", kwargs
+
+
+class Handler(socketserver.BaseRequestHandler):
+    """One instance per connection, run on the connection's own thread.
+
+    Methods that may be overridden:
+
+    - ``setup()``: before ``handle()``.
+    - ``handle()``: serve the connection; return (or let an exception out) to end it.
+    - ``finish()``: after ``handle()``, always (even if it raised).
+    - ``connection_closed(reason)``: after the socket is closed, with the
+      :class:`~connserver.CloseReason`; for cleanup that must see the outcome.
+
+    Attributes for the handler:
+
+    - ``conn``: the :class:`~connserver.Connection` (all I/O goes through it);
+      also ``request``, as in socketserver.
+    - ``cancel``: the connection's :class:`~connserver.CancelToken`.
+    - ``server``: the :class:`~connserver.Server`.
+    - ``peer``: the peer address (``client_address`` in socketserver).
+    - ``id``: the connection id, unique within the server.
+    - ``logger``: a logger (``connserver.conn``) that prefixes id and peer.
+
+    Exceptions from ``handle()`` end only this connection: peer faults
+    (deadlines, resets, protocol errors) are logged briefly and counted; any
+    other exception is logged once with its traceback and counted as ``error``.
+    """
+
+    conn: Connection
+    cancel: CancelToken
+    server: HandlerServer
+
+    def __init__(self, request: Connection, client_address: Any, server: HandlerServer) -> None:
+        self.conn = request
+        self.cancel = request.cancel_token
+        self.id = request.id
+        self.peer = client_address
+        self.server = server
+        request.attach_handler(self)
+        self._prepare()
+        super().__init__(request, client_address, server)
+
+    def _prepare(self) -> None:
+        """Hook for the framework's bases, before ``setup()``."""
+
+    @functools.cached_property
+    def logger(self) -> ConnectionLoggerAdapter:
+        return ConnectionLoggerAdapter(logging.getLogger("connserver.conn"),
+                                       {"conn_id": self.id, "peer": self.conn.peer_label})
+
+    def handle(self) -> None:
+        """Serve the connection. The default reads and discards until end of stream."""
+        while self.conn.recv():
+            pass
+
+    def connection_closed(self, reason: CloseReason) -> None:
+        """Called once, after the socket was closed, with why it ended."""
+
+
+class _MessageHandler(Handler):
+    """The read loop shared by the framed bases: idle wait, then a read deadline per frame.
+
+    Waiting for a frame's first byte is bounded by ``idle_timeout``; from that
+    byte, the whole frame must arrive within ``read_timeout`` (absolute), so a
+    peer trickling a frame cannot hold the thread longer than that.
+    """
+
+    def make_codec(self) -> Codec:
+        raise NotImplementedError
+
+    def dispatch(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    _ending = False
+
+    def _prepare(self) -> None:
+        # Before setup(), so a greeting sent there is already framed.
+        self.conn.codec = self.make_codec()
+        self.conn.set_rate_unit("messages")   # each message is charged as one
+
+    def end(self) -> None:
+        """End the connection once the current frame or line has been handled.
+
+        Call it from ``handle_frame``/``handle_line`` (a returned reply is still sent);
+        the close reason is ``closed``, unless the peer had closed first.
+        """
+        self._ending = True
+
+    def handle(self) -> None:
+        conn = self.conn
+        codec = conn.codec
+        assert codec is not None
+        clock = conn.clock
+        read_timeout = self.server.config.read_timeout
+        message_expires_at: float | None = None
+        while True:
+            data = conn.recv_part(message_expires_at)
+            if not data:
+                if codec.pending:
+                    raise RemoteProtocolError(
+                        f"peer closed the connection {codec.pending} bytes into a frame")
+                return
+            frames = codec.feed(data)
+            data = None
+            limited = conn.rate is not None
+            for frame in frames:
+                if limited:
+                    conn.charge(1)
+                self.dispatch(frame)
+            frame = None
+            if self._ending:
+                return
+            if not codec.pending:
+                message_expires_at = None
+            elif frames or message_expires_at is None:
+                # A new frame started in this chunk: its deadline starts now.
+                message_expires_at = clock() + read_timeout
+            # Drop the last message before waiting for the next: an idle connection
+            # must not keep up to max_frame_size of it alive.
+            frames = None
+
+
+class FramedHandler(_MessageHandler):
+    """Length-prefixed frames: override ``handle_frame``; a returned value is sent back.
+
+    Class variables that may be overridden: ``header`` (``struct`` format of the
+    length prefix, default ``"!I"``). The frame limit is ``Config.max_frame_size``.
+    """
+
+    header = "!I"
+
+    def make_codec(self) -> Codec:
+        return LengthPrefixed(self.server.config.max_frame_size, self.header)
+
+    def dispatch(self, frame: bytes) -> None:
+        reply = self.handle_frame(frame)
+        if reply is not None:
+            self.conn.send_frame(reply)
+
+    def handle_frame(self, frame: bytes) -> bytes | None:
+        """Handle one complete frame; return a frame to send back, or None."""
+        raise NotImplementedError
+
+
+class LineHandler(_MessageHandler):
+    """Text lines: override ``handle_line``; a returned string is sent back as a line.
+
+    Class variables that may be overridden: ``newline`` (``b"\\n"``; a ``\\r``
+    before it is dropped), ``encoding`` (``"utf-8"``), ``errors`` (``"replace"``),
+    ``max_line`` (bytes; default ``Config.max_frame_size``), ``discard_long_lines``
+    (False: a longer line ends the connection with ``frame_too_large``; True: it
+    is skipped and ``line_too_long(size)`` is called).
+    """
+
+    newline = b"\n"
+    encoding = "utf-8"
+    errors = "replace"
+    max_line: int | None = None
+    discard_long_lines = False
+
+    def make_codec(self) -> Codec:
+        return Lines(self.max_line or self.server.config.max_frame_size, self.newline,
+                     discard_long=self.discard_long_lines)
+
+    def dispatch(self, frame: bytes | LineTooLong) -> None:
+        if isinstance(frame, LineTooLong):
+            self.line_too_long(frame.size)
+            return
+        reply = self.handle_line(frame.decode(self.encoding, self.errors))
+        if reply is not None:
+            self.send_line(reply)
+
+    def line_too_long(self, size: int) -> None:
+        """A line over ``max_line`` was skipped (only with ``discard_long_lines``)."""
+
+    def send_line(self, line: str) -> None:
+        self.conn.send_frame(line.encode(self.encoding))
+
+    def handle_line(self, line: str) -> str | None:
+        """Handle one line (without its newline); return a line to send back, or None."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""The daemon: the ``connserver`` command, signals and drain, workers, listeners, systemd."""

@@ -1,0 +1,1 @@
+"""Operations: the admin endpoint, Prometheus metrics, leak diagnostics."""

@@ -1,0 +1,189 @@
+"""TLS: the server's context, and each connection's TLS state without a socket.
+
+The listener is never wrapped: each connection's handshake runs on its own
+thread (see :meth:`connserver.Connection.start_tls`), so a client that never
+sends a ClientHello stalls only its own thread, until ``handshake_timeout``.
+
+A connection's TLS is an ``ssl.SSLObject`` between two memory BIOs
+(:class:`TLSSession`), not an ``ssl.SSLSocket``. OpenSSL then never touches the
+network: the connection moves ciphertext to and from its plain blocking socket
+with the same deadline-bound ``recv``/``sendmsg`` as for plaintext (an
+``SSLSocket`` retries reads in CPython's own poll, where ``SO_RCVTIMEO`` does
+not reach, so a trickled record could stretch a read to the idle timeout), and
+a hub's writer thread can encrypt and send without ever blocking.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+
+from ..config import Config
+from ..errors import ConfigError
+
+__all__ = ["server_context", "TLSSession"]
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_HEADER = 5   # a TLS record header: type, version (2 bytes), length (2 bytes)
+
+
+def server_context(config: Config) -> ssl.SSLContext:
+    """An SSLContext for serving: modern defaults, no renegotiation, optional mTLS."""
+    if os.environ.get("SSLKEYLOGFILE"):
+        # Python's default context would write every session key to that file.
+        raise ConfigError("tls_cert", "SSLKEYLOGFILE is set, which would write TLS session "
+                          "keys to disk; unset it to serve TLS")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = _VERSIONS[config.tls_min_version]
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls_cert", f"cannot load the certificate/key: {exc}") from exc
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls_client_ca", f"cannot load the CA file: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class TLSSession:
+    """The server side of one TLS connection, sans-I/O: ciphertext in, ciphertext out.
+
+    Two threads may use one session: the connection's handler thread (reading,
+    and writing while not subscribed) and a hub's writer (writing while
+    subscribed). ``lock`` makes each OpenSSL call exclusive, and keeps the
+    ciphertext in the order it was made, which TLS requires (each record is
+    numbered): :meth:`seal` hands out everything made so far, oldest first;
+    whoever could not send all of it gives the rest back with :meth:`put_back`,
+    ahead of anything newer.
+    """
+
+    __slots__ = ("lock", "_ssl", "_incoming", "_outgoing", "_unsent", "output_ready",
+                 "established", "record_started", "_record_left", "_header")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.lock = threading.Lock()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._unsent: list = []        # ciphertext handed out, then given back unsent
+        self.output_ready = False      # reading made ciphertext (an alert, a key update)
+        self.established = False       # the handshake is complete
+        # Monotonic time the record now arriving began (None between records): the
+        # rest of it is due within read_timeout of its first byte.
+        self.record_started: float | None = None
+        self._record_left = 0          # bytes of that record's body still to come
+        self._header = b""             # the part of a record header seen so far
+
+    # --- the peer's ciphertext ----------------------------------------------------
+
+    def handshake(self) -> bool:
+        """Advance the handshake with what was received; True once it is complete."""
+        with self.lock:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                return False
+            finally:
+                self.output_ready = self._outgoing.pending > 0
+        self.established = True
+        return True
+
+    def receive(self, data: bytes, now: float) -> None:
+        """Ciphertext read from the socket at ``now``."""
+        with self.lock:
+            self._incoming.write(data)
+        # Follow the record headers going by, to know whether a record is incomplete.
+        left, header = self._record_left, self._header
+        position, size = 0, len(data)
+        while True:
+            if left:
+                step = min(left, size - position)
+                position += step
+                left -= step
+            if position >= size:
+                break
+            need = _HEADER - len(header)
+            header += data[position:position + need]
+            position += need
+            if len(header) == _HEADER:
+                left = int.from_bytes(header[3:5], "big")
+                header = b""
+        self._record_left, self._header = left, header
+        if not (left or header):
+            self.record_started = None
+        elif self.record_started is None:
+            self.record_started = now
+
+    def receive_eof(self) -> None:
+        """The peer closed the TCP connection."""
+        with self.lock:
+            self._incoming.write_eof()
+
+    def read(self, limit: int) -> bytes | None:
+        """Up to ``limit`` bytes of plaintext; ``None`` until more ciphertext arrives;
+        ``b""`` once the peer sent close_notify. Raises ``ssl.SSLError`` on bad input."""
+        with self.lock:
+            if not self._incoming.pending and not self._ssl.pending():
+                return None   # nothing to decrypt: spare OpenSSL (and an exception)
+            try:
+                return self._ssl.read(limit)
+            except ssl.SSLWantReadError:
+                return None
+            except ssl.SSLZeroReturnError:
+                return b""
+            finally:
+                self.output_ready = self._outgoing.pending > 0
+
+    # --- our ciphertext -----------------------------------------------------------
+
+    def seal(self, data: bytes | bytearray | memoryview = b"") -> list:
+        """Encrypt ``data``; return all ciphertext not yet handed out, oldest first."""
+        with self.lock:
+            if data:
+                self._ssl.write(data)
+            chunks, self._unsent = self._unsent, []
+            if self._outgoing.pending:
+                chunks.append(self._outgoing.read())
+            self.output_ready = False
+            return chunks
+
+    def put_back(self, chunks: list) -> None:
+        """Ciphertext from :meth:`seal` that was not sent: it goes out before anything newer."""
+        if chunks:
+            with self.lock:
+                self._unsent[:0] = chunks
+
+    def has_output(self) -> bool:
+        """Whether there is ciphertext to send."""
+        with self.lock:
+            return bool(self._unsent) or self._outgoing.pending > 0
+
+    def close_notify(self) -> list:
+        """The ciphertext still to send, ending with a close_notify alert (if it can)."""
+        with self.lock:
+            if self.established:
+                try:
+                    self._ssl.unwrap()   # queues close_notify, then wants the peer's
+                except (ssl.SSLError, ValueError):
+                    pass
+            chunks, self._unsent = self._unsent, []
+            if self._outgoing.pending:
+                chunks.append(self._outgoing.read())
+            return chunks
+
+    # --- what the handler may ask -------------------------------------------------
+
+    def version(self) -> str | None:
+        """The protocol negotiated, such as ``"TLSv1.3"``."""
+        with self.lock:
+            return self._ssl.version()
+
+    def getpeercert(self, binary_form: bool = False) -> dict | bytes | None:
+        """The client's certificate (mutual TLS), as ``ssl.SSLSocket.getpeercert``."""
+        with self.lock:
+            return self._ssl.getpeercert(binary_form)

@@ -1,0 +1,1 @@
+"""``connserver soak``: a mixed hostile load against a running server, and a leak verdict."""
