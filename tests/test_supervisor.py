@@ -210,3 +210,22 @@ def test_a_crashed_worker_waiting_for_its_restart_makes_the_supervisor_exit_1(da
     finally:
         taken.close()
     assert "slot 0: exited 1" in process.output()
+
+
+def test_sighup_and_sigusr1_reach_the_workers_and_the_supervisor_survives(daemon):
+    """SIGHUP/SIGUSR1 to the supervisor (what `systemctl kill -s HUP` does) are passed on to
+    every worker (census logged by each) instead of killing the supervisor."""
+    process, port, pids = start(daemon, "echo")
+    process.signal(signal.SIGHUP)
+    process.read_until(r"forwarding SIGHUP to 2 workers")
+    process.signal(signal.SIGUSR1)
+    process.read_until(r"forwarding SIGUSR1 to 2 workers")
+    for _ in range(2):
+        process.read_until(r"census: ")
+    assert process.proc.poll() is None   # still supervising
+    for pid in pids:
+        os.kill(pid, 0)                  # and every worker is alive
+    with connect_echoed(port):
+        pass
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0

@@ -34,6 +34,7 @@ import time
 from ..config import parse_address
 from .process import DaemonOptions, log_usage_hint, make_listeners, run_daemon
 from .listeners import describe
+from .logging_setup import reopen_log_files
 from .systemd import Notifier
 
 __all__ = ["run_supervisor"]
@@ -45,6 +46,9 @@ _BACKOFF_START = 0.5
 _BACKOFF_MAX = 30.0
 _HEALTHY_AFTER = 10.0   # a worker that lived this long resets the back-off
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+# Passed on to every worker: SIGHUP reopens log files, SIGUSR1 logs a census
+# (systemd's `systemctl kill -s HUP` reaches only the supervisor).
+_FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 
 
 @dataclasses.dataclass
@@ -63,12 +67,17 @@ def run_supervisor(options: DaemonOptions, workers: int) -> int:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     ready_r, ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     flags = {"stop": 0}
+    to_forward: list[int] = []
     previous_wakeup = signal.set_wakeup_fd(wake_w)
 
     def on_stop(signum: int, frame: object) -> None:
         flags["stop"] += 1
 
+    def on_forward(signum: int, frame: object) -> None:
+        to_forward.append(signum)
+
     previous = {sig: signal.signal(sig, on_stop) for sig in _STOP_SIGNALS}
+    previous.update({sig: signal.signal(sig, on_forward) for sig in _FORWARDED_SIGNALS})
     previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *args: None)
     running: dict[int, _Worker] = {}
     restarts: list[tuple[float, int]] = []       # (when, slot)
@@ -93,6 +102,13 @@ def run_supervisor(options: DaemonOptions, workers: int) -> int:
                 signals_forwarded = flags["stop"]
                 for pid in running:
                     _signal(pid, signal.SIGTERM)
+            while to_forward:
+                sig = to_forward.pop(0)
+                if sig == signal.SIGHUP:
+                    reopen_log_files()
+                log.info("forwarding %s to %d workers", signal.Signals(sig).name, len(running))
+                for pid in running:
+                    _signal(pid, sig)
             if kill_at is not None and now >= kill_at:
                 for pid in running:
                     log.error("worker %d did not stop in time; killing it", pid)
