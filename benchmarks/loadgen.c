@@ -5,10 +5,10 @@
  *   loadgen --mode echo --host 127.0.0.1 --port 7070 --connections 10 --size 64
  *
  * One thread, one epoll set, non-blocking sockets, no allocation per
- * operation. Modes: echo, framed, hold, churn, fanout. Every mode is bounded in
- * time (--duration, --warmup, --connect-timeout, --drain) and in count
- * (--connections, --max-requests, --max-cycles, --messages). Loopback only:
- * any host outside 127.0.0.0/8 and ::1 is refused.
+ * operation. Modes: echo, framed, hold, churn, fanout, paced. Every mode is
+ * bounded in time (--duration, --warmup, --connect-timeout, --barrier-timeout,
+ * --drain) and in count (--connections, --max-requests, --max-cycles,
+ * --messages). Loopback only: any host outside 127.0.0.0/8 and ::1 is refused.
  *
  * stdout: exactly one JSON object on one line per run. stderr: hints only.
  * Exit status: 0 ok, 1 verification failure (wrong bytes), 2 usage error,
@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -45,8 +46,8 @@
 #define OPEN_BATCH 256          /* connects issued per loop turn, so replies keep flowing */
 #define SCAN_INTERVAL_NS 100000000ull
 
-enum { M_ECHO, M_FRAMED, M_HOLD, M_CHURN, M_FANOUT };
-static const char *const MODE_NAMES[] = {"echo", "framed", "hold", "churn", "fanout"};
+enum { M_ECHO, M_FRAMED, M_HOLD, M_CHURN, M_FANOUT, M_PACED, M_COUNT };
+static const char *const MODE_NAMES[] = {"echo", "framed", "hold", "churn", "fanout", "paced"};
 enum { CLOSE_AUTO, CLOSE_FIN, CLOSE_RST };
 static const char *const CLOSE_NAMES[] = {"auto", "fin", "rst"};
 
@@ -70,6 +71,11 @@ static struct {
     long source_addrs;
     double probe_interval;
     int wait_reply;
+    int barrier;
+    int framed;
+    double barrier_timeout;
+    long server_pid;
+    double slice;
 } O;
 
 /* How many of `total` connections should be open `elapsed_ns` after the start:
@@ -140,10 +146,90 @@ static void cpu_times(double *user, double *sys)
     *sys = (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
-/* CPU used by this process over a measured interval. */
-typedef struct { double u0, s0, u1, s1; uint64_t t0, t1; int started, ended; } cpuwin_t;
-static void cpuwin_start(cpuwin_t *w) { if (!w->started) { cpu_times(&w->u0, &w->s0); w->t0 = now_ns(); w->started = 1; } }
-static void cpuwin_end(cpuwin_t *w) { if (w->started && !w->ended) { cpu_times(&w->u1, &w->s1); w->t1 = now_ns(); w->ended = 1; } }
+/* ------------------------------------------------------- the server's /proc */
+/* --server-pid: the server's CPU time, RSS and thread count, read from /proc at
+ * the moments a measured window starts and ends, so that "CPU per operation"
+ * covers exactly the operations counted. CPU is user + system of the whole
+ * process (every thread, including threads that have ended) plus its waited-for
+ * children: /proc/PID/stat fields utime, stime, cutime, cstime. */
+
+typedef struct { int ok; double cpu_s; long rss_kib, threads; } srvsnap_t;
+
+static struct {
+    long rss_kib_max, threads_max;
+    uint64_t next_tick;
+    int lost;                   /* the process went away during the run */
+} g_srv;
+
+#define SRV_TICK_NS 500000000ull
+
+static srvsnap_t srv_snap(void)
+{
+    srvsnap_t s;
+    memset(&s, 0, sizeof s);
+    if (O.server_pid <= 0) return s;
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", O.server_pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { g_srv.lost = 1; return s; }
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) { g_srv.lost = 1; return s; }
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');   /* the command name may hold spaces and parentheses */
+    if (!p) return s;
+    unsigned long long f[20];
+    int got = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(p + 1, " ", &save); tok && got < 20; tok = strtok_r(NULL, " ", &save))
+        f[got++] = strtoull(tok, NULL, 10);   /* f[0] is the state letter (parses as 0) */
+    if (got < 18) return s;
+    static long tck, page_kib;
+    if (!tck) { tck = sysconf(_SC_CLK_TCK); page_kib = sysconf(_SC_PAGESIZE) / 1024; }
+    s.cpu_s = (double)(f[11] + f[12] + f[13] + f[14]) / (double)tck;
+    s.threads = (long)f[17];
+    snprintf(path, sizeof path, "/proc/%ld/statm", O.server_pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { g_srv.lost = 1; return s; }
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return s;
+    buf[n] = 0;
+    unsigned long long size_pages, resident_pages;
+    if (sscanf(buf, "%llu %llu", &size_pages, &resident_pages) != 2) return s;
+    s.rss_kib = (long)resident_pages * page_kib;
+    s.ok = 1;
+    if (s.rss_kib > g_srv.rss_kib_max) g_srv.rss_kib_max = s.rss_kib;
+    if (s.threads > g_srv.threads_max) g_srv.threads_max = s.threads;
+    return s;
+}
+
+/* Called from each mode's loop: samples RSS and threads twice a second for their maxima. */
+static void srv_tick(uint64_t now)
+{
+    if (O.server_pid <= 0 || now < g_srv.next_tick) return;
+    g_srv.next_tick = now + SRV_TICK_NS;
+    srv_snap();
+}
+
+/* CPU used by this process (and, with --server-pid, by the server) over a measured interval. */
+typedef struct { double u0, s0, u1, s1; uint64_t t0, t1; int started, ended; srvsnap_t srv0, srv1; } cpuwin_t;
+static void cpuwin_start(cpuwin_t *w)
+{
+    if (w->started) return;
+    w->srv0 = srv_snap();
+    cpu_times(&w->u0, &w->s0);
+    w->t0 = now_ns();
+    w->started = 1;
+}
+static void cpuwin_end(cpuwin_t *w)
+{
+    if (!w->started || w->ended) return;
+    cpu_times(&w->u1, &w->s1);
+    w->t1 = now_ns();
+    w->srv1 = srv_snap();
+    w->ended = 1;
+}
 
 /* ---------------------------------------------------------------- histogram */
 /* Log-bucket (HDR-style) histogram of nanoseconds: 128 linear sub-buckets per
@@ -312,6 +398,34 @@ static void jcpu(const char *key, const cpuwin_t *w)
         jnull("user_s"); jnull("sys_s"); jnull("wall_s"); jnull("util");
     }
     jend();
+}
+
+/* The server over a window: its CPU time and utilisation (of one core), RSS and
+ * threads at both ends, and the maxima sampled during the run. Omitted without
+ * --server-pid. */
+static void jserver(const char *key, const srvsnap_t *a, const srvsnap_t *b, uint64_t t0, uint64_t t1)
+{
+    if (O.server_pid <= 0) return;
+    jobj(key);
+    jint("pid", O.server_pid);
+    int both = a->ok && b->ok && t1 > t0;
+    double wall = both ? ns_sec(t1 - t0) : NAN;
+    jnum("cpu_s", both ? b->cpu_s - a->cpu_s : NAN, 3);
+    jnum("wall_s", wall, 3);
+    jnum("util", both && wall >= 0.01 ? (b->cpu_s - a->cpu_s) / wall : NAN, 3);
+    if (a->ok) { jint("rss_kib_start", a->rss_kib); jint("threads_start", a->threads); }
+    else { jnull("rss_kib_start"); jnull("threads_start"); }
+    if (b->ok) { jint("rss_kib_end", b->rss_kib); jint("threads_end", b->threads); }
+    else { jnull("rss_kib_end"); jnull("threads_end"); }
+    jint("rss_kib_max", g_srv.rss_kib_max);
+    jint("threads_max", g_srv.threads_max);
+    jbool("lost", g_srv.lost);
+    jend();
+}
+
+static void jserver_window(const char *key, const cpuwin_t *w)
+{
+    jserver(key, &w->srv0, &w->srv1, w->t0, w->t1);
 }
 
 /* ------------------------------------------------------------ errno counts */
@@ -542,6 +656,7 @@ static size_t format_hello(char *out, size_t cap, long index)
 
 /* ---------------------------------------------------------- payload pattern */
 
+static int g_framed;                   /* every message is a frame: 4-byte big-endian length, payload */
 static unsigned char *g_pattern;       /* pseudo-random bytes, size + 1024 long */
 static unsigned char *g_scratch;       /* receive buffer */
 
@@ -563,7 +678,7 @@ static void init_pattern(size_t size)
 static void build_request(unsigned char *m, uint64_t idx, uint64_t seq)
 {
     size_t off = 0, s = (size_t)O.size;
-    if (O.mode == M_FRAMED) {
+    if (g_framed) {
         uint32_t be = htonl((uint32_t)O.size);
         memcpy(m, &be, 4);
         off = 4;
@@ -594,6 +709,7 @@ static void jparams_common(void)
     jstr("host", O.host);
     jint("port", O.port);
     jint("source_addrs", g_nsrc);
+    jbool("framed", g_framed);
 }
 
 static void cpu_list(char *out, size_t cap)
@@ -654,6 +770,11 @@ typedef struct {
     hist_t *lat, *first;
     errtab_t ioerr;
     uint64_t closed_eof, closed_err;
+    /* --barrier: no second request anywhere until every connection has had its first reply */
+    int released;               /* the barrier is down (always, without --barrier) */
+    long served_first;          /* connections that have had their first reply */
+    long waiting_first;         /* open connections still waiting for it */
+    uint64_t t_last_first;      /* when the last first reply arrived */
 } echo_t;
 
 static void echo_close(echo_t *E, econn_t *k, int how_err)
@@ -662,6 +783,7 @@ static void echo_close(echo_t *E, econn_t *k, int how_err)
     k->fd = -1;
     if (k->busy) { k->busy = 0; E->outstanding--; }
     if (k->state == ST_ACTIVE) E->active--;
+    if (k->state == ST_ACTIVE && k->seq == 0) E->waiting_first--;
     k->state = ST_CLOSED;
     if (how_err == 0) E->closed_eof++;
     else { E->closed_err++; err_add(&E->ioerr, how_err); }
@@ -683,8 +805,9 @@ static void echo_send(echo_t *E, econn_t *k, long idx)
     if (k->wout) { ep_ctl(E->ep, EPOLL_CTL_MOD, k->fd, EPOLLIN, (uint64_t)idx); k->wout = 0; }
 }
 
-static int echo_may_issue(echo_t *E, uint64_t t)
+static int echo_may_issue(echo_t *E, const econn_t *k, uint64_t t)
 {
+    if (!E->released && k->seq > 0) return 0;
     return E->running && t < E->we && !g_stop && !(O.max_requests > 0 && E->issued >= (uint64_t)O.max_requests);
 }
 
@@ -725,7 +848,12 @@ static void echo_read(echo_t *E, econn_t *k, long idx)
     if (k->rcvd < E->msglen) return;
 
     uint64_t t = now_ns();
-    if (k->seq == 0) hist_add(E->first, t - k->t_conn);
+    if (k->seq == 0) {
+        hist_add(E->first, t - k->t_conn);
+        E->served_first++;
+        E->waiting_first--;
+        E->t_last_first = t;
+    }
     k->seq++;
     k->busy = 0;
     E->outstanding--;
@@ -736,7 +864,7 @@ static void echo_read(echo_t *E, econn_t *k, long idx)
         E->win_rt++;
         hist_add(E->lat, t - k->t_req);
     }
-    if (echo_may_issue(E, t)) echo_start(E, k, idx, t);
+    if (echo_may_issue(E, k, t)) echo_start(E, k, idx, t);
 }
 
 /* --probe-interval: during the window, a fresh connection every interval does
@@ -827,7 +955,7 @@ static int run_echo(void)
     long N = O.connections;
     echo_t E;
     memset(&E, 0, sizeof E);
-    E.msglen = (size_t)O.size + (O.mode == M_FRAMED ? 4 : 0);
+    E.msglen = (size_t)O.size + (g_framed ? 4 : 0);
     econn_t *c = calloc((size_t)N, sizeof *c);
     unsigned char *arena = malloc((size_t)(N + 1) * E.msglen);   /* +1: the probe */
     E.win = calloc((size_t)N, sizeof *E.win);
@@ -845,9 +973,13 @@ static int run_echo(void)
     struct epoll_event evs[MAX_EVENTS];
     cpuwin_t cw;
     memset(&cw, 0, sizeof cw);
-    uint64_t t0 = now_ns();
-    E.ws = t0 + sec_ns(O.warmup);
-    E.we = E.ws + sec_ns(O.duration);
+    srvsnap_t srv_b0 = srv_snap(), srv_b1;
+    memset(&srv_b1, 0, sizeof srv_b1);
+    uint64_t t0 = now_ns(), t_release = 0;
+    int barrier_timed_out = 0;
+    E.released = !O.barrier;
+    E.ws = E.released ? t0 + sec_ns(O.warmup) : UINT64_MAX;   /* --barrier: set when it comes down */
+    E.we = E.released ? E.ws + sec_ns(O.duration) : UINT64_MAX;
     E.running = 1;
     long opened = 0, connecting = 0, established = 0, conn_timeouts = 0;
     uint64_t next_scan = t0 + SCAN_INTERVAL_NS, drain_end = 0, window_end = 0;
@@ -859,6 +991,7 @@ static int run_echo(void)
     pr.msg = arena + (size_t)N * E.msglen;
     pr.h = hist_new();
     pr.next = E.ws;
+    if (O.server_pid > 0) g_srv.next_tick = t0 + SRV_TICK_NS;
 
     for (;;) {
         uint64_t now = now_ns();
@@ -877,10 +1010,29 @@ static int run_echo(void)
             drain_timed_out = E.outstanding > 0;
             break;
         }
-        if (!cw.started && now >= E.ws) cpuwin_start(&cw);
+        if (!E.released) {
+            /* the burst is over once every connection has connected and had its first reply
+               (or failed); the steady state is measured only after that */
+            int all_in = opened == N && connecting == 0 && E.waiting_first == 0;
+            if (all_in || now - t0 >= sec_ns(O.barrier_timeout)) {
+                E.released = 1;
+                t_release = now;
+                barrier_timed_out = !all_in;
+                srv_b1 = srv_snap();
+                E.ws = now + sec_ns(O.warmup);
+                E.we = E.ws + sec_ns(O.duration);
+                pr.next = E.ws;
+                for (long i = 0; i < opened; i++)
+                    if (c[i].state == ST_ACTIVE && !c[i].busy && echo_may_issue(&E, &c[i], now))
+                        echo_start(&E, &c[i], i, now);
+            }
+        }
+        if (!cw.started && E.running && now >= E.ws) cpuwin_start(&cw);
+        srv_tick(now);
 
         /* open connections: all at once (in batches) or paced by --connect-rate */
-        int64_t timeout = E.running ? (int64_t)(E.we - now) : (int64_t)(drain_end - now);
+        int64_t timeout = !E.running ? (int64_t)(drain_end - now)
+                          : E.released ? (int64_t)(E.we - now) : (int64_t)SCAN_INTERVAL_NS;
         if (E.running && opened < N) {
             long target = connect_target(now - t0, N);
             for (int b = 0; opened < target && b < OPEN_BATCH; b++) {
@@ -941,7 +1093,8 @@ static int run_echo(void)
                 E.active++;
                 if (opened == N && connecting == 0) t_all_connected = t;
                 ep_ctl(E.ep, EPOLL_CTL_MOD, k->fd, EPOLLIN, (uint64_t)idx);
-                if (echo_may_issue(&E, t)) echo_start(&E, k, idx, t);
+                E.waiting_first++;
+                if (echo_may_issue(&E, k, t)) echo_start(&E, k, idx, t);
                 continue;
             }
             if (k->state != ST_ACTIVE) continue;
@@ -978,8 +1131,22 @@ static int run_echo(void)
     jnum("connect_rate", O.connect_rate, 1);
     jint("max_requests", O.max_requests);
     jnum("probe_interval_s", O.probe_interval, 3);
+    jbool("barrier", O.barrier);
     jend();
     jobj("results");
+    if (O.barrier) {
+        jobj("burst");
+        jint("connections", N);
+        jint("served", E.served_first);
+        if (E.served_first == N && E.t_last_first) jnum("all_served_s", ns_sec(E.t_last_first - t0), 4);
+        else jnull("all_served_s");
+        if (t_release) jnum("released_s", ns_sec(t_release - t0), 4);
+        else jnull("released_s");
+        jbool("timed_out", barrier_timed_out);
+        if (O.server_pid > 0 && srv_b0.ok && srv_b1.ok) jnum("server_cpu_s", srv_b1.cpu_s - srv_b0.cpu_s, 3);
+        else jnull("server_cpu_s");
+        jend();
+    }
     juint("round_trips", E.win_rt);
     jnum("window_s", window_s, 3);
     jnum("round_trips_per_s", window_s > 0 ? (double)E.win_rt / window_s : NAN, 1);
@@ -1021,6 +1188,7 @@ static int run_echo(void)
     }
     jend();
     jcpu("loadgen_cpu", &cw);
+    jserver_window("server", &cw);
     hint("%s: %llu round trips in %.2f s = %.0f/s; %ld/%ld established", MODE_NAMES[O.mode],
          (unsigned long long)E.win_rt, window_s, window_s > 0 ? (double)E.win_rt / window_s : 0.0,
          established, N);
@@ -1046,8 +1214,11 @@ static int run_hold(void)
     cpuwin_t cw;
     memset(&cw, 0, sizeof cw);
     cpuwin_start(&cw);
+    srvsnap_t srv_h0 = cw.srv0, srv_h1;   /* the server before connecting, and at the end of the hold */
+    memset(&srv_h1, 0, sizeof srv_h1);
 
     uint64_t t0 = now_ns(), t_last_open = t0, t_hold = 0, t_end = 0;
+    if (O.server_pid > 0) g_srv.next_tick = t0 + SRV_TICK_NS;
     long opened = 0, connecting = 0, established = 0, open_now = 0;
     long closed_eof = 0, closed_err = 0, closed_in_hold = 0, served = 0, served_open = 0;
     uint64_t bytes_rx = 0, next_scan = t0 + SCAN_INTERVAL_NS;
@@ -1066,8 +1237,10 @@ static int run_hold(void)
                      open_now, served_open, N, O.duration);
             }
         } else if (now >= t_end) break;
+        srv_tick(now);
 
         int64_t timeout = t_hold ? (int64_t)(t_end - now) : (int64_t)SCAN_INTERVAL_NS;
+        if (O.server_pid > 0 && timeout > (int64_t)SRV_TICK_NS) timeout = (int64_t)SRV_TICK_NS;
         if (opened < N) {
             long target = connect_target(now - t0, N);
             for (int b = 0; opened < target && b < OPEN_BATCH; b++) {
@@ -1112,7 +1285,16 @@ static int run_hold(void)
                 k->established = 1;
                 established++;
                 open_now++;
-                if (g_hello_t[0]) { size_t hl = format_hello(hello, sizeof hello, idx); send_small(k->fd, hello, hl); }
+                if (g_hello_t[0] || O.framed) {
+                    /* --framed: the greeting goes as one frame ("h" if no --hello), so a framed
+                       echo server answers it too */
+                    size_t hl = g_hello_t[0] ? format_hello(hello + 4, sizeof hello - 4, idx) : 1;
+                    if (!g_hello_t[0]) hello[4] = 'h';
+                    uint32_t be = htonl((uint32_t)hl);
+                    memcpy(hello, &be, 4);
+                    if (O.framed) send_small(k->fd, hello, hl + 4);
+                    else send_small(k->fd, hello + 4, hl);
+                }
                 ep_ctl(ep, EPOLL_CTL_MOD, k->fd, EPOLLIN | EPOLLRDHUP, (uint64_t)idx);
                 continue;
             }
@@ -1132,6 +1314,7 @@ static int run_hold(void)
         }
     }
     uint64_t t_stop = now_ns();
+    srv_h1 = srv_snap();   /* before closing: what the server holds for N connections */
     cpuwin_end(&cw);
     long pending = 0;
     for (long i = 0; i < N; i++) {
@@ -1166,6 +1349,7 @@ static int run_hold(void)
     juint("bytes_received", bytes_rx);
     jend();
     jcpu("loadgen_cpu", &cw);
+    jserver("server", &srv_h0, &srv_h1, t0, t_stop);
     hint("hold: %ld established, %ld still open at the end, %ld closed by the server", established, open_now,
          closed_eof + closed_err);
     close(ep);
@@ -1187,7 +1371,7 @@ static int g_tw_reuse = -1;
 static int run_churn(void)
 {
     long C = O.connections;
-    size_t len = (size_t)O.size;
+    size_t len = (size_t)O.size + (g_framed ? 4 : 0);
     cslot_t *s = calloc((size_t)C, sizeof *s);
     unsigned char *arena = malloc((size_t)C * len);
     if (!s || !arena) { perror("malloc"); exit(3); }
@@ -1364,6 +1548,7 @@ static int run_churn(void)
     juint("verified_bytes", verified);
     jend();
     jcpu("loadgen_cpu", &cw);
+    jserver_window("server", &cw);
     hint("churn: %llu cycles in %.2f s = %.0f/s, %llu failed", (unsigned long long)win, window_s,
          window_s > 0 ? (double)win / window_s : 0.0, (unsigned long long)failed);
     close(ep);
@@ -1902,10 +2087,398 @@ static int run_fanout(void)
     jend();
     jend();
     jcpu("loadgen_cpu", &cw);
+    jserver_window("server", &cw);
     hint("fanout: published %llu, delivered %llu of %llu, stalled disconnected %ld/%ld",
          (unsigned long long)F.built, (unsigned long long)F.delivered, (unsigned long long)expected, stall_disc,
          F.K);
     close(ep);
+    return 0;
+}
+
+/* ===================================================================== paced */
+/* N connections, each sending one S-byte message every 1/R seconds, with the
+ * N schedules spread evenly over the period (connection i is due at
+ * start + i/(N*R) + k/R), not in lockstep. Open loop: a message is sent when
+ * due whether or not the previous reply is back (echo keeps the order), and
+ * its latency runs from when it was *due*, so a server that falls behind shows
+ * it in full instead of being offered less work (no coordinated omission).
+ * Before the schedule starts, every connection does one round trip, so the
+ * window sees a server that has accepted and served everyone. */
+
+#define PACED_RING 16           /* messages one connection may have due and unanswered */
+#define PACED_BATCH 4096        /* due messages sent per loop turn, so replies keep flowing */
+#define LATE_NS 1000000000ull   /* a reply later than this counts as late */
+
+typedef struct {
+    int fd;
+    uint8_t state, wout, established;
+    uint32_t tx_off, rx_off;    /* bytes of message tx sent, of message rx received */
+    uint64_t due, tx, rx;       /* messages due (scheduled), fully sent, fully answered */
+    uint64_t t_conn;
+    uint64_t sched[PACED_RING]; /* due time of message seq, at [seq % PACED_RING] */
+    uint64_t sent[PACED_RING];  /* when its last byte went to the kernel */
+    unsigned char *msg;         /* message tx, being sent */
+} pconn_t;
+
+typedef struct {
+    int ep;
+    size_t len;
+    uint64_t ws, we;            /* the window: messages due in [ws, we) are counted */
+    long active, ready, waiting;
+    uint64_t outstanding;       /* sum of due - rx over open connections */
+    uint64_t due_w, answered_w, late_w, unanswered_w, skipped_w, unconnected_w, verified;
+    hist_t *lat, *lat_sent, *lag, *first;
+    errtab_t ioerr;
+    uint64_t closed_eof, closed_err;
+    unsigned char *expect;
+    /* --slice: the window cut into equal slices, each with its own latency and server CPU */
+    long nslices;
+    uint64_t slice_ns;
+    hist_t **slice_lat;
+    uint64_t *slice_late;
+} paced_t;
+
+#define MAX_SLICES 120
+
+static int paced_in_window(const paced_t *P, uint64_t t) { return t >= P->ws && t < P->we; }
+
+/* A closed connection's unanswered messages that were due in the window count as unanswered. */
+static void paced_close(paced_t *P, pconn_t *k, int how_err)
+{
+    for (uint64_t q = k->rx; q < k->due; q++)
+        if (paced_in_window(P, k->sched[q % PACED_RING])) P->unanswered_w++;
+    P->outstanding -= k->due - k->rx;
+    if (k->rx == 0 && k->state == ST_ACTIVE) P->waiting--;
+    if (k->fd >= 0) close(k->fd);
+    k->fd = -1;
+    if (k->state == ST_ACTIVE) P->active--;
+    k->state = ST_CLOSED;
+    if (how_err == 0) P->closed_eof++;
+    else { P->closed_err++; err_add(&P->ioerr, how_err); }
+}
+
+static void paced_send(paced_t *P, pconn_t *k, long idx)
+{
+    while (k->tx < k->due) {
+        if (k->tx_off == 0) {
+            build_request(k->msg, (uint64_t)idx, k->tx);
+            if (k->tx > 0) hist_add(P->lag, since(now_ns(), k->sched[k->tx % PACED_RING]));
+        }
+        ssize_t n = send(k->fd, k->msg + k->tx_off, P->len - k->tx_off, MSG_NOSIGNAL);
+        if (n > 0) {
+            k->tx_off += (uint32_t)n;
+            if (k->tx_off == P->len) { k->sent[k->tx % PACED_RING] = now_ns(); k->tx++; k->tx_off = 0; }
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) {
+            if (!k->wout) { ep_ctl(P->ep, EPOLL_CTL_MOD, k->fd, EPOLLIN | EPOLLOUT, (uint64_t)idx); k->wout = 1; }
+            return;
+        }
+        paced_close(P, k, n < 0 ? errno : ERR_OTHER);
+        return;
+    }
+    if (k->wout) { ep_ctl(P->ep, EPOLL_CTL_MOD, k->fd, EPOLLIN, (uint64_t)idx); k->wout = 0; }
+}
+
+static void paced_read(paced_t *P, pconn_t *k, long idx)
+{
+    ssize_t r = recv(k->fd, g_scratch, SCRATCH_SIZE, 0);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EINTR) return;
+        paced_close(P, k, errno);
+        return;
+    }
+    if (r == 0) { paced_close(P, k, 0); return; }
+    size_t p = 0;
+    while (p < (size_t)r) {
+        /* only what was sent may come back: whole messages before tx, tx_off bytes of tx */
+        size_t allowed = k->rx < k->tx ? P->len - k->rx_off : (k->rx == k->tx ? k->tx_off - k->rx_off : 0);
+        size_t chunk = (size_t)r - p < P->len - k->rx_off ? (size_t)r - p : P->len - k->rx_off;
+        if (chunk > allowed) {
+            fail("paced: connection %ld received %zu bytes with only %zu outstanding (message %llu)", idx,
+                 (size_t)r - p, allowed, (unsigned long long)k->rx);
+            return;
+        }
+        build_request(P->expect, (uint64_t)idx, k->rx);
+        if (memcmp(g_scratch + p, P->expect + k->rx_off, chunk) != 0) {
+            describe_mismatch("paced", "connection", idx, "message", k->rx, P->expect + k->rx_off, g_scratch + p,
+                              chunk, k->rx_off, P->len);
+            return;
+        }
+        p += chunk;
+        k->rx_off += (uint32_t)chunk;
+        P->verified += chunk;
+        if (k->rx_off < P->len) continue;
+        uint64_t t = now_ns(), due = k->sched[k->rx % PACED_RING];
+        if (k->rx == 0) {
+            hist_add(P->first, t - k->t_conn);
+            P->ready++;
+            P->waiting--;
+        } else if (paced_in_window(P, due)) {
+            uint64_t lat = since(t, due);
+            hist_add(P->lat, lat);
+            hist_add(P->lat_sent, since(t, k->sent[k->rx % PACED_RING]));
+            P->answered_w++;
+            if (lat > LATE_NS) P->late_w++;
+            if (P->nslices) {
+                long si = (long)((due - P->ws) / P->slice_ns);
+                if (si >= P->nslices) si = P->nslices - 1;
+                hist_add(P->slice_lat[si], lat);
+                if (lat > LATE_NS) P->slice_late[si]++;
+            }
+        }
+        k->rx++;
+        k->rx_off = 0;
+        P->outstanding--;
+    }
+}
+
+static int run_paced(void)
+{
+    long N = O.connections;
+    paced_t P;
+    memset(&P, 0, sizeof P);
+    P.len = (size_t)O.size + (g_framed ? 4 : 0);
+    pconn_t *c = calloc((size_t)N, sizeof *c);
+    unsigned char *arena = malloc((size_t)N * P.len);
+    P.expect = malloc(P.len);
+    if (!c || !arena || !P.expect) { perror("malloc"); exit(3); }
+    P.lat = hist_new();
+    P.lat_sent = hist_new();
+    P.lag = hist_new();
+    P.first = hist_new();
+    hist_t *conn_h = hist_new();
+    errtab_t cerr;
+    memset(&cerr, 0, sizeof cerr);
+    P.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (P.ep < 0) { perror("epoll_create1"); exit(3); }
+    for (long i = 0; i < N; i++) { c[i].fd = -1; c[i].msg = arena + (size_t)i * P.len; }
+
+    /* the default 50 us timer slack would add itself to every send's lateness */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+    struct epoll_event evs[MAX_EVENTS];
+    cpuwin_t cw;
+    memset(&cw, 0, sizeof cw);
+    uint64_t t0 = now_ns(), t_start = 0, next_scan = t0 + SCAN_INTERVAL_NS, drain_end = 0;
+    if (O.server_pid > 0) g_srv.next_tick = t0 + SRV_TICK_NS;
+    P.ws = P.we = UINT64_MAX;
+    if (O.slice > 0) {
+        P.nslices = (long)ceil(O.duration / O.slice - 1e-9);
+        if (P.nslices > MAX_SLICES) P.nslices = MAX_SLICES;
+        if (P.nslices < 1) P.nslices = 1;
+        P.slice_ns = (uint64_t)ceil(O.duration * 1e9 / (double)P.nslices);
+        P.slice_lat = calloc((size_t)P.nslices, sizeof *P.slice_lat);
+        P.slice_late = calloc((size_t)P.nslices, sizeof *P.slice_late);
+        if (!P.slice_lat || !P.slice_late) { perror("calloc"); exit(3); }
+        for (long i = 0; i < P.nslices; i++) P.slice_lat[i] = hist_new();
+    }
+    srvsnap_t slice_srv[MAX_SLICES + 1];
+    uint64_t slice_t[MAX_SLICES + 1];
+    long next_cut = 0;                            /* the next slice boundary to snapshot the server at */
+    double gap_ns = 1e9 / (O.rate * (double)N);   /* between consecutive due messages, all connections */
+    uint64_t m = 0;                               /* the next message due, counted over all connections */
+    long opened = 0, connecting = 0, established = 0;
+    int scheduling = 0, draining = 0, drain_timed_out = 0, start_timed_out = 0;
+
+    for (;;) {
+        uint64_t now = now_ns();
+        if (g_failed) break;
+        if (g_stop && !draining) { draining = 1; drain_end = now; }
+        if (!t_start) {
+            int all_in = opened == N && connecting == 0 && P.waiting == 0;
+            if (all_in || now - t0 >= sec_ns(O.barrier_timeout)) {
+                t_start = now;
+                start_timed_out = !all_in;
+                P.ws = t_start + sec_ns(O.warmup);
+                P.we = P.ws + sec_ns(O.duration);
+                scheduling = 1;
+                hint("paced: %ld of %ld connections served once in %.2f s; %.0f messages/s for %.1f s + %.1f s warm-up",
+                     P.ready, N, ns_sec(now - t0), O.rate * (double)N, O.duration, O.warmup);
+            }
+        }
+        if (scheduling && !cw.started && now >= P.ws) cpuwin_start(&cw);
+        while (scheduling && next_cut <= P.nslices && P.nslices && now >= P.ws + (uint64_t)next_cut * P.slice_ns) {
+            slice_srv[next_cut] = srv_snap();
+            slice_t[next_cut++] = now;
+        }
+        srv_tick(now);
+        uint64_t next_due = UINT64_MAX;
+        if (scheduling) {
+            int b = 0;
+            for (;;) {
+                uint64_t due = t_start + (uint64_t)((double)m * gap_ns);
+                if (due >= P.we) { scheduling = 0; break; }
+                if (due > now) { next_due = due; break; }
+                if (b++ >= PACED_BATCH) { next_due = now; break; }
+                long idx = (long)(m % (uint64_t)N);
+                pconn_t *k = &c[idx];
+                int counted = paced_in_window(&P, due);
+                m++;
+                if (k->state != ST_ACTIVE) { if (counted) P.unconnected_w++; continue; }
+                if (k->due - k->rx >= PACED_RING) { if (counted) P.skipped_w++; continue; }
+                k->sched[k->due % PACED_RING] = due;
+                k->due++;
+                P.outstanding++;
+                if (counted) P.due_w++;
+                if (!k->wout) paced_send(&P, k, idx);
+            }
+            if (!scheduling) {
+                cpuwin_end(&cw);
+                draining = 1;
+                drain_end = now + sec_ns(O.drain);
+                while (P.nslices && next_cut <= P.nslices) { slice_srv[next_cut] = cw.srv1; slice_t[next_cut++] = cw.t1; }
+            }
+        }
+        if (draining && (P.outstanding == 0 || now >= drain_end)) { drain_timed_out = P.outstanding > 0; break; }
+
+        int64_t timeout = (int64_t)SCAN_INTERVAL_NS;
+        if (next_due != UINT64_MAX) timeout = next_due > now ? (int64_t)(next_due - now) : 0;
+        if (scheduling && !cw.started && P.ws > now && (int64_t)(P.ws - now) < timeout) timeout = (int64_t)(P.ws - now);
+        if (scheduling && P.nslices && next_cut <= P.nslices) {
+            uint64_t cut = P.ws + (uint64_t)next_cut * P.slice_ns;
+            int64_t d = cut > now ? (int64_t)(cut - now) : 0;
+            if (d < timeout) timeout = d;
+        }
+        if (draining) timeout = drain_end > now ? (int64_t)min_u64(drain_end - now, SCAN_INTERVAL_NS) : 0;
+        if (!t_start && opened < N) {
+            long target = connect_target(now - t0, N);
+            for (int b = 0; opened < target && b < OPEN_BATCH; b++) {
+                pconn_t *k = &c[opened];
+                k->t_conn = now_ns();
+                int err;
+                k->fd = open_socket(&g_addr, g_addrlen, 0, &err);
+                if (k->fd < 0) { err_add(&cerr, err); k->state = ST_FAILED; }
+                else { k->state = ST_CONNECTING; connecting++; ep_ctl(P.ep, EPOLL_CTL_ADD, k->fd, EPOLLOUT, (uint64_t)opened); }
+                opened++;
+            }
+            if (opened < target) timeout = 0;
+            else if (opened < N) {
+                uint64_t next = t0 + (uint64_t)((double)opened / O.connect_rate * 1e9);
+                int64_t d = next > now ? (int64_t)(next - now) : 0;
+                if (d < timeout) timeout = d;
+            }
+        }
+        if (connecting > 0 && now >= next_scan) {
+            for (long i = 0; i < opened; i++) {
+                pconn_t *k = &c[i];
+                if (k->state == ST_CONNECTING && since(now, k->t_conn) > sec_ns(O.connect_timeout)) {
+                    close(k->fd); k->fd = -1; k->state = ST_FAILED; connecting--;
+                    err_add(&cerr, ERR_LOCAL_TIMEOUT);
+                }
+            }
+            next_scan = now + SCAN_INTERVAL_NS;
+        }
+
+        int n = ep_wait(P.ep, evs, MAX_EVENTS, timeout);
+        for (int i = 0; i < n && !g_failed; i++) {
+            long idx = (long)evs[i].data.u64;
+            pconn_t *k = &c[idx];
+            uint32_t ev = evs[i].events;
+            if (k->state == ST_CONNECTING) {
+                int err = so_error(k->fd);
+                connecting--;
+                if (err) { close(k->fd); k->fd = -1; k->state = ST_FAILED; err_add(&cerr, err); continue; }
+                uint64_t t = now_ns();
+                hist_add(conn_h, t - k->t_conn);
+                k->state = ST_ACTIVE;
+                k->established = 1;
+                established++;
+                P.active++;
+                P.waiting++;
+                ep_ctl(P.ep, EPOLL_CTL_MOD, k->fd, EPOLLIN, (uint64_t)idx);
+                k->sched[0] = t;   /* message 0: the round trip that shows the server serves it */
+                k->due = 1;
+                P.outstanding++;
+                paced_send(&P, k, idx);
+                continue;
+            }
+            if (k->state != ST_ACTIVE) continue;
+            if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) paced_read(&P, k, idx);
+            if (k->state == ST_ACTIVE && (ev & EPOLLOUT) && k->tx < k->due) paced_send(&P, k, idx);
+        }
+    }
+    cpuwin_end(&cw);
+    long still_open = 0, pending = 0;
+    for (long i = 0; i < N; i++) {
+        pconn_t *k = &c[i];
+        if (k->state == ST_ACTIVE) {
+            still_open++;
+            for (uint64_t q = k->rx; q < k->due; q++)
+                if (paced_in_window(&P, k->sched[q % PACED_RING])) P.unanswered_w++;
+        }
+        if (k->state == ST_CONNECTING) pending++;
+        if (k->fd >= 0) close(k->fd);
+    }
+    if (!g_failed && established == 0) run_failed("no connection could be established");
+    double window_s = O.duration;
+
+    jobj("params");
+    jparams_common();
+    jint("connections", N);
+    jint("size", O.size);
+    jnum("rate_per_connection", O.rate, 3);
+    jnum("duration_s", O.duration, 3);
+    jnum("warmup_s", O.warmup, 3);
+    jnum("drain_s", O.drain, 3);
+    jnum("connect_rate", O.connect_rate, 1);
+    jend();
+    jobj("results");
+    juint("due", P.due_w);
+    jnum("window_s", window_s, 3);
+    jnum("offered_per_s", O.rate * (double)N, 1);
+    jnum("answered_per_s", window_s > 0 ? (double)P.answered_w / window_s : NAN, 1);
+    juint("answered", P.answered_w);
+    jlatency("latency", P.lat);
+    jlatency("latency_from_send", P.lat_sent);
+    juint("late_1s", P.late_w);
+    juint("unanswered", P.unanswered_w);
+    juint("skipped", P.skipped_w);
+    juint("unconnected", P.unconnected_w);
+    jlatency("send_lag", P.lag);
+    jlatency("first_request", P.first);
+    jlatency("connect", conn_h);
+    if (t_start) jnum("time_to_ready_s", ns_sec(t_start - t0), 3);
+    else jnull("time_to_ready_s");
+    jbool("ready_timed_out", start_timed_out);
+    jobj("connections");
+    jint("opened", opened);
+    jint("established", established);
+    jint("ready", P.ready);
+    jint("still_open", still_open);
+    jint("connect_pending", pending);
+    jerrors("connect_errors", &cerr);
+    juint("closed_by_server", P.closed_eof);
+    juint("closed_with_error", P.closed_err);
+    jerrors("io_errors", &P.ioerr);
+    jend();
+    juint("verified_bytes", P.verified);
+    jbool("drain_timed_out", drain_timed_out);
+    if (P.nslices) {
+        jarr("slices");
+        for (long i = 0; i < P.nslices; i++) {
+            const hist_t *h = P.slice_lat[i];
+            jobj(NULL);
+            jnum("slice_s", (double)P.slice_ns / 1e9, 3);
+            juint("answered", h->n);
+            juint("late_1s", P.slice_late[i]);
+            jnum("p50_us", h->n ? hist_pct(h, 0.50) / 1e3 : NAN, 1);
+            jnum("p99_us", h->n ? hist_pct(h, 0.99) / 1e3 : NAN, 1);
+            jnum("p999_us", h->n ? hist_pct(h, 0.999) / 1e3 : NAN, 1);
+            int have = i + 1 < next_cut && slice_srv[i].ok && slice_srv[i + 1].ok && slice_t[i + 1] > slice_t[i];
+            jnum("server_util", have ? (slice_srv[i + 1].cpu_s - slice_srv[i].cpu_s) / ns_sec(slice_t[i + 1] - slice_t[i])
+                                     : NAN, 3);
+            jend();
+        }
+        jend_arr();
+    }
+    jend();
+    jcpu("loadgen_cpu", &cw);
+    jserver_window("server", &cw);
+    hint("paced: %llu of %llu due messages answered, %llu late (> 1 s), %llu unanswered, %llu skipped",
+         (unsigned long long)P.answered_w, (unsigned long long)P.due_w, (unsigned long long)P.late_w,
+         (unsigned long long)P.unanswered_w, (unsigned long long)P.skipped_w);
+    close(P.ep);
     return 0;
 }
 
@@ -1914,22 +2487,24 @@ static int run_fanout(void)
 static void usage(FILE *f)
 {
     fputs("usage: loadgen --mode MODE --host 127.0.0.1 --port N [options]\n"
-          "modes: echo, framed, hold, churn, fanout (see benchmarks/README.md)\n"
-          "  --connections N      echo/framed: connections (10); hold: connections (100);\n"
+          "modes: echo, framed, hold, churn, fanout, paced (see benchmarks/README.md)\n"
+          "  --connections N      echo/framed: connections (10); hold/paced: connections (100);\n"
           "                       churn: cycles in flight (32)\n"
           "  --size S             payload bytes (64); fanout: whole message incl. '\\n', >= 17\n"
           "  --duration SECONDS   measured time (5); hold: time held; fanout: publishing time\n"
           "  --warmup SECONDS     before the window (echo/framed/churn 1; fanout: settle before publishing 0.5)\n"
           "  --connect-rate N     connections opened per second (0 = as fast as possible)\n"
           "  --connect-timeout S  give up on a connect (and in churn on a whole cycle) after S (10)\n"
-          "  --drain SECONDS      after the window: wait for outstanding replies / deliveries (1; fanout 2)\n"
+          "  --drain SECONDS      after the window: wait for outstanding replies / deliveries (1; fanout 2;\n"
+          "                       paced 5)\n"
           "  --max-requests N     echo/framed: stop after N requests (0 = no limit)\n"
           "  --max-cycles N       churn: stop after N cycles (1000000)\n"
           "  --close auto|fin|rst churn: how the client closes (auto: fin when tcp_tw_reuse allows)\n"
           "  --subscribers M      fanout: reading subscribers (10)\n"
           "  --stalled K          fanout: extra subscribers with a minimal SO_RCVBUF that never read (0)\n"
           "  --publisher-port N   fanout: port of the publisher connection (= --port)\n"
-          "  --rate R             fanout: messages per second (0 = as fast as possible)\n"
+          "  --rate R             fanout: messages per second (0 = as fast as possible);\n"
+          "                       paced: messages per second per connection (required)\n"
           "  --messages N         fanout: stop publishing after N messages (0 = no limit)\n"
           "  --hello STR          hold/fanout: sent by each connection once connected (\\n escapes, %d = index)\n"
           "  --publisher-hello STR  fanout: sent by the publisher once connected\n"
@@ -1938,7 +2513,18 @@ static void usage(FILE *f)
           "  --per-connection     echo/framed: include every connection's count in the JSON\n"
           "  --probe-interval S   echo/framed: every S seconds of the window, a fresh connection does one\n"
           "                       request and closes; reports its connect-to-echo latency (0 = off)\n"
-          "  --source-addrs K     spread connections over 127.0.0.1..127.0.0.K (IPv4; churn default 16)\n",
+          "  --source-addrs K     spread connections over 127.0.0.1..127.0.0.K (IPv4; churn default 16)\n"
+          "  --framed             echo/hold/churn/paced: send every message (hold: the greeting, \"h\"\n"
+          "                       by default) as a frame, 4-byte big-endian length + payload; any echo\n"
+          "                       server echoes it unchanged, a framed echo server parses it\n"
+          "  --barrier            echo/framed: no connection sends its second request until every\n"
+          "                       connection has had its first reply; the warm-up and the window start\n"
+          "                       then (reports the burst: time until all were served)\n"
+          "  --barrier-timeout S  echo/framed with --barrier, paced: give up waiting for every first\n"
+          "                       reply after S seconds from the start and go on (60)\n"
+          "  --slice S            paced: also report latency and server CPU per S-second slice of the window\n"
+          "  --server-pid PID     read the server's CPU time, RSS and threads from /proc/PID over the\n"
+          "                       window (reported as \"server\")\n",
           f);
 }
 
@@ -2014,6 +2600,11 @@ int main(int argc, char **argv)
         {"source-addrs", required_argument, 0, 'a'},
         {"probe-interval", required_argument, 0, 'i'},
         {"wait-reply", no_argument, 0, 'W'},
+        {"barrier", no_argument, 0, 'b'},
+        {"framed", no_argument, 0, 'f'},
+        {"barrier-timeout", required_argument, 0, 'B'},
+        {"server-pid", required_argument, 0, 'z'},
+        {"slice", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -2031,6 +2622,7 @@ int main(int argc, char **argv)
     O.subscribers = 10;
     O.publisher_port = -1;
     O.close_mode = CLOSE_AUTO;
+    O.barrier_timeout = 60;
     int opt;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
@@ -2038,7 +2630,7 @@ int main(int argc, char **argv)
         switch (opt) {
         case 'm':
             O.mode = -1;
-            for (int i = 0; i < 5; i++) if (!strcmp(optarg, MODE_NAMES[i])) O.mode = i;
+            for (int i = 0; i < M_COUNT; i++) if (!strcmp(optarg, MODE_NAMES[i])) O.mode = i;
             bad = O.mode < 0;
             break;
         case 'H': O.host = optarg; break;
@@ -2068,6 +2660,11 @@ int main(int argc, char **argv)
         case 'a': bad = parse_long(optarg, 1, 254, &O.source_addrs); break;
         case 'i': bad = parse_double(optarg, 0, 3600, &O.probe_interval); break;
         case 'W': O.wait_reply = 1; break;
+        case 'b': O.barrier = 1; break;
+        case 'f': O.framed = 1; break;
+        case 'B': bad = parse_double(optarg, 0.001, 3600, &O.barrier_timeout); break;
+        case 'z': bad = parse_long(optarg, 1, INT_MAX, &O.server_pid); break;
+        case 'L': bad = parse_double(optarg, 0, 86400, &O.slice); break;
         case 'h': usage(stdout); return 0;
         default:
             snprintf(msg, sizeof msg, "unknown or incomplete option %s", argv[optind - 1]);
@@ -2081,15 +2678,22 @@ int main(int argc, char **argv)
         }
     }
     if (optind < argc) { snprintf(msg, sizeof msg, "unexpected argument %s", argv[optind]); emit_and_exit_usage(msg); }
-    if (O.mode < 0) emit_and_exit_usage("--mode is required (echo, framed, hold, churn, fanout)");
+    if (O.mode < 0) emit_and_exit_usage("--mode is required (echo, framed, hold, churn, fanout, paced)");
     if (O.port < 0) emit_and_exit_usage("--port is required");
-    if (O.connections < 0) O.connections = O.mode == M_HOLD ? 100 : O.mode == M_CHURN ? 32 : 10;
+    if (O.connections < 0) O.connections = O.mode == M_HOLD || O.mode == M_PACED ? 100 : O.mode == M_CHURN ? 32 : 10;
     if (O.warmup < 0) O.warmup = O.mode == M_FANOUT ? 0.5 : O.mode == M_HOLD ? 0 : 1;
-    if (O.drain < 0) O.drain = O.mode == M_FANOUT ? 2 : 1;
+    if (O.drain < 0) O.drain = O.mode == M_FANOUT ? 2 : O.mode == M_PACED ? 5 : 1;
+    if (O.mode == M_PACED && O.rate <= 0) emit_and_exit_usage("paced needs --rate > 0 (messages per second per connection)");
+    if (O.mode == M_PACED && O.size > 65536) emit_and_exit_usage("paced needs --size <= 65536");
+    if (O.mode == M_PACED && O.rate * (double)O.connections > 1e7)
+        emit_and_exit_usage("paced: --rate x --connections is above 10 million messages per second");
+    if (O.barrier && O.mode != M_ECHO && O.mode != M_FRAMED) emit_and_exit_usage("--barrier is for echo and framed");
+    if (O.framed && O.mode == M_FANOUT) emit_and_exit_usage("--framed is for echo, hold, churn and paced");
+    g_framed = O.mode == M_FRAMED || O.framed;
     if (O.publisher_port < 0) O.publisher_port = O.port;
     if (O.mode == M_FANOUT && O.size < 17) emit_and_exit_usage("fanout needs --size >= 17 (16-byte header and '\\n')");
     if (O.mode == M_FANOUT && O.size > 65536) emit_and_exit_usage("fanout needs --size <= 65536 (one line per message)");
-    if ((O.mode == M_ECHO || O.mode == M_FRAMED) && (double)O.connections * (double)O.size > 2e9)
+    if ((O.mode == M_ECHO || O.mode == M_FRAMED || O.mode == M_PACED) && (double)O.connections * (double)O.size > 2e9)
         emit_and_exit_usage("--connections x --size is above 2 GB of request buffers");
     if (make_addr(O.host, O.port, &g_addr, &g_addrlen, msg, sizeof msg) < 0) emit_and_exit_usage(msg);
     {
@@ -2147,6 +2751,7 @@ int main(int argc, char **argv)
     case M_HOLD: run_hold(); break;
     case M_CHURN: run_churn(); break;
     case M_FANOUT: run_fanout(); break;
+    case M_PACED: run_paced(); break;
     }
     jnum("wall_s", ns_sec(now_ns() - t_begin), 3);
     jstr("cpus", cpus);
