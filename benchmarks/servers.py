@@ -2,26 +2,55 @@
 
 Every server prints its port on the first line of stdout and echoes (or, for
 ``*-relay``, relays lines to every other connection) on 127.0.0.1 until killed.
-connserver runs as a user would run it: default Config (deadlines, limits,
-buffer pool, registry, watchdog all on), only max_connections raised.
+Each is written the way its users write it, with its defaults: connserver with
+its protections on (default Config: deadlines, limits, buffer pool, registry,
+watchdog; only max_connections and the backlog raised, as for every server
+here); stdlib's ThreadingTCPServer; asyncio with streams and with a Protocol;
+the same Protocol on uvloop; gevent's StreamServer (green threads); and a C
+epoll server as the machine's limit.
+
+``ECHO`` is the list every echo, burst and paced cell runs, in this order. A
+new server is one more line there (for example the parked mode of a later
+issue: ``Server("connserver-parked", connserver_program("EchoHandler",
+"<its Config option>"))``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
+BACKLOG = 4096          # every server asks for the same listen backlog (the kernel caps it at somaxconn)
 
-CONNSERVER = """
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """One server under test: a Python program (run with ``python -c``) or a C binary."""
+
+    name: str
+    program: str | None = None          # Python source
+    binary: pathlib.Path | None = None  # built from ``binary.name + ".c"`` in this folder
+    requires: str | None = None         # a module that must be importable (the ``bench`` extra)
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+
+def connserver_program(handler: str, options: str = "") -> str:
+    """connserver as a user runs it: default Config, only the limits a 10,000-connection test needs."""
+    return f"""
 import connserver
 from connserver.apps.echo import {handler}
-config = connserver.Config(max_connections=30000, backlog=4096{options})
+config = connserver.Config(max_connections=30000, backlog={BACKLOG}{', ' + options if options else ''})
 server = connserver.Server(("127.0.0.1", 0), {handler}, config)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
 
-RELAY = """
+
+RELAY = f"""
 import connserver
 
 class Relay(connserver.LineHandler):
@@ -36,13 +65,13 @@ class Relay(connserver.LineHandler):
     def handle_line(self, line):
         self.hub.publish(line.encode() + b"\\n", exclude=self.conn)
 
-config = connserver.Config(max_connections=30000, backlog=4096, write_timeout=5.0)
+config = connserver.Config(max_connections=30000, backlog={BACKLOG}, write_timeout=5.0)
 server = connserver.Server(("127.0.0.1", 0), Relay, config)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
 
-STDLIB = """
+STDLIB = f"""
 import socketserver
 
 class Echo(socketserver.BaseRequestHandler):
@@ -53,14 +82,14 @@ class Echo(socketserver.BaseRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 4096
+    request_queue_size = {BACKLOG}
 
 server = Server(("127.0.0.1", 0), Echo)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
 
-ASYNCIO_STREAMS = """
+ASYNCIO_STREAMS = f"""
 import asyncio
 
 async def echo(reader, writer):
@@ -74,15 +103,16 @@ async def echo(reader, writer):
         writer.close()
 
 async def main():
-    server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=4096)
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog={BACKLOG})
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
 asyncio.run(main())
 """
 
-ASYNCIO_PROTOCOL = """
+ASYNCIO_PROTOCOL = f"""
 import asyncio
+{{loop_import}}
 
 class Echo(asyncio.Protocol):
     def connection_made(self, transport):
@@ -93,21 +123,47 @@ class Echo(asyncio.Protocol):
 
 async def main():
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=4096)
+    server = await loop.create_server(Echo, "127.0.0.1", 0, backlog={BACKLOG})
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
-asyncio.run(main())
+{{run}}(main())
 """
 
-PYTHON_SERVERS = {
-    "connserver": CONNSERVER.format(handler="EchoHandler", options=""),
-    # The same with FIFO run slots (Config.max_running): fairness under load.
-    "connserver-fair": CONNSERVER.format(handler="EchoHandler", options=", max_running=4"),
-    "connserver-framed": CONNSERVER.format(handler="FramedEchoHandler", options=""),
-    "connserver-relay": RELAY,
-    "stdlib-threading": STDLIB,
-    "asyncio-streams": ASYNCIO_STREAMS,
-    "asyncio-protocol": ASYNCIO_PROTOCOL,
-}
-C_SERVERS = {"c-epoll": HERE / "epoll_echo"}
+GEVENT = f"""
+from gevent.server import StreamServer
+
+def echo(sock, address):
+    while data := sock.recv(65536):
+        sock.sendall(data)
+
+server = StreamServer(("127.0.0.1", 0), echo, backlog={BACKLOG})
+server.start()
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+CONNSERVER = Server("connserver", connserver_program("EchoHandler"))
+STDLIB_THREADING = Server("stdlib-threading", STDLIB)
+C_EPOLL = Server("c-epoll", binary=HERE / "epoll_echo")
+
+# The echo peers, in the order the alternation runs them (and the tables list them). Every
+# cell sends length-prefixed frames: a raw echo server returns them unchanged, a framed one
+# (a message handler, the kind a parked mode would serve) parses each.
+ECHO = [
+    CONNSERVER,
+    Server("connserver-framed", connserver_program("FramedEchoHandler")),
+    STDLIB_THREADING,
+    Server("asyncio-streams", ASYNCIO_STREAMS),
+    Server("asyncio-protocol", ASYNCIO_PROTOCOL.format(loop_import="", run="asyncio.run")),
+    Server("uvloop", ASYNCIO_PROTOCOL.format(loop_import="import uvloop", run="uvloop.run"),
+           requires="uvloop"),
+    Server("gevent", GEVENT, requires="gevent"),
+    C_EPOLL,
+]
+
+# connserver with FIFO run slots (N=1,000 only), and the fan-out cells' server.
+CONNSERVER_FAIR = Server("connserver-fair", connserver_program("EchoHandler", "max_running=4"))
+CONNSERVER_RELAY = Server("connserver-relay", RELAY)
+
+BY_NAME = {server.name: server for server in ECHO + [CONNSERVER_FAIR, CONNSERVER_RELAY]}
