@@ -1,44 +1,108 @@
-"""The benchmark suite: connserver beside its alternatives, measured side by side.
+"""The benchmark suite: connserver beside its alternatives, measured so that a skeptic can check it.
 
-    python benchmarks/run.py --quick            # under 3 minutes
-    python benchmarks/run.py --full             # the committed results
+    python benchmarks/run.py --quick            # a subset, under 3 minutes
+    python benchmarks/run.py --full             # the committed results, about 25 minutes
+    python benchmarks/run.py --full --at HEAD   # measure a commit rather than the working tree
 
-Builds the C programs with the system ``cc``, pins every server to CPU 0 and
-the load generator to CPU 1 (``taskset``), runs each cell ``--repeat`` times,
-and writes the raw results (JSON) and ``docs/benchmarks.md`` (medians, spread,
-ratios to stdlib's ThreadingTCPServer). Loopback only; every run is bounded.
+How it measures:
+
+* Builds the C programs with the system ``cc``; every server runs pinned to
+  CPU 0 and the load generator (``loadgen.c``) to CPU 1 (``taskset``).
+* The servers of a group are started together and stay up for the whole
+  group; the load alternates between them, A B C … C B A, ``repeats`` times
+  per cell. Noise from the rest of the machine then falls on all of them
+  alike and shows up as the range of the repeats, not as a ratio.
+* Every run reads the server's CPU time from ``/proc/PID/stat`` at the start
+  and end of the counted window (``loadgen --server-pid``): CPU time per
+  operation is the headline, because it holds still when throughput swings.
+* Bursts apart from steady state: each echo run starts with every connection
+  sending one request and none sending a second until all have had their
+  first reply (``--barrier``); the steady state is measured after that.
+  Bursts of 10,000 run the same way, repeated on the same server processes.
+* Paced scenarios: N connections, each sending one message every 1/R s,
+  spread evenly; latency from when each message was due.
+* A few cells are measured again with ``xcheck.py``, an independent client.
+* ``render.py`` turns the results into ``docs/benchmarks.md``, with the rule
+  that decides when a ratio may be printed and when it says "inconclusive".
+
+Loopback only; every run is bounded in time and count.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import io
 import json
 import os
 import pathlib
 import platform
 import resource
+import selectors
 import shutil
-import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from importlib import metadata
+from typing import Iterator, Sequence, TypeVar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from servers import C_SERVERS, HERE, PYTHON_SERVERS  # noqa: E402
+import render  # noqa: E402
+from servers import (BY_NAME, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE, Server)  # noqa: E402
 
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen"
+XCHECK = HERE / "xcheck.py"
 FD_LIMIT = 40_000
-ECHO_SERVERS = ["connserver", "stdlib-threading", "asyncio-streams", "asyncio-protocol", "c-epoll"]
+INSTALL_HINT = "pip install -e '.[bench]'   (uvloop and gevent, two of the peers)"
+T = TypeVar("T")
 
 
-def build() -> None:
-    for source, binary in ((HERE / "loadgen.c", LOADGEN), (HERE / "epoll_echo.c", C_SERVERS["c-epoll"])):
-        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
-            subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source), "-lm"],
-                           check=True)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a mode measures, and for how long."""
 
+    name: str
+    repeats: int                                # runs per cell, alternating A B C … C B A
+    warmup: float                               # seconds of steady state before each window
+    window: float                               # seconds measured per echo/churn run
+    echo: tuple[tuple[int, int], ...]           # (connections, size) cells for every echo server
+    bursts: tuple[int, ...]                     # burst-only cells (connections)
+    paced: tuple[tuple[int, float], ...]        # (connections, messages/s per connection)
+    paced_warmup: float
+    paced_window: float
+    paced_slice: float
+    crosscheck: tuple[str, ...]                 # servers measured by both clients
+    hold: int                                   # idle connections per server
+    churn: tuple[str, ...]
+    churn_growth: int                           # cycles, 0 = skip
+    fanout: bool
+
+
+QUICK = Plan("quick", repeats=2, warmup=0.2, window=0.8, echo=((10, 64), (1000, 64)), bursts=(),
+             paced=((10_000, 1.0), (1000, 10.0)), paced_warmup=0.5, paced_window=2.0, paced_slice=1.0,
+             crosscheck=("connserver", "stdlib-threading"), hold=1000,
+             churn=("connserver", "stdlib-threading"), churn_growth=0, fanout=False)
+FULL = Plan("full", repeats=5, warmup=0.5, window=1.5,
+            echo=((1, 64), (10, 64), (100, 64), (1000, 64)), bursts=(10_000,),
+            paced=((10_000, 1.0), (1000, 10.0)), paced_warmup=2.0, paced_window=30.0, paced_slice=5.0,
+            crosscheck=("connserver", "stdlib-threading", "asyncio-protocol"), hold=10_000,
+            churn=("connserver", "stdlib-threading", "asyncio-streams"), churn_growth=100_000,
+            fanout=True)
+
+
+def alternate(items: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
+    """A B C … then C B A, and so on: each item's runs are spread over the whole group."""
+    for repeat in range(repeats):
+        for item in (items if repeat % 2 == 0 else items[::-1]):
+            yield repeat, item
+
+
+# ------------------------------------------------------------------ processes
 
 def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -46,275 +110,462 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
+def build() -> None:
+    for binary in (LOADGEN, HERE / "epoll_echo"):
+        source = binary.with_suffix(".c")
+        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+            subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source), "-lm"], check=True)
+
+
 class ServerProcess:
-    """One server under test, pinned to CPU 0."""
+    """One server under test, pinned to CPU 0; its stderr goes to a log file."""
 
-    def __init__(self, name: str) -> None:
-        if name in C_SERVERS:
-            command = [str(C_SERVERS[name])]
-        else:
-            command = [sys.executable, "-c", PYTHON_SERVERS[name]]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.name = name
+    def __init__(self, server: Server, pythonpath: str, log_dir: pathlib.Path) -> None:
+        command = [str(server.binary)] if server.binary else [sys.executable, "-c", server.program or ""]
+        self.name = server.name
+        self.log_path = log_dir / f"{server.name}.log"
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=pythonpath)
         self.proc = subprocess.Popen(["taskset", "-c", "0", *command], stdout=subprocess.PIPE,
-                                     text=True, env=env, preexec_fn=_raise_fd_limit)
-        self.port = int(self.proc.stdout.readline())
+                                     stderr=self._log, env=env, preexec_fn=_raise_fd_limit)
+        self.pid = self.proc.pid   # taskset execs the server: same process
+        self.port = 0
+        self.base_fds: int | None = None   # descriptors at rest with no connection, once known
 
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def wait_port(self, timeout: float = 30.0) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                raise RuntimeError(f"{self.name} printed no port within {timeout:.0f} s")
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
+        self.port = int(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace").strip()[-400:]
+        except OSError:
+            return ""
+
+    def stat(self) -> tuple[float, int]:
+        """CPU seconds (process, threads, children) and thread count."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK"), int(fields[17])
+
+    def threads(self) -> int:
+        return self.stat()[1]
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def listen_queue(self) -> int:
+        """Connections the kernel completed that the server has not accepted yet (ss Recv-Q)."""
+        if not shutil.which("ss"):
+            return 0
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{self.port}"], capture_output=True, text=True).stdout
+        fields = out.split()
+        return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+
+    def settle(self, timeout: float = 30.0) -> float:
+        """Wait until the server is back at rest: no connection left (descriptors back to the
+        baseline; before it is known, no longer changing), nothing in the listen queue, thread
+        count no longer changing. Returns the seconds it took."""
+        start = time.monotonic()
+        previous, steady = (-1, -1), 0
+        while time.monotonic() - start < timeout and self.alive():
+            now = (self.threads(), self.fd_count())
+            quiet = now == previous and (self.base_fds is None or now[1] <= self.base_fds)
+            steady = steady + 1 if quiet and self.listen_queue() == 0 else 0
+            if steady >= 2:
+                break
+            previous = now
+            time.sleep(0.05)
+        return round(time.monotonic() - start, 2)
+
+    def thread_states(self) -> dict[str, int]:
+        """How many of the server's threads are in each state, and where they sleep (wchan)."""
+        counts: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{self.pid}/task/{task}/stat") as stat:
+                        state = stat.read().rsplit(")", 1)[1].split()[0]
+                    with open(f"/proc/{self.pid}/task/{task}/wchan") as wchan:
+                        where = wchan.read().strip() or "-"
+                    key = f"{state}:{where}"
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def stop(self) -> None:
-        self.proc.kill()
+        if self.alive():
+            self.proc.kill()
         self.proc.wait(10)
         self.proc.stdout.close()
+        self._log.close()
 
 
-def loadgen(port: int, mode: str, timeout: float, **options: object) -> dict:
+@contextlib.contextmanager
+def fleet(servers: Sequence[Server], env: "Environment") -> Iterator[dict[str, ServerProcess]]:
+    """The servers of one group, started together and all up until the group ends."""
+    procs: dict[str, ServerProcess] = {}
+    try:
+        for server in servers:
+            procs[server.name] = ServerProcess(server, env.pythonpath, env.log_dir)
+        for proc in procs.values():
+            proc.wait_port()
+        for proc in procs.values():
+            proc.settle(timeout=10)
+            proc.base_fds = proc.fd_count()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@dataclasses.dataclass
+class Environment:
+    pythonpath: str
+    log_dir: pathlib.Path
+    servers: list[Server]       # the echo peers that are installed
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def measured(env: Environment, proc: ServerProcess, result: dict, **labels: object) -> dict:
+    """A finished run, labelled; the server is settled before the next run, so that its
+    teardown (10,000 threads take seconds to end) never shares CPU 0 with another's window."""
+    result.update(labels)
+    if not result.get("ok") or not (render.dig(result, "results", "round_trips") or
+                                    render.dig(result, "results", "answered") or
+                                    render.dig(result, "results", "cycles") or
+                                    render.dig(result, "results", "burst", "served")):
+        # something is wrong: keep what the server was doing, for the report
+        result["server_threads"] = proc.thread_states()
+        result["server_log"] = proc.log_tail()
+        result["listen_queue"] = proc.listen_queue()
+    result["settle_s"] = proc.settle()
+    return result
+
+
+def loadgen(server: ServerProcess, mode: str, timeout: float, **options: object) -> dict:
+    """One loadgen run against a server; its JSON, or a failed record if there was none."""
     command = ["taskset", "-c", "1", str(LOADGEN), "--mode", mode, "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(server.port), "--server-pid", str(server.pid)]
+    for key, value in options.items():
+        if value is True:
+            command.append(f"--{key.replace('_', '-')}")
+        elif value is not None and value is not False:
+            command += [f"--{key.replace('_', '-')}", str(value)]
+    return _json_run(command, timeout, server)
+
+
+def xcheck(server: ServerProcess, timeout: float, **options: object) -> dict:
+    command = ["taskset", "-c", "1", sys.executable, str(XCHECK), "--port", str(server.port),
+               "--server-pid", str(server.pid)]
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_raise_fd_limit)
+    return _json_run(command, timeout, server)
+
+
+def _json_run(command: list[str], timeout: float, server: ServerProcess) -> dict:
+    if not server.alive():
+        return {"ok": False, "error": f"server exited ({server.proc.returncode}): {server.log_tail()}"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_raise_fd_limit)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"no result within {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        raise RuntimeError(f"loadgen printed no result: {done.stderr.strip()[-500:]}")
-    return json.loads(lines[-1])
+        return {"ok": False, "error": f"no result: {done.stderr.strip()[-300:]}"}
+    result = json.loads(lines[-1])
+    if not server.alive():
+        result.update(ok=False, error=f"server exited ({server.proc.returncode}): {server.log_tail()}")
+    return result
 
 
-def run_cell(server_name: str, mode: str, repeat: int, duration: float, **options: object) -> list[dict]:
-    runs = []
-    for _ in range(repeat):
-        server = ServerProcess(server_name)
-        try:
-            time.sleep(0.2)   # let the server finish starting its threads before load
-            result = loadgen(server.port, mode, timeout=duration + 60, duration=duration, **options)
-            result["server_rss_bytes"] = server.rss_bytes()
-            runs.append(result)
-        finally:
-            server.stop()
-    return runs
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def hold_cell(server_name: str, connections: int, duration: float) -> dict:
-    """Idle memory per connection: server RSS while N connections are held, minus before."""
-    server = ServerProcess(server_name)
+# ---------------------------------------------------------------------- cells
+
+def echo_cells(plan: Plan, env: Environment, n: int, size: int) -> list[dict]:
+    """Every echo server on N connections: burst (barrier), then the steady state."""
+    servers = env.servers + ([CONNSERVER_FAIR] if n >= 1000 else [])
+    big = n >= 5000
+    runs: dict[str, list[dict]] = {server.name: [] for server in servers}
+    with fleet(servers, env) as procs:
+        for repeat, name in alternate(list(runs), plan.repeats):
+            proc = procs[name]
+            at = round(time.monotonic() - env.started, 1)
+            result = loadgen(proc, "echo", timeout=plan.warmup + plan.window + 150, framed=True,
+                             barrier=True, connections=n, size=size, warmup=plan.warmup,
+                             duration=plan.window, connect_timeout=30, barrier_timeout=60,
+                             probe_interval=0.25 if n >= 1000 else None, source_addrs=4 if big else None)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[name].append(result)
+            progress(f"  echo N={n} S={size} {name} #{repeat + 1}: "
+                     f"{render.num(render.cpu_per_rt(result), 2)} µs/rt, "
+                     f"{render.num(render.dig(result, 'results', 'round_trips_per_s'))} rt/s, burst "
+                     f"{render.num(render.dig(result, 'results', 'burst', 'all_served_s'), 2)} s")
+    return [{"kind": "echo", "server": name, "connections": n, "size": size, "runs": r}
+            for name, r in runs.items()]
+
+
+def burst_cells(plan: Plan, env: Environment, n: int) -> list[dict]:
+    """N connections at once, each until its first reply; repeated on the same processes."""
+    runs: dict[str, list[dict]] = {server.name: [] for server in env.servers}
+    with fleet(env.servers, env) as procs:
+        for repeat, name in alternate(list(runs), plan.repeats):
+            proc = procs[name]
+            at = round(time.monotonic() - env.started, 1)
+            result = loadgen(proc, "echo", timeout=150, framed=True, barrier=True, connections=n, size=64,
+                             warmup=0, duration=0, connect_timeout=30, barrier_timeout=60, source_addrs=4)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[name].append(result)
+            progress(f"  burst N={n} {name} #{repeat + 1}: "
+                     f"{render.num(render.dig(result, 'results', 'burst', 'all_served_s'), 2)} s")
+    return [{"kind": "burst", "server": name, "connections": n, "runs": r} for name, r in runs.items()]
+
+
+def paced_cells(plan: Plan, env: Environment) -> list[dict]:
+    """Each paced scenario once per server, the order reversed from one scenario to the next."""
+    cells = []
+    for index, (n, rate) in enumerate(plan.paced):
+        order = env.servers if index % 2 == 0 else env.servers[::-1]
+        with fleet(env.servers, env) as procs:
+            for server in order:
+                proc = procs[server.name]
+                at = round(time.monotonic() - env.started, 1)
+                result = loadgen(proc, "paced", timeout=plan.paced_warmup + plan.paced_window + 150,
+                                 framed=True, connections=n, rate=rate, size=64, warmup=plan.paced_warmup,
+                                 duration=plan.paced_window, slice=plan.paced_slice, connect_timeout=30,
+                                 barrier_timeout=60, drain=5, source_addrs=4 if n >= 5000 else None)
+                measured(env, proc, result, at_s=at)
+                cells.append({"kind": "paced", "server": server.name, "connections": n, "rate": rate,
+                              "runs": [result]})
+                latency = result.get("results", {}).get("latency", {})
+                progress(f"  paced {n}x{rate:g}/s {server.name}: p99 "
+                         f"{render.num((latency.get('p99_us') or 0) / 1e3, 2)} ms, server CPU "
+                         f"{render.num((render.dig(result, 'server', 'util') or 0) * 100, 1)} %")
+    return cells
+
+
+def crosscheck_cells(plan: Plan, env: Environment, n: int = 10) -> list[dict]:
+    """The same cells with loadgen and with xcheck, alternating, on the same processes (raw echo)."""
+    servers = [BY_NAME[name] for name in plan.crosscheck if BY_NAME[name].available()]
+    pairs = [(server.name, client) for server in servers for client in ("loadgen", "xcheck")]
+    runs: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
+    with fleet(servers, env) as procs:
+        for repeat, (name, client) in alternate(pairs, plan.repeats):
+            proc = procs[name]
+            at = round(time.monotonic() - env.started, 1)
+            if client == "loadgen":
+                result = loadgen(proc, "echo", timeout=plan.warmup + plan.window + 60, connections=n, size=64,
+                                 warmup=plan.warmup, duration=plan.window)
+            else:
+                result = xcheck(proc, timeout=plan.warmup + plan.window + 60, connections=n, size=64,
+                                warmup=plan.warmup, duration=plan.window)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[(name, client)].append(result)
+    return [{"kind": "crosscheck", "server": name, "client": client, "connections": n, "runs": r}
+            for (name, client), r in runs.items()]
+
+
+def hold_cells(plan: Plan, env: Environment) -> list[dict]:
+    """Idle memory: N connections served once and held, on a fresh process per server."""
+    cells = []
+    with fleet(env.servers, env) as procs:
+        for server in env.servers:
+            result = loadgen(procs[server.name], "hold", timeout=180, framed=True, connections=plan.hold,
+                             wait_reply=True, duration=0.5, connect_timeout=30,
+                             source_addrs=4 if plan.hold >= 5000 else None)
+            cells.append({"kind": "hold", "server": server.name, "connections": plan.hold, "runs": [result]})
+            procs[server.name].stop()   # RSS per connection needs a process that held nothing before
+    return cells
+
+
+def churn_cells(plan: Plan, env: Environment) -> list[dict]:
+    servers = [BY_NAME[name] for name in plan.churn if BY_NAME[name].available()]
+    runs: dict[str, list[dict]] = {server.name: [] for server in servers}
+    with fleet(servers, env) as procs:
+        for repeat, name in alternate(list(runs), plan.repeats):
+            proc = procs[name]
+            at = round(time.monotonic() - env.started, 1)
+            result = loadgen(proc, "churn", timeout=plan.warmup + plan.window + 60, framed=True,
+                             connections=32, size=64, warmup=plan.warmup, duration=plan.window)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[name].append(result)
+    return [{"kind": "churn", "server": name, "runs": r} for name, r in runs.items()]
+
+
+def churn_growth_cell(plan: Plan, env: Environment) -> dict:
+    """Many short connections: the server's descriptors and RSS before and after, once settled."""
+    with fleet([BY_NAME["connserver"]], env) as procs:
+        proc = procs["connserver"]
+        fds, rss = proc.fd_count(), proc.rss_bytes()
+        result = loadgen(proc, "churn", timeout=180, framed=True, duration=120, warmup=0, connections=32,
+                         size=64, max_cycles=plan.churn_growth)
+        result["settle_s"] = proc.settle()
+        result["fd_delta"] = proc.fd_count() - fds
+        result["rss_delta_bytes"] = proc.rss_bytes() - rss
+    return {"kind": "churn-growth", "server": "connserver", "cycles": plan.churn_growth, "runs": [result]}
+
+
+def fanout_cells(plan: Plan, env: Environment) -> list[dict]:
+    runs: dict[int, list[dict]] = {0: [], 1: []}
+    with fleet([CONNSERVER_RELAY], env) as procs:
+        proc = procs[CONNSERVER_RELAY.name]
+        for repeat, stalled in alternate([0, 1], plan.repeats):
+            at = round(time.monotonic() - env.started, 1)
+            result = loadgen(proc, "fanout", timeout=plan.window + 60, subscribers=100, size=64, rate=2000,
+                             duration=plan.window, stalled=stalled)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[stalled].append(result)
+    return [{"kind": "fanout", "server": CONNSERVER_RELAY.name, "stalled": stalled, "runs": r}
+            for stalled, r in runs.items()]
+
+
+# --------------------------------------------------------------- the machine
+
+def background_load(seconds: float = 1.0) -> dict[str, float]:
+    """Share of each CPU busy with other work while the suite runs nothing."""
+    def sample() -> dict[str, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *values = line.split()
+                    ticks = [int(v) for v in values]
+                    idle = ticks[3] + ticks[4]
+                    out[name[3:]] = (sum(ticks[:8]) - idle, sum(ticks[:8]))
+        return out
+    first = sample()
+    time.sleep(seconds)
+    second = sample()
+    return {cpu: round((second[cpu][0] - first[cpu][0]) / max(1, second[cpu][1] - first[cpu][1]), 3)
+            for cpu in second}
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def commit_of(rev: str | None) -> str:
+    """The commit measured, with "+changes" if the working tree was measured and was not clean."""
     try:
-        time.sleep(0.5)
-        before = server.rss_bytes()
-        proc = subprocess.Popen(["taskset", "-c", "1", str(LOADGEN), "--mode", "hold", "--host",
-                                 "127.0.0.1", "--port", str(server.port), "--connections",
-                                 str(connections), "--duration", str(duration)],
-                                stdout=subprocess.PIPE, text=True, preexec_fn=_raise_fd_limit)
-        time.sleep(duration * 0.8)
-        during = server.rss_bytes()
-        out, _ = proc.communicate(timeout=duration + 60)
-        result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-        result["rss_delta_per_connection_bytes"] = (during - before) / connections
-        return result
-    finally:
-        server.stop()
-
-
-def churn_growth_cell(server_name: str, cycles: int) -> dict:
-    """Many short connections: fds and RSS of the server before and after, once settled."""
-    server = ServerProcess(server_name)
-    try:
-        time.sleep(0.5)
-        fds_before, rss_before = server.fd_count(), server.rss_bytes()
-        result = loadgen(server.port, "churn", timeout=180, duration=120, warmup=0,
-                         connections=32, size=64, max_cycles=cycles)
-        deadline = time.monotonic() + 10
-        while server.fd_count() > fds_before and time.monotonic() < deadline:
-            time.sleep(0.1)   # the last connections are still being torn down
-        result["fd_delta"] = server.fd_count() - fds_before
-        result["rss_delta_bytes"] = server.rss_bytes() - rss_before
-        return result
-    finally:
-        server.stop()
-
-
-def median_spread(values: list[float]) -> str:
-    if not values:
-        return "—"
-    middle = statistics.median(values)
-    if len(values) == 1:
-        return f"{middle:,.0f}"
-    return f"{middle:,.0f} ({min(values):,.0f}–{max(values):,.0f})"
-
-
-def probe_summary(runs: list[dict]) -> str:
-    """Fresh connections among the busy ones: median p50, worst max, and how many were served."""
-    p50s = field(runs, "results", "probe", "latency", "p50_us")
-    if not field(runs, "results", "probe", "started"):
-        return "—"
-    served = sum(field(runs, "results", "probe", "completed"))
-    started = sum(field(runs, "results", "probe", "started"))
-    worst = max(field(runs, "results", "probe", "latency", "max_us"), default=None)
-    if not p50s:
-        return f"none of {started:.0f} served"
-    return f"{statistics.median(p50s):,.0f} ({worst:,.0f}); {served:.0f}/{started:.0f} served"
-
-
-def field(runs: list[dict], *path: str) -> list[float]:
-    values = []
-    for run in runs:
-        value: object = run
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)):
-            values.append(float(value))
-    return values
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a subset, under 3 minutes (default)")
-    mode.add_argument("--full", action="store_true", help="the whole matrix")
-    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
-    parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = parser.parse_args()
-    if not shutil.which("taskset") or not shutil.which("cc"):
-        sys.exit("benchmarks need taskset (util-linux) and cc (gcc)")
-    _raise_fd_limit()
-    build()
-    full = args.full
-    repeat, duration = (3, 5.0) if full else (1, 2.0)
-    counts = [1, 10, 100, 1000] if full else [10, 1000]
-    sizes = [64, 4096] if full else [64]
-    results: dict[str, object] = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                  "mode": "full" if full else "quick", "cells": []}
-    cells = results["cells"]
-    started = time.monotonic()
-    for size in sizes:
-        for n in counts:
-            # At N=1,000 also: run slots (Config.max_running) and a fresh connection every
-            # 0.25 s among the busy ones (how long until it is served).
-            busy = n >= 1000
-            options = {"probe_interval": 0.25} if busy else {}
-            for name in ECHO_SERVERS + (["connserver-fair"] if busy else []):
-                runs = run_cell(name, "echo", repeat, duration, connections=n, size=size, warmup=0.5,
-                                **options)
-                cells.append({"kind": "echo", "server": name, "connections": n, "size": size,
-                              "runs": runs})
-                print(f"echo N={n} S={size} {name}: {median_spread(field(runs, 'results', 'round_trips_per_s'))}"
-                      f" rt/s", file=sys.stderr)
-    for name in ("connserver-framed", "c-epoll"):
-        runs = run_cell(name, "framed", repeat, duration, connections=100, size=64, warmup=0.5)
-        cells.append({"kind": "framed", "server": name, "connections": 100, "size": 64, "runs": runs})
-    for name in ("connserver", "stdlib-threading", "asyncio-streams"):
-        runs = run_cell(name, "churn", repeat, duration, connections=32, size=64)
-        cells.append({"kind": "churn", "server": name, "runs": runs})
-    if full:
-        cells.append({"kind": "churn-growth", "server": "connserver", "cycles": 100_000,
-                      "runs": [churn_growth_cell("connserver", 100_000)]})
-    for n in ([1000, 10000] if full else [1000]):
-        for name in ("connserver", "stdlib-threading", "asyncio-streams", "asyncio-protocol"):
-            cells.append({"kind": "hold", "server": name, "connections": n,
-                          "runs": [hold_cell(name, n, 6.0 if n > 1000 else 3.0)]})
-    for stalled in (0, 1):
-        runs = run_cell("connserver-relay", "fanout", repeat, duration, subscribers=100, size=64,
-                        rate=2000, stalled=stalled)
-        cells.append({"kind": "fanout", "server": "connserver-relay", "stalled": stalled, "runs": runs})
-    results["seconds"] = round(time.monotonic() - started, 1)
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "kernel": platform.release(), "platform": platform.platform()}
-    results["commit"] = _commit()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    pathlib.Path(args.doc).write_text(render(results, " ".join(["python", "benchmarks/run.py"] + sys.argv[1:])))
-    print(f"wrote {out} and {args.doc} in {results['seconds']} s", file=sys.stderr)
-    return 0
-
-
-def _commit() -> str:
-    """The commit measured (with "+changes" if the tree was not clean), or "unknown"."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", rev or "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               text=True, capture_output=True, check=True).stdout.strip()
+        if rev:
+            return head
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "connserver"],
+                               cwd=ROOT, text=True, capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")
 
 
-def render(results: dict, command: str) -> str:
-    cells = results["cells"]
-    machine = results["machine"]
-    lines = [
-        "# Benchmarks", "",
-        "<!-- Written by benchmarks/run.py; do not edit by hand. -->", "",
-        f"Command: `{command}` ({results['mode']} mode, {results['seconds']} s), started "
-        f"{results['started']}, commit `{results.get('commit', 'unknown')}`. "
-        f"Machine: {machine['cpus']} CPUs, Linux {machine['kernel']}, "
-        f"Python {machine['python']}. Each server is pinned to CPU 0 and the C load generator "
-        "(`benchmarks/loadgen.c`) to CPU 1; values are medians with the range of the repeats "
-        "in parentheses. connserver runs with its protections on (default `Config`); "
-        "`connserver-fair` is the same with `max_running=4` (FIFO run slots, "
-        "docs/explanation/admission.md). How the results compare with the project's "
-        "targets, and why some are missed: {doc}`explanation/performance`.", "",
-        "## Echo: round trips per second", "",
-    ]
-    echo = [cell for cell in cells if cell["kind"] == "echo"]
-    for size in sorted({cell["size"] for cell in echo}):
-        lines += [f"### {size}-byte messages", "",
-                  "| N | server | round trips/s | × stdlib | p50 µs | p99 µs | p999 µs | starved | Jain | first reply p99 µs | new connection p50 µs (max) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for n in sorted({cell["connections"] for cell in echo}):
-            row_cells = [c for c in echo if c["size"] == size and c["connections"] == n]
-            base = next((c for c in row_cells if c["server"] == "stdlib-threading"), None)
-            base_rate = statistics.median(field(base["runs"], "results", "round_trips_per_s")) if base and field(base["runs"], "results", "round_trips_per_s") else None
-            for cell in row_cells:
-                rates = field(cell["runs"], "results", "round_trips_per_s")
-                ratio = (f"{statistics.median(rates) / base_rate:.2f}×" if rates and base_rate else "—")
-                lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                    n, cell["server"], median_spread(rates), ratio,
-                    median_spread(field(cell["runs"], "results", "latency", "p50_us")),
-                    median_spread(field(cell["runs"], "results", "latency", "p99_us")),
-                    median_spread(field(cell["runs"], "results", "latency", "p999_us")),
-                    median_spread(field(cell["runs"], "results", "fairness", "starved")),
-                    (f"{statistics.median(field(cell['runs'], 'results', 'fairness', 'jain')):.3f}"
-                     if field(cell["runs"], "results", "fairness", "jain") else "—"),
-                    median_spread(field(cell["runs"], "results", "first_request", "p99_us")),
-                    probe_summary(cell["runs"])))
-        lines.append("")
-    lines += ["## Framed echo (N=100, 64 B)", "", "| server | round trips/s |", "|---|---|"]
-    for cell in (c for c in cells if c["kind"] == "framed"):
-        lines.append(f"| {cell['server']} | {median_spread(field(cell['runs'], 'results', 'round_trips_per_s'))} |")
-    lines += ["", "## Churn: connect, one round trip, close", "", "| server | connections/s |", "|---|---|"]
-    for cell in (c for c in cells if c["kind"] == "churn"):
-        lines.append(f"| {cell['server']} | {median_spread(field(cell['runs'], 'results', 'cycles_per_s'))} |")
-    for cell in (c for c in cells if c["kind"] == "churn-growth"):
-        run = cell["runs"][0]
-        lines += ["", f"{cell['server']} after {run['results'].get('cycles', cell['cycles']):,} churn "
-                  f"cycles: fd delta {run['fd_delta']}, RSS delta "
-                  f"{run['rss_delta_bytes'] / 1048576:+.2f} MiB."]
-    lines += ["", "## Idle memory per connection (server RSS delta / N)", "",
-              "| N | server | KiB per connection | held |", "|---|---|---|---|"]
-    for cell in (c for c in cells if c["kind"] == "hold"):
-        run = cell["runs"][0]
-        lines.append(f"| {cell['connections']} | {cell['server']} | "
-                     f"{run['rss_delta_per_connection_bytes'] / 1024:.1f} | {run.get('results', {}).get('still_open', '—')} |")
-    lines += ["", "## Fan-out to 100 subscribers (2,000 messages/s)", "",
-              "| stalled subscribers | delivered/s | latency p50 µs | p99 µs |", "|---|---|---|---|"]
-    for cell in (c for c in cells if c["kind"] == "fanout"):
-        lines.append(f"| {cell['stalled']} | {median_spread(field(cell['runs'], 'results', 'delivered_per_s'))} | "
-                     f"{median_spread(field(cell['runs'], 'results', 'latency', 'p50_us'))} | "
-                     f"{median_spread(field(cell['runs'], 'results', 'latency', 'p99_us'))} |")
-    lines += ["", "Raw results: `benchmarks/results/`.", ""]
-    return "\n".join(lines)
+def export(rev: str, into: pathlib.Path) -> None:
+    """The connserver package as committed at rev, so a run measures a commit, not a working tree."""
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "connserver"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for package in ("uvloop", "gevent"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[package] = metadata.version(package)
+    return out
+
+
+# ---------------------------------------------------------------------- main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a subset, under 3 minutes (default)")
+    mode.add_argument("--full", action="store_true", help="the committed results, about 25 minutes")
+    parser.add_argument("--at", metavar="REV", help="measure connserver as committed at REV (git archive)")
+    parser.add_argument("--out", help="raw results (default benchmarks/results/MODE.json)")
+    parser.add_argument("--doc", help="the report (default: --full docs/benchmarks.md, "
+                                      "--quick benchmarks/results/quick.md)")
+    args = parser.parse_args()
+    plan = FULL if args.full else QUICK
+    out = pathlib.Path(args.out or HERE / "results" / f"{plan.name}.json")
+    doc = pathlib.Path(args.doc or (ROOT / "docs" / "benchmarks.md" if args.full else HERE / "results" / "quick.md"))
+    if not shutil.which("taskset") or not shutil.which("cc"):
+        sys.exit("benchmarks need taskset (util-linux) and cc (gcc)")
+    missing = [server.name for server in ECHO if not server.available()]
+    if missing:
+        progress(f"not installed: {', '.join(missing)}; to compare with them: {INSTALL_HINT}")
+        if args.full:
+            sys.exit("the full run compares every peer; install them first")
+    _raise_fd_limit()
+    build()
+    with tempfile.TemporaryDirectory(prefix="connserver-bench-") as scratch:
+        scratch_path = pathlib.Path(scratch)
+        pythonpath = str(ROOT)
+        if args.at:
+            export(args.at, scratch_path)
+            pythonpath = str(scratch_path)
+        log_dir = HERE / "results" / f"logs-{plan.name}"
+        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(parents=True)
+        env = Environment(pythonpath, log_dir, [server for server in ECHO if server.available()])
+        results = run_plan(plan, env)
+    results.update(missing=missing, commit=commit_of(args.at),
+                   command=" ".join(["python", "benchmarks/run.py"] + sys.argv[1:]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    doc.write_text(render.render(results, results["command"]))
+    progress(f"wrote {out} and {doc} in {results['seconds']:.0f} s")
+    return 0
+
+
+def run_plan(plan: Plan, env: Environment) -> dict:
+    started = time.monotonic()
+    results: dict[str, object] = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"), "mode": plan.name,
+        "plan": dataclasses.asdict(plan), "loadavg": {"before": loadavg()},
+        "background": {"before": background_load()}, "versions": versions(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "kernel": platform.release(), "platform": platform.platform()},
+    }
+    cells: list[dict] = []
+    results["cells"] = cells
+    for n, size in plan.echo:
+        progress(f"echo N={n} S={size} ({time.monotonic() - started:.0f} s)")
+        cells += echo_cells(plan, env, n, size)
+    for n in plan.bursts:
+        progress(f"burst N={n} ({time.monotonic() - started:.0f} s)")
+        cells += burst_cells(plan, env, n)
+    progress(f"paced ({time.monotonic() - started:.0f} s)")
+    cells += paced_cells(plan, env)
+    progress(f"cross-check, idle memory, churn ({time.monotonic() - started:.0f} s)")
+    cells += crosscheck_cells(plan, env)
+    cells += hold_cells(plan, env)
+    cells += churn_cells(plan, env)
+    if plan.churn_growth:
+        cells.append(churn_growth_cell(plan, env))
+    if plan.fanout:
+        cells += fanout_cells(plan, env)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["background"]["after"] = background_load()
+    results["loadavg"]["after"] = loadavg()
+    return results
 
 
 if __name__ == "__main__":
