@@ -96,7 +96,7 @@ class Subscriber(connserver.Handler):
     """Subscribes its connection to the benchmark hub until the peer goes away.
 
     The client's first byte says which kind it is: ``R`` reads, ``S`` is stalled.
-    As in tests/test_hub.py, the stalled one's server-side SO_SNDBUF is pinned at
+    As in tests/loopback/test_hub.py, the stalled one's server-side SO_SNDBUF is pinned at
     8 KiB: Linux otherwise autotunes a loopback send buffer up to tcp_wmem's
     4 MiB, and the kernel would absorb megabytes before its queue fills.
     """

@@ -8,7 +8,7 @@ import pytest
 
 import connserver
 from connserver.testing import wait_for
-from tests.test_hub import publish_and_read
+from tests.loopback.test_hub import publish_and_read
 from tests.conftest import connect, wait_closed
 
 from .support import assert_no_leftovers, assert_shutdown_clean, leak_snapshot

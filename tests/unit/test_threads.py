@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from connserver.testing import wait_for
-from connserver.threads import HandlerThreadPool
+from connserver.core.threads import HandlerThreadPool
 
 
 def test_jobs_run_with_spares_ahead_and_never_past_max_threads():

@@ -10,7 +10,7 @@ from connserver.operations import diagnostics
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-from tests.test_server import roundtrip
+from tests.loopback.test_server import roundtrip
 
 
 def test_census_counts_threads_by_role_fds_and_memory(serve):

@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "connserver"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "connserver"
 MAX_LINES = 600
 # Layers, lowest first: a module may import its own layer and those below it.
 LAYERS = ["", "protocols", "core", "broadcast", "operations", "soak", "daemon", "apps"]

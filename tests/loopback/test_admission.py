@@ -12,7 +12,7 @@ from connserver.core.run_slots import RunGate
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect
-from tests.test_server import roundtrip
+from tests.loopback.test_server import roundtrip
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -15,7 +15,7 @@ from connserver.apps.chat import ChatHandler
 from connserver.apps.echo import EchoHandler, FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-from tests.test_chat import Client as ChatClient
+from tests.loopback.test_chat import Client as ChatClient
 from tests.tls_support import RawTLSClient, ca, certs, tls_client  # noqa: F401 (fixtures)
 
 

@@ -23,7 +23,7 @@ from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 
 
-from tests.test_connection import make_conn
+from tests.unit.test_connection import make_conn
 
 def record(index: int) -> bytes:
     return f"{index:099d}\n".encode()

@@ -21,7 +21,7 @@ from connserver.admin import (MAX_WAITING, MAX_WAITING_PER_ADDRESS, PROTECTED_IN
 from connserver.apps.echo import EchoHandler
 from connserver.testing import FakeClock, wait_for
 from tests.conftest import connect, wait_closed
-from tests.test_server import roundtrip
+from tests.loopback.test_server import roundtrip
 
 
 def get(server, path):

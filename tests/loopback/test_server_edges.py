@@ -10,7 +10,7 @@ import connserver
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-from tests.test_server import roundtrip
+from tests.loopback.test_server import roundtrip
 
 
 def test_shutdown_from_a_signal_handler_in_the_serving_thread():
