@@ -169,3 +169,31 @@ def daemon(tmp_path):
     yield start
     for process in started:
         process.close()
+
+
+class Stubborn:
+    """A handler class that ignores cancellation until released (stuck-thread tests).
+
+    ``handler`` enters ``handle()``, sets ``entered`` and waits on ``release``
+    (up to 10 s), which nothing the server does can wake.
+    """
+
+    def __init__(self) -> None:
+        entered = self.entered = threading.Event()
+        release = self.release = threading.Event()
+
+        class StubbornHandler(connserver.Handler):
+            def handle(self) -> None:
+                entered.set()
+                release.wait(10)   # not cancel-aware: nothing can wake it
+
+        self.handler = StubbornHandler
+
+
+@pytest.fixture
+def stubborn() -> Iterator[Stubborn]:
+    """A :class:`Stubborn` handler, released (and its threads gone) at the end of the test."""
+    stuck = Stubborn()
+    yield stuck
+    stuck.release.set()
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("connserver-conn-")])

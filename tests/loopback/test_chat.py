@@ -34,25 +34,35 @@ class Client:
         self.sock.close()
 
 
+def join_and_talk(alice, bob) -> None:
+    """Both join, alice says hello, bob asks who is online (plain or TLS clients)."""
+    assert alice.join("alice").startswith("* You are alice; 1 online")
+    assert bob.join("bob").startswith("* You are bob; 2 online")
+    assert alice.line() == "* bob joined"
+    alice.say("hello bob")
+    assert bob.line() == "<alice> hello bob"
+    bob.say("/who")
+    assert bob.line() == "* Online: alice, bob"
+
+
+def quit_and_leave(leaver, stayer, name: str) -> None:
+    """``leaver`` quits: it gets its goodbye and end of stream; ``stayer`` sees it leave."""
+    leaver.say("/quit")
+    assert leaver.line() == "* Bye!"
+    assert leaver.sock.recv(10) == b""
+    assert stayer.line() == f"* {name} left"
+
+
 def test_two_users_chat_and_see_joins_and_leaves(serve):
     """Joins, messages and leaves reach the other user; own lines are not echoed."""
     server = serve(ChatHandler)
     alice, bob = Client(server), Client(server)
     try:
-        assert alice.join("alice").startswith("* You are alice; 1 online")
-        assert bob.join("bob").startswith("* You are bob; 2 online")
-        assert alice.line() == "* bob joined"
-        alice.say("hello bob")
-        assert bob.line() == "<alice> hello bob"
-        bob.say("/who")
-        assert bob.line() == "* Online: alice, bob"
+        join_and_talk(alice, bob)
         bob.say("/nick robert")
         assert bob.line() == "* You are now robert."
         assert alice.line() == "* bob is now robert"
-        bob.say("/quit")
-        assert bob.line() == "* Bye!"
-        assert bob.sock.recv(10) == b""
-        assert alice.line() == "* robert left"
+        quit_and_leave(bob, alice, "robert")
     finally:
         alice.close()
         bob.close()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 
-import connserver
 from connserver.operations import diagnostics
 from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
@@ -63,25 +61,17 @@ def test_footprint_of_one_connection_excludes_shared_state(serve):
     assert 1000 < sizes[0] < 64 * 1024
 
 
-def test_a_handler_that_ignores_cancellation_is_reported_stuck(serve, caplog):
+def test_a_handler_that_ignores_cancellation_is_reported_stuck(serve, caplog, stubborn):
     """A cancelled connection whose handler keeps running is logged with its stack and counted."""
-    release = threading.Event()
-    entered = threading.Event()
-
-    class Deaf(connserver.Handler):
-        def handle(self):
-            entered.set()
-            release.wait(10)   # not cancel-aware
-
     caplog.set_level(logging.WARNING, logger="connserver.server")
-    server = serve(Deaf, stuck_thread_timeout=0.2)
+    server = serve(stubborn.handler, stuck_thread_timeout=0.2)
     with connect(server):
-        assert entered.wait(10)
+        assert stubborn.entered.wait(10)
         conn_id = server.connections()[0].id
         assert server.cancel(conn_id)
         assert wait_for(lambda: server.stats().stuck_threads == 1)
         assert any("does not check for cancellation" in r.getMessage() and "release.wait" in r.getMessage()
                    for r in caplog.records)
-        release.set()
+        stubborn.release.set()
     wait_closed(server, 1)
     assert server.stats().stuck_threads == 0

@@ -273,64 +273,40 @@ def test_graceful_shutdown_lets_handlers_say_goodbye(serve):
         t for t in threading.enumerate() if t.name.startswith("connserver-")]
 
 
-def test_shutdown_forces_and_reports_a_stuck_handler(serve, caplog):
+def test_shutdown_forces_and_reports_a_stuck_handler(serve, caplog, stubborn):
     """A handler that ignores cancellation is forced, then reported with its stack."""
-    release = threading.Event()
-    entered = threading.Event()
-
-    class Stubborn(connserver.Handler):
-        def handle(self):
-            entered.set()
-            release.wait(10)   # not cancel-aware: nothing can wake it
-
-    server = serve(Stubborn)
+    server = serve(stubborn.handler)
     caplog.set_level(logging.INFO, logger="connserver.access")
     with connect(server):
-        assert entered.wait(10)
+        assert stubborn.entered.wait(10)
         report = server.shutdown(grace=0.1)
-    try:
-        # Forced, and of the forced, stuck: the counts agree with each other.
-        assert report.drained == 0 and report.forced == 1 and len(report.stuck) == 1
-        assert report.stuck[0].name.startswith("connserver-conn-")
-        assert "release.wait" in report.stuck[0].stack
-        assert any("still alive after shutdown" in r.getMessage() for r in caplog.records
-                   if r.levelno == logging.ERROR)
-        # The stuck connection still gets its access-log line.
-        assert any("reason=shutdown stuck" in r.getMessage() for r in caplog.records
-                   if r.name == "connserver.access")
-    finally:
-        release.set()
-        wait_for(lambda: not [t for t in threading.enumerate()
-                              if t.name.startswith("connserver-conn-")])
+    # Forced, and of the forced, stuck: the counts agree with each other.
+    assert report.drained == 0 and report.forced == 1 and len(report.stuck) == 1
+    assert report.stuck[0].name.startswith("connserver-conn-")
+    assert "release.wait" in report.stuck[0].stack
+    assert any("still alive after shutdown" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.ERROR)
+    # The stuck connection still gets its access-log line.
+    assert any("reason=shutdown stuck" in r.getMessage() for r in caplog.records
+               if r.name == "connserver.access")
 
 
-def test_a_grace_cut_short_is_logged_as_such(serve, caplog):
+def test_a_grace_cut_short_is_logged_as_such(serve, caplog, stubborn):
     """force() during the grace: the log says the grace was cut short, not that it ran out."""
-    release = threading.Event()
-    entered = threading.Event()
-
-    class Stubborn(connserver.Handler):
-        def handle(self):
-            entered.set()
-            release.wait(10)
-
-    server = serve(Stubborn)
+    server = serve(stubborn.handler)
     with connect(server):
-        assert entered.wait(10)
+        assert stubborn.entered.wait(10)
         timer = threading.Timer(0.1, server.force)
         timer.start()
         try:
             report = server.shutdown(grace=30.0)
         finally:
-            release.set()
+            stubborn.release.set()
             timer.join(10)
     assert report.duration < 10 and report.forced == 1
     messages = [r.getMessage() for r in caplog.records if r.name == "connserver.server"]
     assert any("grace was cut short" in m for m in messages), messages
     assert not any("after the 30.0 s grace" in m for m in messages)
-    wait_for(lambda: not [t for t in threading.enumerate()
-                          if t.name.startswith("connserver-conn-")])
-
 
 def test_shutdown_wakes_the_accept_loop_at_once(serve):
     """The accept loop blocks without polling and still stops immediately."""

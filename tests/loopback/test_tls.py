@@ -15,7 +15,7 @@ from connserver.apps.chat import ChatHandler
 from connserver.apps.echo import EchoHandler, FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-from tests.loopback.test_chat import Client as ChatClient
+from tests.loopback.test_chat import Client as ChatClient, join_and_talk, quit_and_leave
 from tests.tls_support import RawTLSClient, ca, certs, tls_client  # noqa: F401 (fixtures)
 
 
@@ -193,19 +193,10 @@ def test_chat_over_tls(serve, ca, certs):
         alice.close()
         raise
     try:
-        assert alice.join("alice").startswith("* You are alice; 1 online")
-        assert bob.join("bob").startswith("* You are bob; 2 online")
-        assert alice.line() == "* bob joined"
-        alice.say("hello bob")
-        assert bob.line() == "<alice> hello bob"
-        bob.say("/who")
-        assert bob.line() == "* Online: alice, bob"
+        join_and_talk(alice, bob)
         bob.say("hi alice")
         assert alice.line() == "<bob> hi alice"
-        bob.say("/quit")
-        assert bob.line() == "* Bye!"
-        assert bob.sock.recv(10) == b""
-        assert alice.line() == "* bob left"
+        quit_and_leave(bob, alice, "bob")
     finally:
         alice.close()
         bob.close()
