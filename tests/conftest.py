@@ -197,3 +197,17 @@ def stubborn() -> Iterator[Stubborn]:
     yield stuck
     stuck.release.set()
     wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("connserver-conn-")])
+
+
+# A handler module that ignores the drain: once cancelled it blocks writing to a
+# client that never reads, on the raw socket, until the shutdown is forced.
+LINGERING_HANDLER = """
+import connserver
+class Lingering(connserver.Handler):
+    def handle(self):
+        try:
+            self.conn.sendall(self.conn.recv())
+            self.conn.recv()
+        except connserver.Cancelled:
+            self.conn.socket.sendall(b"x" * (64 << 20))
+"""

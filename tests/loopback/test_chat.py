@@ -104,6 +104,20 @@ def test_long_lines_are_refused_with_a_message(serve):
     wait_closed(server, 2)
 
 
+def shutdown_and_hear_goodbyes(server, users) -> None:
+    """Shut the server down: it drains everyone, whose last line is the goodbye."""
+    report = server.shutdown(grace=5.0)
+    assert report.clean and report.drained == len(users)
+    for user in users:
+        lines = []
+        while True:
+            try:
+                lines.append(user.line())
+            except AssertionError:   # end of stream
+                break
+        assert lines[-1] == "* Disconnected: shutdown. Bye!"
+
+
 def test_shutdown_says_goodbye_to_everyone(serve):
     """At shutdown each user is told why the connection ends."""
     server = serve(ChatHandler)
@@ -111,16 +125,7 @@ def test_shutdown_says_goodbye_to_everyone(serve):
     try:
         for index, user in enumerate(users):
             user.join(f"user{index}")
-        report = server.shutdown(grace=5.0)
-        assert report.clean and report.drained == 3
-        for user in users:
-            lines = []
-            while True:
-                try:
-                    lines.append(user.line())
-                except AssertionError:
-                    break
-            assert lines[-1] == "* Disconnected: shutdown. Bye!"
+        shutdown_and_hear_goodbyes(server, users)
     finally:
         for user in users:
             user.close()

@@ -15,7 +15,8 @@ from connserver.apps.chat import ChatHandler
 from connserver.apps.echo import EchoHandler, FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-from tests.loopback.test_chat import Client as ChatClient, join_and_talk, quit_and_leave
+from tests.loopback.test_chat import (Client as ChatClient, join_and_talk, quit_and_leave,
+                                       shutdown_and_hear_goodbyes)
 from tests.tls_support import RawTLSClient, ca, certs, tls_client  # noqa: F401 (fixtures)
 
 
@@ -215,16 +216,7 @@ def test_chat_over_tls_says_goodbye_at_shutdown(serve, ca, certs):
         for user in users[1:]:
             while user.line() != "<user0> last words":
                 pass
-        report = server.shutdown(grace=5.0)
-        assert report.clean and report.drained == 3
-        for user in users:
-            lines = []
-            while True:
-                try:
-                    lines.append(user.line())
-                except AssertionError:
-                    break
-            assert lines[-1] == "* Disconnected: shutdown. Bye!"
+        shutdown_and_hear_goodbyes(server, users)
     finally:
         for user in users:
             user.close()

@@ -9,19 +9,9 @@ import socket
 import time
 
 from connserver.testing import wait_for
+from tests.conftest import LINGERING_HANDLER
 
-# Ignores the drain: once cancelled it blocks writing to a client that never
-# reads, on the raw socket, until the shutdown is forced.
-LINGERING = """
-import connserver
-class Lingering(connserver.Handler):
-    def handle(self):
-        try:
-            self.conn.sendall(self.conn.recv())
-            self.conn.recv()
-        except connserver.Cancelled:
-            self.conn.socket.sendall(b"x" * (64 << 20))
-"""
+LINGERING = LINGERING_HANDLER   # ignores the drain until forced (see conftest)
 
 # Deaf to the drain and to the force: its thread outlives the shutdown.
 STUCK = """

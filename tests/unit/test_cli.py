@@ -15,6 +15,7 @@ import pytest
 from connserver import Config
 from connserver.daemon import cli
 from connserver.config import config_fields
+from tests.conftest import LINGERING_HANDLER
 
 
 @pytest.fixture(autouse=True)
@@ -122,18 +123,7 @@ def test_sigterm_drains_and_exits_zero(daemon):
 
 def test_second_signal_forces_shutdown(daemon, tmp_path):
     """A second SIGTERM ends the grace period at once, forcing sockets shut."""
-    (tmp_path / "lingering.py").write_text(textwrap.dedent("""
-        import connserver
-        class Lingering(connserver.Handler):
-            def handle(self):
-                try:
-                    self.conn.sendall(self.conn.recv())
-                    self.conn.recv()
-                except connserver.Cancelled:
-                    # Ignore the drain: block writing to a client that never reads,
-                    # on the raw socket, until the shutdown is forced.
-                    self.conn.socket.sendall(b"x" * (64 << 20))
-    """))
+    (tmp_path / "lingering.py").write_text(LINGERING_HANDLER)
     process = daemon("lingering:Lingering", "--bind", "127.0.0.1:0", "--graceful-timeout", "60")
     port = process.port()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
