@@ -61,12 +61,28 @@ def dig(run: object, *path: str) -> float | None:
     return run if isinstance(run, (int, float)) and not isinstance(run, bool) else None
 
 
+# The kernel counts CPU time in clock ticks (10 ms here): below 10 ticks in a window, one
+# tick more or less moves CPU per operation by over 10 %, so such a run gives no CPU figure.
+MIN_CPU_S = 0.1
+
+
 def per_op_us(run: dict, count_path: tuple[str, ...]) -> float | None:
     """Server CPU time per operation counted in the window, in microseconds."""
     cpu, count = dig(run, "server", "cpu_s"), dig(run, *count_path)
-    if cpu is None or not count:
+    if cpu is None or cpu < MIN_CPU_S or not count:
         return None
     return cpu / count * 1e6
+
+
+def others(cell: dict | None) -> str:
+    """Median share of CPU 0 / CPU 1 taken by other work during the cell's runs, in per cent."""
+    if not cell:
+        return "—"
+    parts = []
+    for cpu in ("0", "1"):
+        s = spread(dig(run, "others", cpu) for run in cell["runs"])
+        parts.append(num(s.median * 100) if s else "—")
+    return " / ".join(parts)
 
 
 def cpu_per_rt(run: dict) -> float | None:
@@ -209,7 +225,8 @@ def header(results: dict, command: str) -> list[str]:
         "Other work on the machine while nothing of the suite ran (share of each CPU, over "
         f"1 s): before the run {busy(background.get('before'))}; after it "
         f"{busy(background.get('after'))}. Load average before and after: "
-        f"{results.get('loadavg', {}).get('before', '—')} / {results.get('loadavg', {}).get('after', '—')}.",
+        f"{results.get('loadavg', {}).get('before', '—')} / {results.get('loadavg', {}).get('after', '—')}. "
+        + interference(results),
         "",
         "How to read these tables:", "",
         "- Every server is pinned to CPU 0 and the load generator (`benchmarks/loadgen.c`) to "
@@ -220,7 +237,12 @@ def header(results: dict, command: str) -> list[str]:
         "- **CPU µs/op** is the server's own CPU time (user + system of the whole process, read "
         "from `/proc/PID/stat` at the start and end of the measured window) divided by the "
         "operations completed in that window. It stays put when throughput swings, so it is the "
-        "headline; round trips per second are shown beside it.",
+        "headline; round trips per second are shown beside it. A run in which the server got "
+        f"less than {MIN_CPU_S:g} s of CPU in its window (ten of the kernel's 10 ms ticks) gives "
+        "no CPU figure.",
+        "- **others %** is the share of each CPU that other processes took during a run "
+        "(CPU 0's busy time less the server's, CPU 1's less the client's; median over the "
+        "cell's runs). It says how much of a cell's spread the rest of the machine explains.",
         "- **vs connserver** is this server's CPU per operation divided by connserver's "
         "(above 1: connserver spends less). It is printed only when the data supports it: the "
         "two ranges must not overlap and neither server's own range (max/min) may be as wide as "
@@ -237,6 +259,20 @@ def header(results: dict, command: str) -> list[str]:
         lines += [f"Not measured (not installed): {', '.join(results['missing'])}. "
                   "`pip install -e '.[bench]'` installs them.", ""]
     return lines
+
+
+def interference(results: dict) -> str:
+    """Other work on each CPU over all of the suite's runs: median and maximum."""
+    runs = [run for cell in results["cells"] for run in cell["runs"] if isinstance(run.get("others"), dict)]
+    if not runs:
+        return ""
+    parts = []
+    for cpu in ("0", "1"):
+        s = spread(run["others"].get(cpu) for run in runs)
+        if s:
+            parts.append(f"CPU {cpu} median {s.median * 100:.0f} %, max {s.high * 100:.0f} %")
+    return (f"During the {len(runs)} runs, other processes took {'; '.join(parts)} "
+            "(per run: the CPU's busy time less the server's or the client's).")
 
 
 def echo_section(results: dict) -> list[str]:
@@ -261,11 +297,12 @@ def echo_section(results: dict) -> list[str]:
                     show(measure(cell, lambda r: dig(r, "results", "fairness", "starved"))),
                     show(jain, 3) if jain else "—",
                     show(measure(cell, lambda r: dig(r, "loadgen_cpu", "util")), 2),
+                    others(cell),
                 ])
             lines += [f"### N={n:,}, {size}-byte messages", ""]
             lines += table(["server", "CPU µs/round trip", "vs connserver", "round trips/s",
                             "server CPU", "p50 µs", "p99 µs", "p999 µs", "starved", "Jain",
-                            "loadgen CPU"], rows)
+                            "loadgen CPU", "others % CPU 0 / 1"], rows)
             probes = [cell for cell in row_cells if any(dig(r, "results", "probe", "started") for r in ok_runs(cell))]
             if probes:
                 lines += ["A fresh connection every 0.25 s among the busy ones, connect to echo "

@@ -275,20 +275,47 @@ def xcheck(server: ServerProcess, timeout: float, **options: object) -> dict:
     return _json_run(command, timeout, server)
 
 
+def cpu_ticks() -> dict[str, tuple[int, int]]:
+    """Busy and total clock ticks of each CPU since boot (/proc/stat)."""
+    out = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *values = line.split()
+                ticks = [int(v) for v in values[:8]]
+                out[name[3:]] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _json_run(command: list[str], timeout: float, server: ServerProcess) -> dict:
     if not server.alive():
         return {"ok": False, "error": f"server exited ({server.proc.returncode}): {server.log_tail()}"}
+    before, server0, client0, start = cpu_ticks(), server.stat()[0], children_cpu(), time.monotonic()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               preexec_fn=_raise_fd_limit)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"no result within {timeout:.0f} s"}
+    after, wall = cpu_ticks(), time.monotonic() - start
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"ok": False, "error": f"no result: {done.stderr.strip()[-300:]}"}
     result = json.loads(lines[-1])
     if not server.alive():
         result.update(ok=False, error=f"server exited ({server.proc.returncode}): {server.log_tail()}")
+        return result
+    # Other work on each CPU during the run: CPU 0's busy time less the server's, CPU 1's less
+    # the client's (the only child that ran). Softirq time lands on whichever CPU took the
+    # packet, so a few per cent either way is accounting, not interference.
+    tick = os.sysconf("SC_CLK_TCK")
+    mine = {"0": server.stat()[0] - server0, "1": children_cpu() - client0}
+    result["others"] = {cpu: round(max(0.0, ((after[cpu][0] - before[cpu][0]) / tick - mine.get(cpu, 0.0)) / wall), 3)
+                        for cpu in after if cpu in before}
     return result
 
 
@@ -439,19 +466,9 @@ def fanout_cells(plan: Plan, env: Environment) -> list[dict]:
 
 def background_load(seconds: float = 1.0) -> dict[str, float]:
     """Share of each CPU busy with other work while the suite runs nothing."""
-    def sample() -> dict[str, tuple[int, int]]:
-        out = {}
-        with open("/proc/stat") as stat:
-            for line in stat:
-                if line.startswith("cpu") and line[3].isdigit():
-                    name, *values = line.split()
-                    ticks = [int(v) for v in values]
-                    idle = ticks[3] + ticks[4]
-                    out[name[3:]] = (sum(ticks[:8]) - idle, sum(ticks[:8]))
-        return out
-    first = sample()
+    first = cpu_ticks()
     time.sleep(seconds)
-    second = sample()
+    second = cpu_ticks()
     return {cpu: round((second[cpu][0] - first[cpu][0]) / max(1, second[cpu][1] - first[cpu][1]), 3)
             for cpu in second}
 
