@@ -139,6 +139,18 @@ class Config:
         "Keeps latency fair and bounded when many connections are busy at once, at some "
         "cost in throughput (see docs/benchmarks.md); none by default.", int, minimum=1,
         nullable=True)
+    park: bool = _field(
+        False, "Serve message handlers (FramedHandler, LineHandler) parked: between messages "
+        "a connection waits in the server's epoll with no thread; a small pool "
+        "(park_threads) reads, runs the handler per message and parks it again. Connections "
+        "that cannot be parked yet (TLS, PROXY protocol, handlers overriding handle(), "
+        "max_running, on_rate_limit='wait') run in thread mode; the server logs why.", bool)
+    park_threads: int = _field(
+        2, "Threads serving parked connections (with park).", int, minimum=1, maximum=256)
+    max_write_buffer: int = _field(
+        1024 * 1024, "Most bytes of replies a parked connection may have waiting for its peer "
+        "to take them; past it the peer is a slow consumer (closed as slow_consumer).",
+        int, minimum=1024, maximum=1024 * 1024 * 1024)
     backlog: int = _field(
         1024, "Listen backlog (the kernel caps it at net.core.somaxconn).", int, minimum=1,
         maximum=MAX_BACKLOG)

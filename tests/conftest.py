@@ -29,10 +29,30 @@ def socketpair() -> Iterator[tuple[socket.socket, socket.socket]]:
         b.close()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests marked both_modes run twice: with message handlers on their own threads
+    # and parked (Config.park), through the same serve() fixture.
+    if "serve" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_modes"):
+        metafunc.parametrize("serving_mode", ["threads", "parked"])
+
+
 @pytest.fixture
-def serve(connserver_server):
-    """serve(HandlerClass, **config) -> started Server on 127.0.0.1:0 (the plugin's fixture)."""
-    return connserver_server
+def serving_mode() -> str:
+    """How serve() runs message handlers: "threads", or "parked" (both_modes tests)."""
+    return "threads"
+
+
+@pytest.fixture
+def serve(connserver_server, serving_mode):
+    """serve(HandlerClass, **config) -> started Server on 127.0.0.1:0 (the plugin's fixture);
+    parked in the "parked" serving mode."""
+    if serving_mode == "threads":
+        return connserver_server
+
+    def serve_parked(handler, *args, **config):
+        config.setdefault("park", True)
+        return connserver_server(handler, *args, **config)
+    return serve_parked
 
 
 def unavailable(reason: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import threading
 
-from ..errors import Cancelled, CloseReason
+from ..errors import CloseReason
 from ..core.handler import LineHandler
 from ..broadcast.hub import Hub, Subscription
 
@@ -76,12 +76,8 @@ class ChatHandler(LineHandler):
     def setup(self) -> None:
         self.send_line("* Welcome to connserver chat! Choose a nickname:")
 
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except Cancelled as cancelled:
-            self.conn.send_goodbye(f"* Disconnected: {cancelled.reason.value}. Bye!\n".encode())
-            raise
+    def goodbye(self, reason: CloseReason) -> bytes:
+        return f"* Disconnected: {reason.value}. Bye!".encode()
 
     def finish(self) -> None:
         if self.nick is None:

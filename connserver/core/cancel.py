@@ -187,11 +187,25 @@ class Watchdog:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def watch(self, target: Abortable, expires_at: float | None) -> None:
+    def watch(self, target: Abortable, expires_at: float | None,
+              on_expiry: Callable[[], float | None] | None = None) -> None:
+        """At ``expires_at``, cancel ``target`` with reason ``lifetime``; or, with
+        ``on_expiry``, call it instead (on the watchdog's thread): it cancels what it
+        must itself and returns the next time to be called, or None.
+
+        One entry per target: watching again replaces the previous one. A parked
+        connection keeps a single entry this way for all its deadlines, moved
+        lazily: the deadline it names may already be later when it comes due.
+        """
         if expires_at is None:
             return
-        entry = [target]
+        entry = [target, on_expiry]
         with self._cond:
+            previous = self._entries.get(id(target))
+            if previous is not None:
+                previous[0] = None
+                self._dead += 1
+                self._compact_if_needed()
             self._entries[id(target)] = entry
             heapq.heappush(self._heap, (expires_at, next(self._seq), entry))
             if self._heap[0][2] is entry:
@@ -204,10 +218,14 @@ class Watchdog:
                 return
             entry[0] = None
             self._dead += 1
-            if self._dead > 64 and self._dead > len(self._entries):
-                self._heap = [item for item in self._heap if item[2][0] is not None]
-                heapq.heapify(self._heap)
-                self._dead = 0
+            self._compact_if_needed()
+
+    def _compact_if_needed(self) -> None:
+        """Drop dead entries once they outnumber the live ones (bounds the heap)."""
+        if self._dead > 64 and self._dead > len(self._entries):
+            self._heap = [item for item in self._heap if item[2][0] is not None]
+            heapq.heapify(self._heap)
+            self._dead = 0
 
     def abort_soon(self, target: Abortable) -> None:
         """Queue ``target.abort()`` on the watchdog thread (cheap, never blocks)."""
@@ -249,13 +267,15 @@ class Watchdog:
             self._pending.clear()
             expired = self._pop_expired()
             rechecks = self._pop_rechecks()
-        for target in expired:
+        for target, on_expiry in expired:
             # cancel() queues the abort through the token's callback.
             try:
-                if target.cancel_token.cancel(CloseReason.LIFETIME):
+                if on_expiry is not None:
+                    self.watch(target, on_expiry(), on_expiry)
+                elif target.cancel_token.cancel(CloseReason.LIFETIME):
                     self.lifetime_expiries += 1
             except Exception:   # a failing callback must not stop the watchdog
-                log.exception("cancelling %r at its lifetime failed", target)
+                log.exception("cancelling %r at its deadline failed", target)
         for target in to_abort:
             if self._abort(target, force=False):
                 self._recheck_later(target, self.WRITE_FORCE_INTERVAL, "write")
@@ -310,7 +330,7 @@ class Watchdog:
                 due.append((target, kind))
         return due
 
-    def _pop_expired(self) -> list[Abortable]:
+    def _pop_expired(self) -> list[tuple[Abortable, Callable[[], float | None] | None]]:
         now = self._clock()
         expired = []
         heap = self._heap
@@ -321,5 +341,5 @@ class Watchdog:
                 self._dead -= 1
                 continue
             del self._entries[id(target)]
-            expired.append(target)
+            expired.append((target, entry[1]))
         return expired

@@ -31,6 +31,7 @@ from .cancel import CancelToken
 from .closing import linger, unacked_bytes
 from ..config import Config
 from .connection_tls import TLSConnectionIO
+from .connection_parked import ParkedIO
 from .connection_writing import WriteSink, WritingIO
 from .deadline import TIMEOUT_SLACK, Clock, Deadline, KernelTimeouts, monotonic
 from ..errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
@@ -53,7 +54,7 @@ _HINT_MIN = 256
 _HINT_MAX = 16384
 
 
-class Connection(WritingIO, TLSConnectionIO):
+class Connection(WritingIO, TLSConnectionIO, ParkedIO):
     """A connected socket with deadline-bounded, cancel-aware I/O.
 
     Methods for the handler: :meth:`recv`, :meth:`recv_exactly`, :meth:`sendall`,
@@ -72,6 +73,7 @@ class Connection(WritingIO, TLSConnectionIO):
                  "run_slot", "rate", "thread_ident", "created_at", "bytes_received",
                  "bytes_sent", "bytes_unacked", "operation", "outcome", "close_reason", "codec",
                  "_write_sink", "handler", "tls", "_read_shut", "_forced", "_cancel_raised",
+                 "_parked_out", "_parked_out_bytes", "_max_parked_out", "out_expires_at",
                  "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: object, *, id: int, config: Config,
@@ -119,6 +121,9 @@ class Connection(WritingIO, TLSConnectionIO):
         self._read_shut = False      # abort() shut the read side (the watchdog woke a reader)
         self._forced = False         # abort(force=True): both sides shut, writes fail now
         self._cancel_raised = False  # Cancelled was raised to the handler at least once
+        self._parked_out: list | None = None   # parked mode: replies the kernel did not take yet
+        self._parked_out_bytes = self._max_parked_out = 0
+        self.out_expires_at: float | None = None   # parked: when those must be taken by
         sock.setblocking(True)
 
     # --- set-up, by the server and the handler bases ----------------------------
@@ -144,17 +149,6 @@ class Connection(WritingIO, TLSConnectionIO):
 
     def fileno(self) -> int:
         return self._fileno
-
-    def shared_objects(self) -> list:
-        """What this connection refers to that every connection shares (config, pool,
-        stats, clock, the run gate, the watchdog behind the cancel callback): memory
-        accounting (``diagnostics.footprint``) leaves these out."""
-        shared = [self.config, self._pool, self._stats, self.clock]
-        if self.run_slot is not None:
-            shared.append(self.run_slot.gate)
-        if self.cancel_token.callback is not None:
-            shared.append(self.cancel_token.callback)
-        return [item for item in shared if item is not None]
 
     # --- reading -------------------------------------------------------------
 

@@ -60,7 +60,7 @@ class WritingIO:
             self._raise_cancelled()
         slot = self.run_slot
         if (self._write_sink is not None or self._unit_expires_at is not None or self.tls
-                or (slot is not None and slot.held)):
+                or (slot is not None and slot.held) or self._parked_out is not None):
             self._send_buffers([data])
             return
         # Fast path: a fresh write deadline is always write_timeout away, so the
@@ -109,6 +109,9 @@ class WritingIO:
         if self._write_sink is not None:
             self._write_sink.send(b"".join(buffers))
             return
+        if self._parked_out is not None:
+            self._send_parked(buffers)
+            return
         if expires_at is None:
             expires_at = self.clock() + self._write_timeout
             if self._unit_expires_at is not None and self._unit_expires_at < expires_at:
@@ -150,9 +153,15 @@ class WritingIO:
     # --- a write sink (hub subscription) owns the write side --------------------------
 
     def attach_write_sink(self, sink: WriteSink) -> None:
-        """From now on, writes go to ``sink`` (a hub subscription), which sends them."""
+        """From now on, writes go to ``sink`` (a hub subscription), which sends them
+        (after any replies a parked connection still had waiting)."""
         if self._write_sink is not None:
             raise ValueError(f"connection #{self.id} is already subscribed to a hub")
+        if self._parked_out:
+            sink.send(b"".join(bytes(part) for part in self._parked_out))
+            self._parked_out.clear()
+            self._parked_out_bytes = 0
+            self.out_expires_at = None
         self._write_sink = sink
 
     def detach_write_sink(self, sink: WriteSink) -> None:
@@ -246,4 +255,3 @@ class WritingIO:
         finally:
             self.bytes_sent += sent
         return True
-

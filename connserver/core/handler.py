@@ -10,7 +10,7 @@ from typing import Any, MutableMapping, Protocol
 from .cancel import CancelToken
 from ..config import Config
 from .connection import Connection
-from ..errors import CloseReason, RemoteProtocolError
+from ..errors import Cancelled, CloseReason, RemoteProtocolError
 from ..protocols.framing import Codec, LengthPrefixed, Lines, LineTooLong
 
 
@@ -29,7 +29,7 @@ class HandlerServer(Protocol):
 
     def resource(self, key: Any, factory: Any) -> Any: ...
 
-__all__ = ["Handler", "FramedHandler", "LineHandler", "ConnectionLoggerAdapter"]
+__all__ = ["Handler", "MessageHandler", "FramedHandler", "LineHandler", "ConnectionLoggerAdapter"]
 
 
 class ConnectionLoggerAdapter(logging.LoggerAdapter):
@@ -72,6 +72,20 @@ class Handler(socketserver.BaseRequestHandler):
     server: HandlerServer
 
     def __init__(self, request: Connection, client_address: Any, server: HandlerServer) -> None:
+        self._bind(request, client_address, server)
+        super().__init__(request, client_address, server)   # setup(), handle(), finish()
+
+    @classmethod
+    def parked(cls, request: Connection, client_address: Any, server: HandlerServer) -> "Handler":
+        """An instance that runs nothing yet: a parked connection's engine calls
+        ``setup()``, feeds it messages and calls ``finish()`` itself (see parking.py)."""
+        self = cls.__new__(cls)
+        self._bind(request, client_address, server)
+        return self
+
+    def _bind(self, request: Connection, client_address: Any, server: HandlerServer) -> None:
+        self.request = request
+        self.client_address = client_address
         self.conn = request
         self.cancel = request.cancel_token
         self.id = request.id
@@ -79,7 +93,6 @@ class Handler(socketserver.BaseRequestHandler):
         self.server = server
         request.attach_handler(self)
         self._prepare()
-        super().__init__(request, client_address, server)
 
     def _prepare(self) -> None:
         """Hook for the framework's bases, before ``setup()``."""
@@ -98,7 +111,7 @@ class Handler(socketserver.BaseRequestHandler):
         """Called once, after the socket was closed, with why it ended."""
 
 
-class _MessageHandler(Handler):
+class MessageHandler(Handler):
     """The read loop shared by the framed bases: idle wait, then a read deadline per frame.
 
     Waiting for a frame's first byte is bounded by ``idle_timeout``; from that
@@ -113,6 +126,12 @@ class _MessageHandler(Handler):
         raise NotImplementedError
 
     _ending = False
+    _message_expires_at: float | None = None
+
+    @property
+    def message_expires_at(self) -> float | None:
+        """When the message begun so far must be complete (None: none has begun)."""
+        return self._message_expires_at
 
     def _prepare(self) -> None:
         # Before setup(), so a greeting sent there is already framed.
@@ -128,40 +147,61 @@ class _MessageHandler(Handler):
         self._ending = True
 
     def handle(self) -> None:
+        """Thread mode: wait for each message (idle, then its read deadline) and feed it."""
+        conn = self.conn
+        try:
+            while True:
+                data = conn.recv_part(self._message_expires_at)
+                if not self.feed(data):
+                    return
+                data = None   # an idle connection must not keep the last chunk alive
+        except Cancelled as cancelled:
+            self.say_goodbye(cancelled.reason)
+            raise
+
+    def feed(self, data: bytes) -> bool:
+        """Handle a chunk of the stream (``b""``: its end); False once the connection ends.
+
+        Both modes go through here: the thread-mode loop above, and the parked
+        engine, which reads without blocking and calls this per chunk.
+        """
         conn = self.conn
         codec = conn.codec
         assert codec is not None
-        clock = conn.clock
-        read_timeout = self.server.config.read_timeout
-        message_expires_at: float | None = None
-        while True:
-            data = conn.recv_part(message_expires_at)
-            if not data:
-                if codec.pending:
-                    raise RemoteProtocolError(
-                        f"peer closed the connection {codec.pending} bytes into a frame")
-                return
-            frames = codec.feed(data)
-            data = None
-            limited = conn.rate is not None
-            for frame in frames:
-                if limited:
-                    conn.charge(1)
-                self.dispatch(frame)
-            frame = None
-            if self._ending:
-                return
-            if not codec.pending:
-                message_expires_at = None
-            elif frames or message_expires_at is None:
-                # A new frame started in this chunk: its deadline starts now.
-                message_expires_at = clock() + read_timeout
-            # Drop the last message before waiting for the next: an idle connection
-            # must not keep up to max_frame_size of it alive.
-            frames = None
+        if not data:
+            if codec.pending:
+                raise RemoteProtocolError(
+                    f"peer closed the connection {codec.pending} bytes into a frame")
+            return False
+        frames = codec.feed(data)
+        limited = conn.rate is not None
+        for frame in frames:
+            if limited:
+                conn.charge(1)
+            self.dispatch(frame)
+        if self._ending:
+            return False
+        if not codec.pending:
+            self._message_expires_at = None
+        elif frames or self._message_expires_at is None:
+            # A new frame started in this chunk: its deadline starts now.
+            self._message_expires_at = conn.clock() + self.server.config.read_timeout
+        return True
+
+    def goodbye(self, reason: CloseReason) -> bytes | None:
+        """What to send a peer whose connection is being cancelled (a shutdown, a
+        lifetime...), framed as this handler frames; None sends nothing. Best effort."""
+        return None
+
+    def say_goodbye(self, reason: CloseReason) -> None:
+        """Send :meth:`goodbye`'s message, if any (best effort, bounded: ``send_goodbye``)."""
+        message = self.goodbye(reason)
+        if message is not None:
+            self.conn.send_goodbye(b"".join(self.conn.codec.frame_parts(message))
+                                   if self.conn.codec is not None else message)
 
 
-class FramedHandler(_MessageHandler):
+class FramedHandler(MessageHandler):
     """Length-prefixed frames: override ``handle_frame``; a returned value is sent back.
 
     Class variables that may be overridden: ``header`` (``struct`` format of the
@@ -183,7 +223,7 @@ class FramedHandler(_MessageHandler):
         raise NotImplementedError
 
 
-class LineHandler(_MessageHandler):
+class LineHandler(MessageHandler):
     """Text lines: override ``handle_line``; a returned string is sent back as a line.
 
     Class variables that may be overridden: ``newline`` (``b"\\n"``; a ``\\r``

@@ -32,6 +32,7 @@ from .handler import Handler
 from .outcome import classify_failure
 from .preamble import Preamble
 from .registry import ConnectionRegistry
+from .parking import ParkingLot, why_not_parked
 from .resources import Resources
 from .report import ShutdownReport, StuckThread, describe_thread, stack_of
 from .run_slots import RunGate, RunSlot
@@ -133,8 +134,10 @@ class Server(socketserver.TCPServer):
         self._drain_expires_at: float | None = None   # a shutdown's grace ends then
         self._shutdown_lock = threading.Lock()
         self._extra_listeners: list[socket.socket] = []
+        self._lot = self._parking_lot(RequestHandlerClass)
         self._acceptor = Acceptor(self, config, self._limiter, self._stats,
-                                  self._handler_threads.submit, self._stopping,
+                                  self._handler_threads.submit if self._lot is None
+                                  else self._lot.admit, self._stopping,
                                   proxied=self._preamble.proxied)
         self._resources = Resources()
         self._attached: dict[str, Attachment] = {}
@@ -177,6 +180,8 @@ class Server(socketserver.TCPServer):
         try:
             self._start_watchdog()
             self._handler_threads.start()
+            if self._lot is not None:
+                self._lot.start()
             for attachment in self._attached.values():
                 attachment.start()
             with selectors.DefaultSelector() as selector:
@@ -239,6 +244,8 @@ class Server(socketserver.TCPServer):
                     self._wait_drained(_FORCE_WAIT_INTERVAL)
                 self._resources.close_all()
                 alive = self._handler_threads.shutdown(timeout=0.5 if remaining else 2.0)
+                if self._lot is not None:
+                    alive += self._lot.stop(timeout=0.5 if remaining else 2.0)
             finally:
                 for attachment in self._attached.values():
                     attachment.close()   # last, so /healthz said 503 during the drain
@@ -396,7 +403,9 @@ class Server(socketserver.TCPServer):
 
     # --- one connection, on its handler thread -------------------------------------
 
-    def _serve_connection(self, job: tuple[socket.socket, Any, str | None]) -> None:
+    def _serve_connection(self, job: Any) -> None:
+        if callable(job):   # a parked connection's end that may wait (see parking.py)
+            return job()
         sock, address, accounted_ip = job
         try:
             conn = self._open_connection(sock, address)
@@ -421,18 +430,44 @@ class Server(socketserver.TCPServer):
         finally:
             self._end_connection(conn, reason, accounted_ip)
 
-    def _discard_job(self, job: tuple[socket.socket, Any, str | None]) -> None:
+    def _discard_job(self, job: Any) -> None:
         """A connection accepted but never given a thread (the pool shut down first)."""
+        if callable(job):
+            return job()   # a parked connection's end: still owed, done here
         sock, address, accounted_ip = job
         sock.close()
         self._limiter.release_ip(accounted_ip)
         self._limiter.release_slot()
         self._stats.rejected_at_accept(CloseReason.SHUTDOWN)
 
-    def _open_connection(self, sock: socket.socket, address: Any) -> Connection:
-        """Wrap, register and watch a newly accepted socket (on its handler thread)."""
+    def _parking_lot(self, handler_class: type) -> ParkingLot | None:
+        """The parking lot for ``Config.park``, if this server's connections can be parked."""
+        if not self.config.park:
+            return None
+        why_not = why_not_parked(self.config, handler_class)
+        if why_not is not None:
+            log.warning("park: serving %s in thread mode: %s", handler_class.__name__, why_not)
+            return None
+        return ParkingLot(self.config, self._watchdog, self._stats,
+                          open_connection=functools.partial(self._open_connection, parked=True),
+                          start_handler=self._start_parked_handler,
+                          end_connection=self._end_connection,
+                          hand_off=self._handler_threads.submit, name_prefix=self._prefix)
+
+    def _start_parked_handler(self, conn: Connection) -> Handler:
+        """Set a parked connection up (no set-up step of it may wait: see why_not_parked)."""
+        self._set_socket_options(conn.socket)
+        self._preamble.run(conn)
+        conn.park_writes(self.config.max_write_buffer)
+        return self.RequestHandlerClass.parked(conn, conn.peer, self)
+
+    def _open_connection(self, sock: socket.socket, address: Any, *,
+                         parked: bool = False) -> Connection:
+        """Wrap, register and watch a newly accepted socket (on its handler thread, or,
+        parked, on the accept thread: the parking lot watches its deadlines)."""
         conn_id = self._next_id()
-        threading.current_thread().name = f"{self._prefix}-conn-{conn_id}"
+        if not parked:
+            threading.current_thread().name = f"{self._prefix}-conn-{conn_id}"
         token = CancelToken()
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
                           cancel_token=token, stats=self._stats, clock=self._clock,
@@ -443,7 +478,7 @@ class Server(socketserver.TCPServer):
         if self._stopping.is_set():
             token.cancel(CloseReason.SHUTDOWN)
         lifetime = self.config.max_lifetime
-        if lifetime is not None:
+        if lifetime is not None and not parked:
             jitter = 1.0 - random.uniform(0.0, self.config.lifetime_jitter)
             self._watchdog.watch(conn, conn.created_at + lifetime * jitter)
         return conn

@@ -13,7 +13,7 @@ from tests.conftest import connect, wait_closed
 
 from .support import assert_no_leftovers, assert_shutdown_clean, leak_snapshot
 
-pytestmark = pytest.mark.hostile
+pytestmark = [pytest.mark.hostile, pytest.mark.both_modes]   # threads, and parked
 
 HUB_THREADS = ("connserver-spare-", "connserver-hub")   # the hub's writer is the server's
 

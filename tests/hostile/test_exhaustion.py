@@ -14,7 +14,7 @@ import pytest
 
 from .support import PipeLines
 
-pytestmark = pytest.mark.hostile
+pytestmark = [pytest.mark.hostile, pytest.mark.both_modes]   # threads, and parked
 
 SERVER = Path(__file__).with_name("fd_limited_server.py")
 FD_LIMIT = 64        # the child's RLIMIT_NOFILE

@@ -21,7 +21,7 @@ from tests.conftest import connect, wait_closed
 from .support import (CONN_PREFIX, SPARE_PREFIX, assert_no_leftovers, assert_shutdown_clean,
                       conn_threads, leak_snapshot, read_exactly, rss_bytes)
 
-pytestmark = pytest.mark.hostile
+pytestmark = [pytest.mark.hostile, pytest.mark.both_modes]   # threads, and parked
 
 
 def roundtrip(sock: socket.socket, data: bytes = b"ping") -> None:

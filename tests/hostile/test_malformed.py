@@ -19,7 +19,7 @@ from tests.conftest import connect, wait_closed
 
 from .support import assert_no_leftovers, assert_shutdown_clean, frame, leak_snapshot, read_exactly
 
-pytestmark = pytest.mark.hostile
+pytestmark = [pytest.mark.hostile, pytest.mark.both_modes]   # threads, and parked
 
 
 def test_huge_length_prefixes_are_refused_at_once_without_allocating(serve, caplog):

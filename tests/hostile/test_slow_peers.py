@@ -18,7 +18,7 @@ from tests.conftest import connect, wait_closed
 from .support import (assert_no_leftovers, assert_shutdown_clean, frame, leak_snapshot,
                       read_exactly)
 
-pytestmark = pytest.mark.hostile
+pytestmark = [pytest.mark.hostile, pytest.mark.both_modes]   # threads, and parked
 
 
 class ClosingTimes:
@@ -49,7 +49,7 @@ def test_slowloris_is_cut_at_the_read_deadline_not_later(serve):
     baseline = leak_snapshot()
     data = frame(b"x" * 100)
     with connect(server) as client:
-        assert wait_for(lambda: [i for i in server.connections() if i.operation == "idle"])
+        assert wait_for(lambda: [i for i in server.connections() if i.operation in ("idle", "parked")])
         started = time.monotonic()
         sent = 0
         # At most 10 s of trickling; the deadline should end it after 1 s. The wait
@@ -234,7 +234,7 @@ def test_stalled_frame_meets_the_read_deadline_and_returns_its_buffer(serve, han
         # Blocked in the body's read once the 14 bytes are counted (the operation is
         # set just before each recv returns and counts, so wait for both).
         reading = wait_for(lambda: [i for i in server.connections()
-                                    if i.operation == "read" and i.bytes_in == 6 + 14])
+                                    if i.operation in ("read", "parked") and i.bytes_in == 6 + 14])
         assert reading, server.connections()
         # The codec buffers the partial frame itself; recv_exactly holds a pooled buffer.
         held = server.buffer_pool.statistics().leased

@@ -27,7 +27,7 @@ from tests.conftest import unavailable, wait_closed
 
 from .support import PipeLines, assert_no_leftovers, assert_shutdown_clean, leak_snapshot
 
-pytestmark = pytest.mark.hostile
+pytestmark = [pytest.mark.hostile, pytest.mark.both_modes]   # threads, and parked
 
 HOST_ADDRESS, PEER_ADDRESS, PREFIX = "10.213.0.1", "10.213.0.2", 30
 DROP_RULES = (["INPUT", "-s", HOST_ADDRESS, "-j", "DROP"],

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 from connserver.apps.chat import ChatHandler
 from tests.conftest import connect, wait_closed
+
+pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
 
 
 class Client:

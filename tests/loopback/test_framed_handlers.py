@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import socket
 import struct
 import time
@@ -10,6 +12,8 @@ import connserver
 from connserver.apps.echo import FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
+
+pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
 
 
 def read_exactly(sock: socket.socket, size: int) -> bytes:

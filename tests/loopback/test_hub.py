@@ -15,6 +15,8 @@ from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
 from tests.tls_support import ca, certs, tls_client  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
+
 
 class Subscriber(connserver.Handler):
     """Subscribes to the test hub and waits for the peer to leave.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import connserver
 from connserver.apps.echo import EchoHandler
 from tests.conftest import connect, wait_closed
+
+pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
 
 
 class Upper(connserver.LineHandler):

@@ -1,0 +1,330 @@
+"""Parked connections: message handlers served without a thread while they wait.
+
+A message handler (``FramedHandler``, ``LineHandler``) only needs a thread
+while it handles a message. Parked (``Config.park``), its connection waits
+between messages in one epoll set, holding no thread and no buffer; a small
+pool of threads (``Config.park_threads``) all wait in that epoll with one-shot
+registrations, so the kernel hands each ready connection to exactly one of
+them and no dispatcher hands work over (leader/followers). The thread that
+wakes reads what has arrived without blocking, feeds the handler's codec,
+calls ``handle_frame``/``handle_line`` for each complete message (ordinary
+blocking Python), sends the replies without waiting (the rest queues, bounded,
+until the socket is writable) and parks the connection again.
+
+Pool threads never wait on a peer: a partial message stays parked with its
+absolute read deadline; a queued reply with its write deadline; idle, read,
+write and lifetime deadlines are one lazily moved entry per connection in the
+watchdog's heap. Ends that may have to wait (a goodbye to send, a lingering
+close with unacknowledged bytes, a hub subscription to take back) are handed
+to a handler thread; the rest end on the spot. New connections go straight
+from the accept thread into the epoll: a burst starts no thread per connection.
+
+What is not parked yet, and runs in thread mode as before (the server logs
+why at start-up): TLS and PROXY-protocol listeners (their set-up would wait),
+``on_rate_limit="wait"`` (the wait would hold a pool thread), ``max_running``,
+and handler classes that override ``handle()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import select
+import socket
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config import Config
+from ..errors import CloseReason
+from .cancel import CancelToken, Watchdog
+from .closing import unacked_bytes
+from .faults import Faults
+from .handler import MessageHandler
+from .outcome import classify_failure
+from .stats import ServerStats
+from .threads import block_async_signals
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["ParkingLot", "why_not_parked"]
+
+log = logging.getLogger("connserver.server")
+
+_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_WRITE = select.EPOLLOUT | select.EPOLLONESHOT
+_READS_PER_WAKE = 4   # chunks read per wake-up before others get a turn
+# Ends after which no goodbye is sent (as in thread mode, where only Cancelled gets one).
+_NO_GOODBYE = frozenset({CloseReason.IDLE, CloseReason.READ_DEADLINE, CloseReason.WRITE_DEADLINE,
+                         CloseReason.SLOW_CONSUMER, CloseReason.RESET})
+
+
+def why_not_parked(config: Config, handler_class: type) -> str | None:
+    """Why connections of ``handler_class`` cannot be parked under ``config`` (None: they can)."""
+    if not (isinstance(handler_class, type) and issubclass(handler_class, MessageHandler)):
+        return "only message handlers (FramedHandler, LineHandler) can be parked"
+    if handler_class.handle is not MessageHandler.handle:
+        return f"{handler_class.__name__} overrides handle()"
+    if config.tls_cert:
+        return "TLS is not parked yet"
+    if config.proxy_protocol:
+        return "the PROXY protocol is not parked yet"
+    if config.max_running:
+        return "max_running is not parked"
+    if (config.rate or config.ip_rate or config.server_rate) and config.on_rate_limit == "wait":
+        return 'on_rate_limit="wait" is not parked (use "close")'
+    return None
+
+
+class _Parked:
+    """One parked connection: its handler, and the deadlines the watchdog checks."""
+
+    __slots__ = ("conn", "handler", "accounted_ip", "idle_expires_at", "lifetime_expires_at",
+                 "serving", "started", "cancel_token", "scheduled_at", "__weakref__")
+
+    def __init__(self, conn: "Connection", handler: Any, accounted_ip: str | None,
+                 lifetime_expires_at: float | None) -> None:
+        self.conn = conn
+        self.handler = handler
+        self.accounted_ip = accounted_ip
+        self.idle_expires_at = conn.created_at + conn.config.idle_timeout
+        self.lifetime_expires_at = lifetime_expires_at
+        self.serving = False
+        self.started = False
+        self.cancel_token: CancelToken = conn.cancel_token   # what the watchdog cancels
+        self.scheduled_at: float | None = None   # when the watchdog looks next
+
+    def abort(self, force: bool = False) -> bool:
+        return self.conn.abort(force)
+
+    @property
+    def operation(self) -> str | None:
+        return self.conn.operation
+
+    def next_deadline(self, stats: ServerStats | None = None) -> float | None:
+        """On the watchdog's thread: cancel if a deadline has passed, else when to look again."""
+        self.scheduled_at = at = self._next_deadline(stats)
+        return at
+
+    def _next_deadline(self, stats: ServerStats | None) -> float | None:
+        conn = self.conn
+        now = conn.clock()
+        lifetime = self.lifetime_expires_at
+        if lifetime is not None and now >= lifetime:
+            self.cancel_token.cancel(CloseReason.LIFETIME)
+            return None
+        if self.serving:   # handler code is running: its deadlines apply after it parks
+            due = now + conn.config.idle_timeout
+        else:
+            write_at = conn.out_expires_at
+            message_at = self.handler.message_expires_at
+            if write_at is not None:
+                phase, due = "write", write_at
+            elif message_at is not None:
+                phase, due = "read", message_at
+            else:
+                phase, due = "idle", self.idle_expires_at
+            if now >= due:
+                if stats is not None:
+                    stats.count_deadline(phase)
+                self.cancel_token.cancel({"write": CloseReason.WRITE_DEADLINE,
+                                          "read": CloseReason.READ_DEADLINE,
+                                          "idle": CloseReason.IDLE}[phase])
+                return None
+        return due if lifetime is None else min(due, lifetime)
+
+
+class ParkingLot:
+    """The epoll set and the threads that serve parked connections (see the module docstring).
+
+    The server supplies what a connection's life needs: ``open_connection(sock,
+    address)`` (registered, not yet served), ``end_connection(conn, reason,
+    accounted_ip)`` (close, clean up, count), ``start_handler(conn)`` (the
+    parked handler instance) and ``hand_off(callable)`` (run it on a handler
+    thread, for ends that may wait).
+    """
+
+    def __init__(self, config: Config, watchdog: Watchdog, stats: ServerStats, *,
+                 open_connection: Callable[[socket.socket, Any], "Connection"],
+                 start_handler: Callable[["Connection"], Any],
+                 end_connection: Callable[["Connection", CloseReason, str | None], None],
+                 hand_off: Callable[[Callable[[], None]], None], name_prefix: str) -> None:
+        self.config = config
+        self._watchdog = watchdog
+        self._stats = stats
+        self._open_connection = open_connection
+        self._start_handler = start_handler
+        self._end_connection = end_connection
+        self._hand_off = hand_off
+        self._prefix = name_prefix
+        self.faults = Faults("park", log, stats.internal_error)
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)   # level: wakes all
+        self._parked: dict[int, _Parked] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        for index in range(self.config.park_threads):
+            thread = threading.Thread(target=self._run, name=f"{self._prefix}-park-{index + 1}")
+            self._threads.append(thread)
+            thread.start()
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def admit(self, job: tuple[socket.socket, Any, str | None]) -> None:
+        """A new connection, from the accept thread: into the epoll at once, no thread.
+
+        Registered for writability, so a pool thread runs its ``setup()`` (which
+        may send a greeting) straight away, then parks it for input.
+        """
+        sock, address, accounted_ip = job
+        conn = self._open_connection(sock, address)
+        try:
+            handler = self._start_handler(conn)
+            lifetime = self.config.max_lifetime
+            if lifetime is not None:   # shortened at random, as in thread mode
+                lifetime = conn.created_at + lifetime * (
+                    1.0 - random.uniform(0.0, self.config.lifetime_jitter))
+            parked = _Parked(conn, handler, accounted_ip, lifetime)
+            with self._lock:
+                self._parked[conn.fileno()] = parked
+            self._watchdog.watch(parked, parked.next_deadline(),
+                                 functools.partial(parked.next_deadline, self._stats))
+            self._epoll.register(conn.fileno(), _WRITE)
+        except BaseException as exc:
+            self._end(conn, classify_failure(conn, exc), accounted_ip)
+
+    def stop(self, timeout: float) -> list[threading.Thread]:
+        """Stop the pool threads (after the connections ended); return those still alive."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+        alive = []
+        for thread in self._threads:
+            if thread is threading.current_thread():
+                continue
+            thread.join(timeout)
+            if thread.is_alive():
+                alive.append(thread)
+        if not alive:
+            self._epoll.close()
+            self._wake_r.close()
+            self._wake_w.close()
+        return alive
+
+    # --- the pool threads ---------------------------------------------------------
+
+    def _run(self) -> None:
+        block_async_signals()
+        wake_fd = self._wake_r.fileno()
+        while not self._stopping:
+            try:
+                events = self._epoll.poll(-1, 1)
+            except OSError:
+                if self._stopping:
+                    return
+                raise
+            for fd, mask in events:
+                if fd == wake_fd:
+                    continue
+                parked = self._parked.get(fd)
+                if parked is None:
+                    continue
+                try:
+                    self._serve(parked, mask)
+                except Exception as exc:   # a bug here ends that connection, not the thread
+                    self.faults.record(exc, f"serving #{parked.conn.id}")
+                    self._finish(parked, CloseReason.ERROR)
+
+    def _serve(self, parked: _Parked, mask: int) -> None:
+        conn = parked.conn
+        handler = parked.handler
+        parked.serving = True
+        conn.mark_parked(None)
+        try:
+            if not parked.started:
+                parked.started = True
+                handler.setup()
+            if conn.cancel_token.cancelled:
+                return self._finish(parked, conn.cancel_token.reason)
+            if mask & select.EPOLLOUT and not conn.flush_parked():
+                return self._park(parked)
+            if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                for _ in range(_READS_PER_WAKE):
+                    data = conn.recv_nowait()
+                    if data is None:
+                        break
+                    if not handler.feed(data):
+                        reason = conn.cancel_token.reason or conn.outcome or CloseReason.CLOSED
+                        return self._finish(parked, reason)
+                    if conn.cancel_token.cancelled:
+                        return self._finish(parked, conn.cancel_token.reason)
+        except BaseException as exc:
+            return self._finish(parked, classify_failure(conn, exc))
+        parked.idle_expires_at = conn.clock() + self.config.idle_timeout
+        self._park(parked)
+
+    def _park(self, parked: _Parked) -> None:
+        parked.serving = False
+        conn = parked.conn
+        # Deadlines move later lazily (the watchdog looks, finds a later one, looks again
+        # then); one that moved earlier (a message begun, a reply queued) is rescheduled.
+        due = min(filter(None, (conn.out_expires_at, parked.handler.message_expires_at,
+                                parked.lifetime_expires_at)), default=None)
+        if due is not None and (parked.scheduled_at is None or due < parked.scheduled_at):
+            parked.scheduled_at = due
+            self._watchdog.watch(parked, due, functools.partial(parked.next_deadline, self._stats))
+        conn.mark_parked(min(filter(None, (due, parked.idle_expires_at)), default=None))
+        events = _READ | (select.EPOLLOUT if conn.parked_output_waiting else 0)
+        try:
+            self._epoll.modify(conn.fileno(), events)
+        except OSError as exc:   # gone from the set: it is being ended elsewhere
+            self.faults.record(exc, f"parking #{conn.id}")
+
+    def _finish(self, parked: _Parked, reason: CloseReason | None) -> None:
+        """End a parked connection: at once if nothing can make it wait, else on a thread."""
+        conn = parked.conn
+        reason = reason or CloseReason.CLOSED
+        with self._lock:
+            if self._parked.pop(conn.fileno(), None) is None:
+                return   # already ended
+        try:
+            self._epoll.unregister(conn.fileno())
+        except (OSError, ValueError):
+            pass
+        self._watchdog.unwatch(parked)
+        handler = parked.handler
+        goodbye = reason not in _NO_GOODBYE and conn.cancel_token.cancelled
+        waits = (conn.write_sink_attached or conn.parked_output_waiting
+                 or unacked_bytes(conn.socket) > 0
+                 or (goodbye and handler.goodbye(reason) is not None))
+        end = functools.partial(self._end_handler, parked, reason, goodbye)
+        if waits:
+            self._hand_off(end)
+        else:
+            end()
+
+    def _end_handler(self, parked: _Parked, reason: CloseReason, goodbye: bool) -> None:
+        handler = parked.handler
+        conn = parked.conn
+        try:
+            if goodbye:
+                handler.say_goodbye(reason)
+            if parked.started:
+                handler.finish()
+        except BaseException as exc:
+            reason = classify_failure(conn, exc)
+        self._end(conn, reason, parked.accounted_ip)
+
+    def _end(self, conn: "Connection", reason: CloseReason, accounted_ip: str | None) -> None:
+        self._end_connection(conn, reason, accounted_ip)
