@@ -1,0 +1,144 @@
+"""Parked mode (Config.park): what only it does — no thread per waiting connection, replies
+that wait in a bounded queue instead of in a thread, deadlines without a thread.
+
+(Everything both modes share runs in both: see the both_modes marker.)
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+
+import pytest
+
+import connserver
+from connserver import CloseReason
+from connserver.apps.echo import FramedEchoHandler
+from connserver.testing import wait_for
+from tests.conftest import connect, wait_closed
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    (size,) = struct.unpack("!I", header)
+    body = b""
+    while len(body) < size:
+        body += sock.recv(size - len(body))
+    return body
+
+
+def connserver_threads() -> int:
+    return len([t for t in threading.enumerate() if t.name.startswith("connserver-")])
+
+
+def test_waiting_connections_hold_no_thread(serve):
+    """200 parked connections, each served once, then idle: the thread count does not grow."""
+    server = serve(FramedEchoHandler, park=True, min_spare_threads=0, max_spare_threads=0)
+    before = connserver_threads()
+    clients = [connect(server) for _ in range(200)]
+    try:
+        for index, client in enumerate(clients):
+            client.sendall(frame(b"%d" % index))
+        for index, client in enumerate(clients):
+            assert read_frame(client) == b"%d" % index
+        assert wait_for(lambda: len(server.connections()) == 200)
+        assert connserver_threads() == before   # a burst of 200 started no thread
+        assert wait_for(lambda: {info.operation for info in server.connections()} == {"parked"})
+    finally:
+        for client in clients:
+            client.close()
+    wait_closed(server, 200)
+
+
+def test_a_reply_the_peer_does_not_take_waits_parked_and_arrives_whole(serve):
+    """A 4 MiB reply to a peer that reads later: queued without holding a thread, then
+    delivered whole and in order once the peer reads."""
+    big = bytes(range(256)) * (16 * 1024)
+
+    class Big(connserver.FramedHandler):
+        def handle_frame(self, payload):
+            return big if payload == b"big" else payload
+
+    server = serve(Big, park=True, max_write_buffer=8 << 20, min_spare_threads=0,
+                   max_spare_threads=0)
+    with connect(server) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        client.sendall(frame(b"big"))
+        assert wait_for(lambda: [i for i in server.connections() if i.bytes_out > 0])
+        client.sendall(frame(b"after"))   # handled once the queue has gone out
+        assert read_frame(client) == big
+        assert read_frame(client) == b"after"
+    wait_closed(server, 1)
+
+
+def test_a_peer_that_never_reads_is_a_slow_consumer_past_max_write_buffer(serve):
+    """Replies piling up past max_write_buffer end the connection as slow_consumer."""
+    class Flood(connserver.FramedHandler):
+        def handle_frame(self, payload):
+            return b"x" * 64 * 1024
+
+    server = serve(Flood, park=True, max_write_buffer=256 * 1024)
+    with connect(server) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for _ in range(200):
+            try:
+                client.sendall(frame(b"more"))
+            except OSError:
+                break
+        stats = wait_closed(server, 1)
+    assert stats.close_reasons == {"slow_consumer": 1}
+
+
+def test_a_queued_reply_meets_the_write_deadline(serve):
+    """A reply the peer stops taking ends the connection at write_timeout (write_deadline)."""
+    class Big(connserver.FramedHandler):
+        def handle_frame(self, payload):
+            return b"y" * (32 << 20)   # more than the kernel's buffers take
+
+    server = serve(Big, park=True, write_timeout=0.3, max_write_buffer=64 << 20)
+    with connect(server) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(frame(b"go"))
+        stats = wait_closed(server, 1)
+    assert stats.close_reasons == {"write_deadline": 1}
+    assert stats.deadline_hits == {"write": 1}
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"proxy_protocol": True, "trusted_proxy": ["127.0.0.1"]}, "PROXY"),
+    ({"max_running": 2}, "max_running"),
+    ({"rate": 10.0}, "on_rate_limit"),
+])
+def test_what_cannot_be_parked_yet_runs_on_threads_and_says_why(serve, caplog, config, why):
+    """Configurations parking does not cover yet fall back to thread mode, with a warning."""
+    caplog.set_level(logging.WARNING, logger="connserver.server")
+    serve(FramedEchoHandler, park=True, **config)
+    assert any("park: serving FramedEchoHandler in thread mode" in r.getMessage() and
+               why in r.getMessage() for r in caplog.records)
+
+
+def test_a_raw_handler_is_never_parked(serve, caplog):
+    """Handler.handle() keeps its thread: park applies to message handlers only."""
+    caplog.set_level(logging.WARNING, logger="connserver.server")
+    serve(connserver.Handler, park=True)
+    assert any("only message handlers" in r.getMessage() for r in caplog.records)
+
+
+def test_cancelling_a_parked_connection_needs_no_thread_to_wake(serve):
+    """server.cancel() on a parked connection ends it at once, with the reason given."""
+    server = serve(FramedEchoHandler, park=True)
+    with connect(server) as client:
+        client.sendall(frame(b"hi"))
+        assert read_frame(client) == b"hi"
+        conn_id = wait_for(lambda: server.connections())[0].id
+        assert server.cancel(conn_id, CloseReason.LIMIT)
+        assert client.recv(1) == b""
+    assert wait_closed(server, 1).close_reasons == {"limit": 1}
