@@ -95,6 +95,14 @@ class ParkedIO:
         self._parked_out = []
         self._max_parked_out = max_buffer
 
+    def unpark_writes(self) -> bytes:
+        """Leave parked mode (to end on a thread that may wait): writes block again, and
+        the replies still queued are returned, to be sent first."""
+        out, self._parked_out = self._parked_out or [], None
+        self._parked_out_bytes = 0
+        self.out_expires_at = None
+        return b"".join(bytes(part) for part in out)
+
     @property
     def parked_output_waiting(self) -> bool:
         return bool(self._parked_out)

@@ -55,9 +55,12 @@ log = logging.getLogger("connserver.server")
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 _WRITE = select.EPOLLOUT | select.EPOLLONESHOT
 _READS_PER_WAKE = 4   # chunks read per wake-up before others get a turn
-# Ends after which no goodbye is sent (as in thread mode, where only Cancelled gets one).
+# Ends after which no goodbye is sent (as in thread mode, where only Cancelled gets one),
+# and after which queued replies cannot reach the peer.
 _NO_GOODBYE = frozenset({CloseReason.IDLE, CloseReason.READ_DEADLINE, CloseReason.WRITE_DEADLINE,
                          CloseReason.SLOW_CONSUMER, CloseReason.RESET})
+_UNDELIVERABLE = frozenset({CloseReason.WRITE_DEADLINE, CloseReason.SLOW_CONSUMER,
+                            CloseReason.RESET})
 
 
 def why_not_parked(config: Config, handler_class: type) -> str | None:
@@ -318,6 +321,11 @@ class ParkingLot:
         handler = parked.handler
         conn = parked.conn
         try:
+            # On a thread that may wait now: replies still queued go out first (unless
+            # the peer stopped taking them), then the goodbye, under their timeouts.
+            queued = conn.unpark_writes()
+            if queued and reason not in _UNDELIVERABLE:
+                conn.send_goodbye(queued, timeout=self.config.linger_timeout)
             if goodbye:
                 handler.say_goodbye(reason)
             if parked.started:

@@ -142,3 +142,27 @@ def test_cancelling_a_parked_connection_needs_no_thread_to_wake(serve):
         assert server.cancel(conn_id, CloseReason.LIMIT)
         assert client.recv(1) == b""
     assert wait_closed(server, 1).close_reasons == {"limit": 1}
+
+
+def test_a_drain_delivers_replies_still_queued(serve):
+    """Shutdown while a parked connection has a reply queued: the reply arrives whole first."""
+    big = b"z" * (16 << 20)
+
+    class Big(connserver.FramedHandler):
+        def handle_frame(self, payload):
+            return big
+
+    server = serve(Big, park=True, max_write_buffer=64 << 20, graceful_timeout=10.0)
+    with connect(server) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        client.sendall(frame(b"go"))
+        assert wait_for(lambda: [i for i in server.connections() if i.bytes_out > 0])
+        reports = []
+        drain = threading.Thread(target=lambda: reports.append(server.shutdown(grace=10.0)))
+        drain.start()
+        try:
+            assert read_frame(client) == big
+            assert client.recv(1) == b""
+        finally:
+            drain.join(15)
+    assert reports[0].drained == 1 and reports[0].forced == 0
