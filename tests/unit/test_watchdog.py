@@ -233,3 +233,47 @@ def test_stop_ends_the_thread_and_reports_it(clock):
     late = Target(watchdog)
     watchdog.abort_soon(late)
     assert late.forces == [] and watchdog.aborts == 0
+
+
+def test_on_expiry_is_called_when_due_and_can_look_again_later(clock, watchdog):
+    """With on_expiry, the watchdog calls it when due instead of cancelling; a time it
+    returns is when it calls again (how a parked connection's deadlines move lazily)."""
+    target = Target(watchdog)
+    calls: list[float] = []
+    called = threading.Event()
+
+    def on_expiry():
+        calls.append(clock())
+        called.set()
+        return clock() + 5 if len(calls) == 1 else None
+
+    watchdog.watch(target, clock() + 1, on_expiry)
+    clock.advance(1)
+    watchdog.poke()
+    assert called.wait(SAFETY_TIMEOUT)
+    called.clear()
+    clock.advance(4.999)
+    watchdog.poke()
+    settle(watchdog)
+    assert len(calls) == 1 and not target.cancel_token.cancelled   # not due yet, not cancelled
+    clock.advance(0.001)
+    watchdog.poke()
+    assert called.wait(SAFETY_TIMEOUT)
+    settle(watchdog)
+    assert len(calls) == 2 and watchdog.watched() == 0   # it returned None: no entry left
+
+
+def test_watching_again_replaces_the_entry(clock, watchdog):
+    """A second watch() of the same target replaces the first: only the new time counts."""
+    target = Target(watchdog)
+    watchdog.watch(target, clock() + 1)
+    watchdog.watch(target, clock() + 10)
+    assert watchdog.watched() == 1
+    clock.advance(2)
+    watchdog.poke()
+    settle(watchdog)
+    assert not target.cancel_token.cancelled
+    clock.advance(8)
+    watchdog.poke()
+    assert target.cancelled.wait(SAFETY_TIMEOUT)
+    assert target.cancel_token.reason is CloseReason.LIFETIME
