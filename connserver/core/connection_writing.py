@@ -46,6 +46,7 @@ class WritingIO:
     __slots__ = ()
     # Attributes of Connection this half uses (declared for readers and type checkers).
     _write_sink: WriteSink | None
+    _parked_out: list | None
     tls: "TLSSession | None"
     codec: "Codec | None"
     _sock: socket.socket
@@ -235,6 +236,10 @@ class WritingIO:
         if slot is not None:
             slot.leave()
         expires_at = self.clock() + min(timeout, self._write_timeout)
+        if self._parked_out:   # a parked connection's queued replies go first
+            data = b"".join(bytes(part) for part in self._parked_out) + data
+            self._parked_out.clear()
+            self.out_expires_at = None
         if self._write_sink is not None:
             unsent = self._write_sink.close()
             if unsent:
