@@ -47,6 +47,7 @@ class WritingIO:
     # Attributes of Connection this half uses (declared for readers and type checkers).
     _write_sink: WriteSink | None
     _parked_out: list | None
+    _parked_out_bytes: int
     tls: "TLSSession | None"
     codec: "Codec | None"
     _sock: socket.socket
@@ -239,6 +240,7 @@ class WritingIO:
         if self._parked_out:   # a parked connection's queued replies go first
             data = b"".join(bytes(part) for part in self._parked_out) + data
             self._parked_out.clear()
+            self._parked_out_bytes = 0
             self.out_expires_at = None
         if self._write_sink is not None:
             unsent = self._write_sink.close()
