@@ -224,9 +224,7 @@ def header(results: dict, command: str) -> list[str]:
         + ".", "",
         "Other work on the machine while nothing of the suite ran (share of each CPU, over "
         f"1 s): before the run {busy(background.get('before'))}; after it "
-        f"{busy(background.get('after'))}. Load average before and after: "
-        f"{results.get('loadavg', {}).get('before', '—')} / {results.get('loadavg', {}).get('after', '—')}. "
-        + interference(results),
+        f"{busy(background.get('after'))}. " + interference(results),
         "",
         "How to read these tables:", "",
         "- Every server is pinned to CPU 0 and the load generator (`benchmarks/loadgen.c`) to "
@@ -241,8 +239,9 @@ def header(results: dict, command: str) -> list[str]:
         f"less than {MIN_CPU_S:g} s of CPU in its window (ten of the kernel's 10 ms ticks) gives "
         "no CPU figure.",
         "- **others %** is the share of each CPU that other processes took during a run "
-        "(CPU 0's busy time less the server's, CPU 1's less the client's; median over the "
-        "cell's runs). It says how much of a cell's spread the rest of the machine explains.",
+        "(from `/proc/stat`: CPU 0's user, system and steal time less the server's, CPU 1's "
+        "less the client's; median over the cell's runs). It says how much of a cell's spread "
+        "the rest of the machine explains.",
         "- **vs connserver** is this server's CPU per operation divided by connserver's "
         "(above 1: connserver spends less). It is printed only when the data supports it: the "
         "two ranges must not overlap and neither server's own range (max/min) may be as wide as "
@@ -285,7 +284,8 @@ def echo_section(results: dict) -> list[str]:
             rows = []
             for cell in row_cells:
                 cpu = measure(cell, cpu_per_rt)
-                versus = "—" if cell["server"] == "connserver" else claim(base, cpu, "connserver").text()
+                versus = ("—" if cell["server"] == "connserver"
+                          else claim(base, cpu, "connserver", cell["server"]).text())
                 jain = measure(cell, lambda r: dig(r, "results", "fairness", "jain"))
                 rows.append([
                     cell["server"] + failures(cell), show(cpu, 2), versus,
@@ -339,7 +339,9 @@ def burst_rows(cells: list[dict]) -> list[list[str]]:
             show(measure(cell, lambda r: dig(r, "results", "first_request", "p99_us")), 0, 1e-3),
             f"{max(unserved):,}" if unserved else "—",
             show(measure(cell, lambda r: dig(r, "results", "burst", "server_cpu_s")), 2),
-            show(spread(r.get("settle_s") for r in runs), 1),
+            show(spread(r.get("settle_s") for r in runs), 1)
+            + "".join(f"; run {i + 1} did not settle in {r['settle_s']:.0f} s"
+                      for i, r in enumerate(runs) if r.get("settled") is False),
         ])
     return rows
 
@@ -348,8 +350,10 @@ def burst_section(results: dict) -> list[str]:
     lines = ["## Bursts: N new connections, each until its first reply", "",
              "Every connection connects and sends one request at once; the time is from the "
              "first connect until the last of the N has its reply. Repeated on the same server "
-             "process (each run listed in order; the servers settle between runs: listen queue "
-             "empty, descriptors back to the baseline).", ""]
+             "process, each run listed in order. After each run the server must settle (listen "
+             "queue empty, descriptors back to the baseline, thread count steady) before the "
+             "next run starts; *settle s* is how long that took, and a run that follows one "
+             "that did not settle met a server still busy with the last burst.", ""]
     groups = [(n, [c for c in cells_of(results, "echo", connections=n, size=64)])
               for n in sorted({c["connections"] for c in cells_of(results, "echo")}) if n >= 1000]
     groups += [(cell_n, cells_of(results, "burst", connections=cell_n))
@@ -472,7 +476,7 @@ def churn_section(results: dict) -> list[str]:
         for cell in cells:
             cpu = measure(cell, lambda r: per_op_us(r, ("results", "cycles")))
             rows.append([cell["server"] + failures(cell), show(cpu, 1),
-                         "—" if cell["server"] == "connserver" else claim(base, cpu, "connserver").text(),
+                         "—" if cell["server"] == "connserver" else claim(base, cpu, "connserver", cell["server"]).text(),
                          show(measure(cell, lambda r: dig(r, "results", "cycles_per_s"))),
                          show(measure(cell, lambda r: dig(r, "results", "failed")))])
         lines += ["## Churn: connect, one round trip, close", "",
