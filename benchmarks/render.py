@@ -246,6 +246,8 @@ def header(results: dict, command: str) -> list[str]:
         "(above 1: connserver spends less). It is printed only when the data supports it: the "
         "two ranges must not overlap and neither server's own range (max/min) may be as wide as "
         "the ratio; otherwise the cell says *inconclusive* and why (`benchmarks/render.py`).",
+        "- Each server is **primed** once after it starts (its first connections are not "
+        "counted; see *First load on a fresh process*).",
         "- Each echo run starts with a **burst**: every connection sends one request and none "
         "sends a second until all have had their first reply (`loadgen --barrier`). The steady "
         "state is measured after that, so a slow start cannot pass for slow service.",
@@ -315,6 +317,25 @@ def echo_section(results: dict) -> list[str]:
                     f"{sum(dig(r, 'results', 'probe', 'started') or 0 for r in ok_runs(cell)):.0f}",
                 ] for cell in probes])
     return lines
+
+
+def priming_section(results: dict) -> list[str]:
+    """Each server's first load after it starts, beside its steady state at N=10."""
+    priming = results.get("priming") or []
+    if not priming:
+        return []
+    rows = []
+    for server in dict.fromkeys(entry["server"] for entry in priming):
+        first = spread(cpu_per_rt(entry["result"]) for entry in priming if entry["server"] == server)
+        steady = measure(find(results, "echo", server, connections=10, size=64), cpu_per_rt)
+        rows.append([server, f"{first.count if first else 0}", show(first, 2), show(steady, 2),
+                     f"{first.median / steady.median:.2f}×" if first and steady else "—"])
+    return (["## First load on a fresh process", "",
+             "Every server is primed after it starts, before any counted run: 10 connections for "
+             "0.2 s, the first set of connections it ever serves. These runs are not in the tables "
+             "above; here they are beside the steady state at N=10 (CPU µs per round trip; the "
+             "priming median is over every group the server was started for).", ""]
+            + table(["server", "primings", "first load", "steady state, N=10", "first ÷ steady"], rows))
 
 
 def burst_rows(cells: list[dict]) -> list[list[str]]:
@@ -406,12 +427,13 @@ def paced_section(results: dict) -> list[str]:
                 num(rss and rss / 1024, 0),
                 num(dig(run, "server", "threads_max")),
                 num(dig(res, "send_lag", "p99_us") and dig(res, "send_lag", "p99_us") / 1e3, 2),
+                others(cell),
             ])
         lines += [f"### {connections:,} connections × {rate:g} message/s "
                   f"({connections * rate:,.0f} messages/s, {num(window)} s window)", ""]
         lines += table(["server", "answered/s", "p50 ms", "p99 ms", "p999 ms", "max ms",
                         "p99 ms per slice", "p99 ms from send", "late", "server CPU %", "CPU % per slice", "RSS MiB (max)",
-                        "threads (max)", "loadgen send lag p99 ms"], rows)
+                        "threads (max)", "loadgen send lag p99 ms", "others % CPU 0 / 1"], rows)
     return lines
 
 
@@ -624,8 +646,8 @@ def targets_section(results: dict) -> list[str]:
 
 def render(results: dict, command: str) -> str:
     lines = header(results, command)
-    for section in (targets_section, echo_section, burst_section, paced_section, crosscheck_section,
-                    memory_section, churn_section, fanout_section):
+    for section in (targets_section, echo_section, priming_section, burst_section, paced_section,
+                    crosscheck_section, memory_section, churn_section, fanout_section):
         lines += section(results)
     lines += ["Raw results, every run: `benchmarks/results/`.", ""]
     return "\n".join(lines)
