@@ -84,7 +84,7 @@ class Plan:
 
 
 QUICK = Plan("quick", repeats=2, warmup=0.2, window=0.8, echo=((10, 64), (1000, 64)), bursts=(),
-             paced=((10_000, 1.0), (1000, 10.0)), paced_warmup=0.5, paced_window=2.0, paced_slice=1.0,
+             paced=((5000, 2.0), (1000, 10.0)), paced_warmup=0.5, paced_window=1.5, paced_slice=0.5,
              crosscheck=("connserver", "stdlib-threading"), hold=1000,
              churn=("connserver", "stdlib-threading"), churn_growth=0, fanout=False)
 FULL = Plan("full", repeats=5, warmup=0.5, window=1.5,
