@@ -1,23 +1,33 @@
-"""Did a change cost throughput, CPU or memory? Two source trees, A B B A (issue 11).
+"""Did a change cost throughput, CPU or memory? Two servers, A B B A (issue 11).
 
-A restructuring should cost nothing at run time. This script measures two
-checkouts of connserver (``--a DIR`` and ``--b DIR``, e.g. made with
-``git archive COMMIT | tar -x -C DIR``) side by side:
+A restructuring should cost nothing at run time, and a new serving mode
+should be measured against the old one on the same app. This script measures
+two checkouts of connserver (``--a DIR`` and ``--b DIR``, e.g. made with
+``git archive COMMIT | tar -x -C DIR``), or one checkout given twice with
+different server flags (``--a-flags`` / ``--b-flags``, e.g.
+``--b-flags=--park``), side by side. Each side runs
+``python -m connserver serve APP --bind 127.0.0.1:0 --max-connections 20000
+FLAGS`` (``--app``, default ``echo``); ``--framed`` makes every loadgen
+message a length-prefixed frame (loadgen ``--framed``, for ``framed-echo``).
+When A and B are the same tree, the report names each side by its flags.
 
-- **echo**, N=10 and N=100 connections, 64 B requests: one
-  ``python -m connserver serve echo`` per tree, both up for the whole echo
-  part, the load alternating A B B A (``--repeats`` times, so 4 x repeats runs
-  per cell and tree). For each run: round trips per second in loadgen's window,
-  and the server's CPU time per round trip -- utime + stime of the server
-  process (``/proc/PID/stat``) read before and after the loadgen run, divided
-  by every round trip of that run (warm-up and drain included). CPU per round
-  trip is the headline: it holds still when the machine's other load moves
-  throughput.
-- **idle memory**: per run a fresh server; its RSS (``VmRSS``) at rest, then
-  with ``--idle-connections`` connections held idle (``loadgen --mode hold
-  --hello x --wait-reply``: every connection has been served once, so its
-  thread and buffers exist); KiB per connection = delta / connections. Also
-  A B B A, ``--repeats`` times.
+- **echo**, N=10 and N=100 connections (``--connections``), 64 B requests:
+  one server per side, both up for the whole echo part, the load alternating
+  A B B A (``--repeats`` times, so 4 x repeats runs per cell and side). For
+  each run: round trips per second in loadgen's window, and the server's CPU
+  time per round trip -- utime + stime of the server process
+  (``/proc/PID/stat``) read before and after the loadgen run, divided by every
+  round trip of that run (warm-up and drain included). CPU per round trip is
+  the headline: it holds still when the machine's other load moves
+  throughput. Also recorded: the server's most threads during the window, and
+  loadgen's fairness over the window -- connections with no round trip
+  (starved; more than none means the warm-up was too short or a connection
+  was left out) and Jain's index.
+- **idle memory**: per run a fresh server; its RSS (``VmRSS``) and threads at
+  rest, then with ``--idle-connections`` connections held idle (``loadgen
+  --mode hold --hello x --wait-reply``: every connection has been served
+  once, so its thread or parked state and its buffers exist); KiB per
+  connection = delta / connections. Also A B B A, ``--repeats`` times.
 
 Servers run on ``--server-cpu`` (0), loadgen on ``--client-cpu`` (1). Before
 each block the script looks at those two CPUs for one second and for another
@@ -26,10 +36,12 @@ is busier than ``--busy`` or such a process runs, it waits, re-checking every
 10 s for at most ``--quiet-max`` (3 minutes), then goes on and says so. Each
 run records whether another benchmark was running when it ended. Between runs the server
 just measured must be at rest (its thread count and CPU time steady for half a
-second). A cell is *within noise* when the two trees' ranges (min-max) overlap.
+second). A cell is *within noise* when the two sides' ranges (min-max) overlap.
 
     python benchmarks/ab_compare.py --a /tmp/ab_A --b /tmp/ab_B \\
         --json /tmp/ab.json > /tmp/ab.md
+    python benchmarks/ab_compare.py --a /tmp/src --b /tmp/src \\
+        --app framed-echo --framed --b-flags=--park > /tmp/park.md
 
 Standard library only (plus ``cc`` to build ``benchmarks/loadgen.c`` when
 ``--loadgen`` is not given); loopback only; every wait is bounded and every
@@ -45,6 +57,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -132,13 +145,15 @@ def other_benchmarks(exclude: set[int]) -> list[str]:
 
 @dataclass
 class Server:
-    """One `python -m connserver serve echo` importing connserver from `source`."""
+    """One `python -m connserver serve APP FLAGS` importing connserver from `source`."""
 
     label: str
     source: str
     python: str
     cpu: int
     logdir: str
+    app: str = "echo"
+    flags: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
     port: int = 0
     errfile: str = ""
@@ -148,8 +163,8 @@ class Server:
         env = dict(os.environ, PYTHONPATH=self.source, PYTHONDONTWRITEBYTECODE="1")
         with open(self.errfile, "wb") as err:
             self.proc = subprocess.Popen(
-                ["taskset", "-c", str(self.cpu), self.python, "-m", "connserver", "serve", "echo",
-                 "--bind", f"{HOST}:0", "--max-connections", "20000"],
+                ["taskset", "-c", str(self.cpu), self.python, "-m", "connserver", "serve", self.app,
+                 "--bind", f"{HOST}:0", "--max-connections", "20000", *self.flags],
                 cwd=self.source, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + START_TIMEOUT
@@ -208,10 +223,12 @@ class Bench:
     server_cpu: int
     busy: float
     quiet_max: float
+    framed: bool = False
     notes: list[dict] = field(default_factory=list)
 
     def loadgen_cmd(self, *args: str) -> list[str]:
-        return ["taskset", "-c", str(self.client_cpu), self.loadgen, "--host", HOST, *args]
+        framed = ["--framed"] if self.framed else []
+        return ["taskset", "-c", str(self.client_cpu), self.loadgen, "--host", HOST, *framed, *args]
 
     def wait_quiet(self, block: str, ours: set[int]) -> dict:
         """Before a block: wait (bounded) while someone else keeps our CPUs busy."""
@@ -255,6 +272,8 @@ class Bench:
             "server_cpu_s": cpu_s, "total_round_trips": res["total_round_trips"],
             "window_cpu_us_per_rt": run["server"]["cpu_s"] / res["round_trips"] * 1e6,
             "p99_us": res["latency"]["p99_us"], "jain": res["fairness"]["jain"],
+            "starved": res["fairness"]["starved"], "never_served": res["fairness"]["never_served"],
+            "threads_max": run["server"]["threads_max"],
             "loadgen_util": run["loadgen_cpu"]["util"], "server_util": run["server"]["util"],
             "settle_s": server.settle(),
             "others_running": bool(other_benchmarks({server.pid})),
@@ -327,18 +346,28 @@ def summary(runs: list[dict], key: str, a: str, b: str, lower_is_better: bool) -
         b_better = (mb < ma) == lower_is_better
         verdict = "B better (ranges apart)" if b_better else "B worse (ranges apart)"
     return {"a": (ma, min(va), max(va)), "b": (mb, min(vb), max(vb)),
-            "ratio": mb / ma, "verdict": verdict, "n": (len(va), len(vb))}
+            "ratio": mb / ma if ma else None, "verdict": verdict, "n": (len(va), len(vb))}
 
 
-def markdown(cells: list[tuple[str, str, int, dict]]) -> str:
-    lines = ["| cell | metric | A median (min–max) | B median (min–max) | B/A | |",
+def markdown(cells: list[tuple[str, str, int, dict]], names: dict[str, str]) -> str:
+    """The table; `names` heads the A and B columns (e.g. "A", or "A: `--park`")."""
+    lines = [f"| cell | metric | {names['A']} median (min–max) | {names['B']} median (min–max) | B/A | |",
              "|---|---|---|---|---|---|"]
     for cell, metric, digits, s in cells:
         def fmt(t: tuple[float, float, float]) -> str:
             return f"{t[0]:,.{digits}f} ({t[1]:,.{digits}f}–{t[2]:,.{digits}f})"
+        ratio = f"{s['ratio']:.3f}" if s["ratio"] is not None else "–"
         lines.append(f"| {cell} | {metric} | {fmt(s['a'])} | {fmt(s['b'])} | "
-                     f"{s['ratio']:.3f} | {s['verdict']} |")
+                     f"{ratio} | {s['verdict']} |")
     return "\n".join(lines)
+
+
+def side_names(src: dict[str, str], flags: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Column names: the flags when both sides run one tree, else just A and B."""
+    if src["A"] != src["B"]:
+        return {"A": "A", "B": "B"}
+    return {label: f"{label}: `{shlex.join(f)}`" if f else f"{label}: no extra flags"
+            for label, f in flags.items()}
 
 
 def build_loadgen(dest: str) -> str:
@@ -353,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a", required=True, help="source tree A (holds connserver/)")
     p.add_argument("--b", required=True, help="source tree B")
     p.add_argument("--python", default=sys.executable, help="interpreter for both servers")
+    p.add_argument("--app", default="echo", help="the `connserver serve` app (default echo)")
+    p.add_argument("--a-flags", default="", metavar="FLAGS",
+                   help="extra server flags for A, one shell-quoted string (--a-flags=--park)")
+    p.add_argument("--b-flags", default="", metavar="FLAGS",
+                   help="extra server flags for B (--b-flags='--park --park-threads 4')")
+    p.add_argument("--framed", action="store_true",
+                   help="loadgen sends length-prefixed frames (loadgen --framed; for framed-echo)")
     p.add_argument("--loadgen", help="a built loadgen (default: build benchmarks/loadgen.c)")
     p.add_argument("--repeats", type=int, default=3, help="A B B A rounds per cell (default 3)")
     p.add_argument("--duration", type=float, default=3.0, help="echo window, s (default 3)")
@@ -375,21 +411,26 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{d}: no connserver/ package")
     if args.repeats < 1 or args.idle_connections < 1:
         p.error("--repeats and --idle-connections must be at least 1")
+    try:
+        flags = {"A": tuple(shlex.split(args.a_flags)), "B": tuple(shlex.split(args.b_flags))}
+    except ValueError as e:
+        p.error(f"--a-flags / --b-flags: {e}")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # children inherit it
     tmp = tempfile.mkdtemp(prefix="ab_compare-")
     loadgen = args.loadgen or build_loadgen(tmp)
-    bench = Bench(loadgen, args.client_cpu, args.server_cpu, args.busy, args.quiet_max)
+    bench = Bench(loadgen, args.client_cpu, args.server_cpu, args.busy, args.quiet_max, args.framed)
     order = ["A", "B", "B", "A"]
     src = {"A": os.path.abspath(args.a), "B": os.path.abspath(args.b)}
+    names = side_names(src, flags)
     servers: list[Server] = []
     echo_runs: list[dict] = []
     idle_runs: list[dict] = []
     failed = False
 
     def new_server(label: str) -> Server:
-        s = Server(label, src[label], args.python, args.server_cpu, tmp)
+        s = Server(label, src[label], args.python, args.server_cpu, tmp, args.app, flags[label])
         servers.append(s)
         s.start()
         return s
@@ -408,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                     echo_runs.append(r)
                     log(f"echo N={n} {label}: {r['round_trips_per_s']:,.0f} rt/s, "
                         f"{r['cpu_us_per_rt']:.2f} µs CPU/rt (window {r['window_cpu_us_per_rt']:.2f}), "
-                        f"loadgen util {r['loadgen_util']}")
+                        f"loadgen util {r['loadgen_util']}, starved {r['starved']}, "
+                        f"jain {r['jain']}, threads {r['threads_max']}")
         for s in pair.values():
             s.stop()
         if not args.skip_idle:
@@ -432,20 +474,32 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
 
     cells: list[tuple[str, str, int, dict]] = []
+    echo_cell = "framed echo" if args.framed else "echo"
     for n in args.connections:
         runs = [r for r in echo_runs if r["connections"] == n]
         if runs:
-            cells.append((f"echo N={n}, 64 B", "server CPU µs / round trip", 2,
+            cell = f"{echo_cell} N={n}, 64 B"
+            cells.append((cell, "server CPU µs / round trip", 2,
                           summary(runs, "cpu_us_per_rt", "A", "B", lower_is_better=True)))
-            cells.append((f"echo N={n}, 64 B", "round trips/s", 0,
+            cells.append((cell, "round trips/s", 0,
                           summary(runs, "round_trips_per_s", "A", "B", lower_is_better=False)))
+            cells.append((cell, "starved connections", 0,
+                          summary(runs, "starved", "A", "B", lower_is_better=True)))
+            cells.append((cell, "Jain fairness", 3,
+                          summary(runs, "jain", "A", "B", lower_is_better=False)))
+            cells.append((cell, "server threads", 0,
+                          summary(runs, "threads_max", "A", "B", lower_is_better=True)))
     if idle_runs:
-        cells.append((f"idle, {args.idle_connections:,} connections", "RSS KiB / connection", 2,
+        cell = f"idle, {args.idle_connections:,} connections"
+        cells.append((cell, "RSS KiB / connection", 2,
                       summary(idle_runs, "kib_per_conn", "A", "B", lower_is_better=True)))
-    print(markdown(cells))
+        cells.append((cell, "server threads", 0,
+                      summary(idle_runs, "threads_held", "A", "B", lower_is_better=True)))
+    print(markdown(cells, names))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"a": src["A"], "b": src["B"], "loadgen": loadgen, "args": vars(args),
+            json.dump({"a": src["A"], "b": src["B"], "app": args.app, "flags": flags,
+                       "names": names, "loadgen": loadgen, "args": vars(args),
                        "conditions": bench.notes, "echo": echo_runs, "idle": idle_runs,
                        "summary": [{"cell": c, "metric": m, **s} for c, m, _, s in cells]},
                       f, indent=1)
