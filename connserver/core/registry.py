@@ -45,13 +45,8 @@ class ConnectionRegistry:
         self._stats.opened()
 
     def remove(self, conn: "Connection", reason: CloseReason) -> None:
-        """``conn`` has closed: count it, wake a drain waiting on it, log its end."""
-        with self._cond:
-            self._live.pop(conn.id, None)
-            self._stats.closed(reason, conn.bytes_received, conn.bytes_sent, conn.bytes_unacked)
-            if self._run_gate is not None:
-                self._run_gate.connections -= 1
-            self._cond.notify_all()
+        """``conn`` has closed: log its end, then count it and wake a drain waiting on it
+        (in that order, so whoever sees it counted finds its access-log line)."""
         if access_log.isEnabledFor(logging.INFO):
             # bytes_out: what the peer acknowledged; unacked: sent, maybe never delivered.
             access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s%s",
@@ -59,6 +54,12 @@ class ConnectionRegistry:
                             conn.bytes_received, conn.bytes_sent - conn.bytes_unacked,
                             reason.value,
                             f" unacked={conn.bytes_unacked}" if conn.bytes_unacked else "")
+        with self._cond:
+            self._live.pop(conn.id, None)
+            self._stats.closed(reason, conn.bytes_received, conn.bytes_sent, conn.bytes_unacked)
+            if self._run_gate is not None:
+                self._run_gate.connections -= 1
+            self._cond.notify_all()
 
     def log_stuck(self, conn: "Connection") -> None:
         """An access-log line for a connection whose handler outlived the shutdown.

@@ -14,8 +14,6 @@ from connserver.testing import wait_for
 from tests.conftest import connect
 from tests.loopback.test_server import roundtrip
 
-pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
-
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
     received = b""

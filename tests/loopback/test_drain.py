@@ -28,8 +28,6 @@ from tests.unit.test_connection import make_conn
 def record(index: int) -> bytes:
     return f"{index:099d}\n".encode()
 
-pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
-
 
 def small_buffered_client(server: connserver.Server) -> socket.socket:
     """A client with small kernel buffers, so the server's replies back up quickly."""

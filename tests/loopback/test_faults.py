@@ -21,8 +21,6 @@ from connserver.core.faults import Faults
 from connserver.testing import FakeClock, wait_for
 from tests.conftest import connect
 
-pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
-
 
 class Target:
     """What the watchdog needs from a connection, and nothing else."""

@@ -18,8 +18,6 @@ from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import Recorder, connect, unavailable, wait_closed
 
-pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
-
 
 def roundtrip(sock: socket.socket, data: bytes = b"ping") -> bytes:
     sock.sendall(data)

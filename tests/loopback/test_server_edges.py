@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 import signal
 import threading
 import time
@@ -13,8 +11,6 @@ from connserver.apps.echo import EchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
 from tests.loopback.test_server import roundtrip
-
-pytestmark = pytest.mark.both_modes   # message handlers on threads, and parked
 
 
 def test_shutdown_from_a_signal_handler_in_the_serving_thread():
