@@ -8,8 +8,8 @@ result without measuring again.
 The rule for ratios (``claim`` and ``against``) is mechanical, so that no table
 shows a difference smaller than the noise that produced it:
 
-* A **ratio between two servers** is printed only if each has at least two
-  runs, their ranges (min–max over the repeats) do not overlap, and neither
+* A **ratio between two servers** is printed only if each has at least three
+  runs (two runs' range says little about the spread), their ranges (min–max over the repeats) do not overlap, and neither
   server's own range is as wide as the ratio claimed (max/min of its runs is
   below the ratio, the ratio taken as ≥ 1). Otherwise the cell says
   "inconclusive" and why.
@@ -29,6 +29,7 @@ import sys
 from typing import Iterable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+MIN_RUNS = 3   # fewer runs than this on either side: no ratio, no verdict on a ratio
 
 
 # ----------------------------------------------------------------- statistics
@@ -109,8 +110,8 @@ def claim(base: Spread | None, other: Spread | None, base_name: str = "base",
     """The ratio other.median / base.median if the data supports it (see the module docstring)."""
     if base is None or other is None:
         return Claim(None, "no data")
-    if base.count < 2 or other.count < 2:
-        return Claim(None, "one run")
+    if base.count < MIN_RUNS or other.count < MIN_RUNS:
+        return Claim(None, f"fewer than {MIN_RUNS} runs")
     ratio = other.median / base.median
     if max(base.low, other.low) <= min(base.high, other.high):
         return Claim(None, "ranges overlap")
@@ -141,7 +142,7 @@ def against(base: Spread | None, other: Spread | None, bound: float, at_least: b
     if base is None or other is None or base.low <= 0 or other.low <= 0:
         return Verdict("inconclusive", None, None, None)
     low, high, median = other.low / base.high, other.high / base.low, other.median / base.median
-    if base.count < 2 or other.count < 2:
+    if base.count < MIN_RUNS or other.count < MIN_RUNS:
         return Verdict("inconclusive", low, high, median)
     if at_least:
         word = "met" if low >= bound else "missed" if high < bound else "inconclusive"
@@ -243,9 +244,10 @@ def header(results: dict, command: str) -> list[str]:
         "less the client's; median over the cell's runs). It says how much of a cell's spread "
         "the rest of the machine explains.",
         "- **vs connserver** is this server's CPU per operation divided by connserver's "
-        "(above 1: connserver spends less). It is printed only when the data supports it: the "
-        "two ranges must not overlap and neither server's own range (max/min) may be as wide as "
-        "the ratio; otherwise the cell says *inconclusive* and why (`benchmarks/render.py`).",
+        "(above 1: connserver spends less). It is printed only when the data supports it: "
+        f"each server has at least {MIN_RUNS} runs, the two ranges do not overlap and neither "
+        "server's own range (max/min) is as wide as the ratio; otherwise the cell says "
+        "*inconclusive* and why (`benchmarks/render.py`).",
         "- Each server is **primed** once after it starts (its first connections are not "
         "counted; see *First load on a fresh process*).",
         "- Each echo run starts with a **burst**: every connection sends one request and none "
@@ -620,7 +622,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
         p99 = dig(run, "results", "latency", "p99_us")
         slices = spread(s.get("p99_us") for s in run["results"].get("slices") or [])
         word = "inconclusive"
-        if slices and slices.count >= 2:
+        if slices and slices.count >= MIN_RUNS:
             word = "met" if slices.high <= 5000 else "missed" if slices.low > 5000 else "inconclusive"
         rows.append(("(issue 13) 10,000 connections × 1 message/s: p99 ≤ 5 ms (every slice)",
                      f"p99 {num(p99 and p99 / 1e3, 2)} ms; per slice {show(slices, 2, 1e-3)} ms", word))

@@ -36,18 +36,20 @@ def test_a_range_wider_than_the_ratio_is_inconclusive() -> None:
     assert "asyncio's own range" in claim.reason
 
 
-def test_one_run_supports_no_ratio() -> None:
-    """A single run has no range, so nothing can be claimed from it."""
-    assert render.claim(render.spread([10.0]), render.spread([20.0])).reason == "one run"
+def test_too_few_runs_support_no_ratio() -> None:
+    """One or two runs say too little about the spread, so nothing is claimed from them."""
+    assert render.claim(render.spread([10.0]), render.spread([20.0])).reason == "fewer than 3 runs"
+    two = render.against(render.spread([10.0, 10.1]), render.spread([20.0, 20.1]), 1.3, at_least=True)
+    assert two.word == "inconclusive"
 
 
 def test_threshold_met_missed_inconclusive() -> None:
     """A target is met when every ratio the ranges allow meets it, missed when none does."""
-    base = render.spread([10.0, 10.5])
-    assert render.against(base, render.spread([14.0, 14.5]), 1.3, at_least=True).word == "met"
-    assert render.against(base, render.spread([11.0, 11.5]), 1.3, at_least=True).word == "missed"
-    assert render.against(base, render.spread([12.0, 15.0]), 1.3, at_least=True).word == "inconclusive"
-    assert render.against(base, render.spread([9.0, 9.5]), 1.0, at_least=False).word == "met"
+    base = render.spread([10.0, 10.2, 10.5])
+    assert render.against(base, render.spread([14.0, 14.2, 14.5]), 1.3, at_least=True).word == "met"
+    assert render.against(base, render.spread([11.0, 11.2, 11.5]), 1.3, at_least=True).word == "missed"
+    assert render.against(base, render.spread([12.0, 13.0, 15.0]), 1.3, at_least=True).word == "inconclusive"
+    assert render.against(base, render.spread([9.0, 9.2, 9.5]), 1.0, at_least=False).word == "met"
 
 
 def test_every_run_needs_agreement() -> None:
