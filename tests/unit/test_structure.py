@@ -146,3 +146,30 @@ def test_no_module_reaches_into_another_objects_private_attributes():
                 continue   # its own class's attribute, on another instance of it
             offences.append(f"{name}:{node.lineno} .{node.attr}")
     assert not offences, "private attributes of other modules' objects: " + ", ".join(offences)
+
+
+def test_a_missing_service_fails_under_ci_and_skips_only_locally(monkeypatch):
+    """unavailable(): the suite's only skip; with CI=true it fails instead."""
+    from tests.conftest import unavailable
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        unavailable("no haproxy")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        unavailable("no haproxy")
+
+
+def test_no_test_skips_except_through_unavailable():
+    """No skipif/importorskip/pytest.skip anywhere in tests but inside unavailable()."""
+    tests = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in tests.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if any(word in line for word in ("skipif", "importorskip", "pytest.skip(")):
+                if path.name == "conftest.py" and line.strip() == "pytest.skip(reason)":
+                    continue
+                if path == pathlib.Path(__file__).resolve():
+                    continue
+                offenders.append(f"{path.relative_to(tests)}:{number}")
+    assert not offenders, offenders
