@@ -90,6 +90,34 @@ def cpu_per_rt(run: dict) -> float | None:
     return per_op_us(run, ("results", "round_trips"))
 
 
+def hold_per_conn(run: dict, connections: int) -> float | None:
+    """Server RSS at the end of a hold minus before connecting, per connection, in KiB."""
+    start, end = dig(run, "server", "rss_kib_start"), dig(run, "server", "rss_kib_end")
+    return (end - start) / connections if start is not None and end is not None else None
+
+
+def hostile_open(run: dict) -> str:
+    """Hostile peers still connected when the honest client's run ended: tricklers + non-readers."""
+    report = run.get("attackers") or {}
+    parts = []
+    for kind in ("trickle", "stall"):
+        side = report.get(kind) or {}
+        parts.append(f"{num(side.get('still_open'))}/{num(side.get('count'))}")
+    return " + ".join(parts)
+
+
+def hostile_deltas(results: dict, server: str) -> list[float | None]:
+    """Per repeat: the honest client's p99 among hostile peers minus its p99 alone, in µs."""
+    alone, attacked = find(results, "hostile", server, attacked=False), find(results, "hostile", server, attacked=True)
+    if not alone or not attacked:
+        return []
+    out = []
+    for quiet, loud in zip(alone["runs"], attacked["runs"]):
+        a, b = dig(quiet, "results", "latency", "p99_us"), dig(loud, "results", "latency", "p99_us")
+        out.append(b - a if a is not None and b is not None and quiet.get("ok") and loud.get("ok") else None)
+    return out
+
+
 # ------------------------------------------------------------ the rule, coded
 
 @dataclasses.dataclass(frozen=True)
@@ -491,6 +519,61 @@ def memory_section(results: dict) -> list[str]:
     return lines
 
 
+def chat_memory_section(results: dict) -> list[str]:
+    cells = cells_of(results, "hold-chat")
+    if not cells:
+        return []
+    lines = ["## Idle chat members: memory", "",
+             "connserver's chat app (`connserver serve chat`, a `LineHandler`) in thread mode and "
+             "parked (`--park`): N members each send their nickname, so each joined the room and is "
+             "a hub subscriber, receive the join notices of those after them, then stay idle (5 s). "
+             "Server RSS at the end minus before connecting, divided by N; one run each, on a fresh "
+             "process.", ""]
+    rows = [[f"{cell['connections']:,}", cell["server"] + failures(cell),
+             num(hold_per_conn(cell["runs"][0], cell["connections"]), 1),
+             num(dig(cell["runs"][0], "results", "still_open")),
+             num(dig(cell["runs"][0], "server", "threads_end"))] for cell in cells]
+    return lines + table(["N", "server", "KiB per member", "held", "threads"], rows)
+
+
+def hostile_section(results: dict) -> list[str]:
+    cells = cells_of(results, "hostile")
+    if not cells:
+        return []
+    first = cells[0]
+    lines = ["## Hostile peers: an honest client among tricklers and non-readers", "",
+             f"One honest connection does framed 64-byte round trips, alone and then with "
+             f"{first['trickle']:,} trickling peers (a frame header, then one byte a second, never a "
+             f"whole frame) and {first['stall']:,} non-reading peers (64 KiB frames until the server "
+             "stops reading them, never reading a reply; smallest receive buffer) connected "
+             "(`benchmarks/hostile.py`, on CPU 1 with the client). The attackers are up and the "
+             "non-readers blocked before the client starts; the attack ends after the client's run, "
+             "well inside the default 30 s read deadline. Per repeat both runs are back to back on "
+             "the same process; *delta* is attacked p99 minus alone p99 of the same repeat. *Still "
+             "open* is tricklers + non-readers connected at the end (median).", ""]
+    rows = []
+    for name in dict.fromkeys(cell["server"] for cell in cells):
+        alone = find(results, "hostile", name, attacked=False)
+        loud = find(results, "hostile", name, attacked=True)
+        deltas = hostile_deltas(results, name)
+        opened = [hostile_open(r) for r in (loud or {"runs": []})["runs"]]
+        rows.append([
+            name + failures(alone) + failures(loud),
+            show(measure(alone, lambda r: dig(r, "results", "latency", "p50_us"))),
+            show(measure(alone, lambda r: dig(r, "results", "latency", "p99_us"))),
+            show(measure(loud, lambda r: dig(r, "results", "latency", "p50_us"))),
+            show(measure(loud, lambda r: dig(r, "results", "latency", "p99_us"))),
+            show(measure(loud, lambda r: dig(r, "results", "latency", "p999_us"))),
+            show(measure(loud, lambda r: dig(r, "results", "latency", "max_us")), 0, 1e-3),
+            ", ".join(num(d and d / 1e3, 2) for d in deltas),
+            show(measure(loud, lambda r: dig(r, "results", "round_trips_per_s"))),
+            ", ".join(opened),
+        ])
+    return lines + table(["server", "alone p50 µs", "alone p99 µs", "attacked p50 µs", "attacked p99 µs",
+                          "attacked p999 µs", "attacked max ms", "p99 delta ms (each run)",
+                          "attacked round trips/s", "still open (each run)"], rows)
+
+
 def churn_section(results: dict) -> list[str]:
     cells = cells_of(results, "churn")
     lines = []
@@ -556,7 +639,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
         if verdict.median is not None:
             rows.append((f"Echo N={n}: p99 no worse than stdlib's (connserver ÷ stdlib ≤ 1)",
                          verdict.text(), verdict.word))
-    for name in ("connserver", "connserver-fair"):
+    for name in ("connserver", "connserver-fair", "connserver-parked"):
         cell = find(results, "echo", name, connections=1000, size=64)
         if not cell:
             continue
@@ -610,30 +693,133 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
         verdict = against(fan[0], fan[1], 1.5, at_least=False)
         rows.append(("Fan-out: a stalled subscriber does not slow the others (p99 with ÷ without ≤ 1.5)",
                      verdict.text(), verdict.word))
-    # Issue 13's targets for the parked mode, shown for today's thread per connection.
+    rows += issue13_targets(results)
+    return rows
+
+
+PARKED, THREAD = "connserver-parked", "connserver-framed"
+
+
+def paced_slices(results: dict, server: str, key: str) -> Spread | None:
+    cell = find(results, "paced", server, connections=10_000, rate=1.0)
+    if not cell or not cell["runs"] or not cell["runs"][0].get("ok"):
+        return None
+    return spread(s.get(key) for s in cell["runs"][0]["results"].get("slices") or [])
+
+
+def issue13_targets(results: dict) -> list[tuple[str, str, str]]:
+    """Issue 13's targets, for the parked mode (and thread mode beside it where it says so)."""
+    rows: list[tuple[str, str, str]] = []
+    for kind, server, limit in (("hold", PARKED, 3.0), ("hold-chat", "chat-parked", 3.0)):
+        for cell in cells_of(results, kind, server=server):
+            per = hold_per_conn(cell["runs"][0], cell["connections"])
+            held = dig(cell["runs"][0], "results", "still_open")
+            what = "idle connection" if kind == "hold" else "idle chat member (hub subscriber)"
+            rows.append((f"(issue 13) {server}: {what} ≤ {limit:g} KiB RSS (N={cell['connections']:,}, one run)",
+                         f"{num(per, 2)} KiB ({num(held)} held)",
+                         "no data" if per is None else "met" if per <= limit else "missed"))
     burst = lambda server: spread(dig(r, "results", "burst", "all_served_s")  # noqa: E731
                                   for r in (find(results, "burst", server, connections=10_000) or {"runs": []})["runs"])
-    verdict = against(burst("uvloop"), burst("connserver"), 1.5, at_least=False)
-    if verdict.median is not None:
-        rows.append(("(issue 13) Burst of 10,000: all served within 1.5× uvloop's time", verdict.text(), verdict.word))
-    paced = find(results, "paced", "connserver", connections=10_000, rate=1.0)
-    if paced and paced["runs"] and paced["runs"][0].get("ok"):
-        run = paced["runs"][0]
-        p99 = dig(run, "results", "latency", "p99_us")
-        slices = spread(s.get("p99_us") for s in run["results"].get("slices") or [])
-        word = "inconclusive"
-        if slices and slices.count >= MIN_RUNS:
-            word = "met" if slices.high <= 5000 else "missed" if slices.low > 5000 else "inconclusive"
-        rows.append(("(issue 13) 10,000 connections × 1 message/s: p99 ≤ 5 ms (every slice)",
-                     f"p99 {num(p99 and p99 / 1e3, 2)} ms; per slice {show(slices, 2, 1e-3)} ms", word))
-        streams = find(results, "paced", "asyncio-streams", connections=10_000, rate=1.0)
-        if streams and streams["runs"]:
-            ours_cpu = spread(s.get("server_util") for s in run["results"].get("slices") or [])
-            theirs_cpu = spread(s.get("server_util") for s in streams["runs"][0].get("results", {}).get("slices") or [])
-            verdict = against(theirs_cpu, ours_cpu, 1.0, at_least=False)
-            rows.append(("(issue 13) … and server CPU no more than asyncio streams' (per slice)",
+    for server in (PARKED, "connserver"):
+        verdict = against(burst("uvloop"), burst(server), 1.5, at_least=False)
+        if verdict.median is not None:
+            rows.append((f"(issue 13) Burst of 10,000 ({server}): all served within 1.5× uvloop's time",
                          verdict.text(), verdict.word))
+    rate = lambda server, n: measure(find(results, "echo", server, connections=n, size=64),  # noqa: E731
+                                     lambda r: dig(r, "results", "round_trips_per_s"))
+    cpu = lambda server, n: measure(find(results, "echo", server, connections=n, size=64), cpu_per_rt)  # noqa: E731
+    for peer, bound in (("asyncio-streams", 1.0), ("uvloop", 0.7)):
+        verdict = against(rate(peer, 1000), rate(PARKED, 1000), bound, at_least=True)
+        if verdict.median is not None:
+            rows.append((f"(issue 13) Echo N=1,000 parked: round trips/s ≥ {bound:g}× {peer}'s",
+                         verdict.text(), verdict.word))
+    for label, verdict in (
+            ("round trips/s ≥ 0.9× thread mode's (parked ÷ framed)", against(rate(THREAD, 10), rate(PARKED, 10), 0.9, True)),
+            ("CPU per round trip: thread mode's ÷ parked ≥ 0.9", against(cpu(PARKED, 10), cpu(THREAD, 10), 0.9, True))):
+        if verdict.median is not None:
+            rows.append((f"(issue 13) Echo N=10 parked: {label}", verdict.text(), verdict.word))
+    for server in (PARKED, "connserver"):
+        slices = paced_slices(results, server, "p99_us")
+        if slices is None:
+            continue
+        word = "inconclusive"
+        if slices.count >= MIN_RUNS:
+            word = "met" if slices.high <= 5000 else "missed" if slices.low > 5000 else "inconclusive"
+        rows.append((f"(issue 13) 10,000 connections × 1 message/s ({server}): p99 ≤ 5 ms (every slice)",
+                     f"per slice {show(slices, 2, 1e-3)} ms", word))
+        theirs = paced_slices(results, "asyncio-streams", "server_util")
+        if theirs is not None:
+            verdict = against(theirs, paced_slices(results, server, "server_util"), 1.0, at_least=False)
+            rows.append((f"(issue 13) … and server CPU ({server}) no more than asyncio streams' (per slice)",
+                         verdict.text(), verdict.word))
+    for server in (PARKED, THREAD):
+        deltas = hostile_deltas(results, server)
+        if deltas:
+            cell = find(results, "hostile", server, attacked=True)
+            rows.append((f"(issue 13) {cell['trickle']:,} tricklers + {cell['stall']:,} non-readers ({server}): "
+                         "honest client's p99 delayed < 10 ms",
+                         "p99 delta per run, ms: " + ", ".join(num(d and d / 1e3, 2) for d in deltas),
+                         every_run([d is not None and d < 10_000 for d in deltas])))
     return rows
+
+
+def parked_section(results: dict) -> list[str]:
+    """connserver-parked beside connserver-framed (same handler, thread per connection), cell by cell."""
+    if not find(results, "echo", PARKED, connections=10, size=64) and not cells_of(results, "hold", server=PARKED):
+        return []
+    lines = ["## Parked vs thread per connection", "",
+             f"`{PARKED}` is `{THREAD}` with `Config(park=True)`: the same `FramedEchoHandler`, its "
+             "connections parked in one epoll set between messages and served by a pool of "
+             "threads. Ratios are parked ÷ thread mode, printed under the rule above (otherwise "
+             "*inconclusive*); *better* says which way the ratio favours parked.", ""]
+    rows = []
+
+    def row(cell_name: str, measure_name: str, base: Spread | None, other: Spread | None,
+            lower_is_better: bool, digits: int = 2, scale: float = 1.0) -> None:
+        verdict = claim(base, other, THREAD, PARKED)
+        better = "—"
+        if verdict.ratio is not None:
+            better = "parked" if (verdict.ratio < 1) == lower_is_better else "thread mode"
+        rows.append([cell_name, measure_name, show(base, digits, scale), show(other, digits, scale),
+                     verdict.text(), better])
+
+    for n in sorted({c["connections"] for c in cells_of(results, "echo", server=PARKED)}):
+        cells = [find(results, "echo", name, connections=n, size=64) for name in (THREAD, PARKED)]
+        row(f"echo N={n:,}", "CPU µs/round trip", measure(cells[0], cpu_per_rt), measure(cells[1], cpu_per_rt), True)
+        row(f"echo N={n:,}", "round trips/s", *(measure(c, lambda r: dig(r, "results", "round_trips_per_s"))
+                                                for c in cells), False, 0)
+        row(f"echo N={n:,}", "p99 µs", *(measure(c, lambda r: dig(r, "results", "latency", "p99_us"))
+                                         for c in cells), True, 0)
+        if n >= 1000:
+            row(f"echo N={n:,}", "burst all served, s",
+                *(measure(c, lambda r: dig(r, "results", "burst", "all_served_s")) for c in cells), True)
+    for n in sorted({c["connections"] for c in cells_of(results, "burst", server=PARKED)}):
+        row(f"burst N={n:,}", "all served, s",
+            *(spread(dig(r, "results", "burst", "all_served_s") for r in (find(results, "burst", name, connections=n)
+                                                                           or {"runs": []})["runs"])
+              for name in (THREAD, PARKED)), True)
+    for n, rate in sorted({(c["connections"], c["rate"]) for c in cells_of(results, "paced", server=PARKED)}):
+        def sl(name: str, key: str) -> Spread | None:
+            cell = find(results, "paced", name, connections=n, rate=rate)
+            return spread(s.get(key) for s in (cell["runs"][0].get("results", {}).get("slices") or [])) if cell else None
+        row(f"paced {n:,} × {rate:g}/s", "p99 ms (per slice)", sl(THREAD, "p99_us"), sl(PARKED, "p99_us"), True, 2, 1e-3)
+        row(f"paced {n:,} × {rate:g}/s", "server CPU % (per slice)", sl(THREAD, "server_util"),
+            sl(PARKED, "server_util"), True, 1, 100)
+    for kind, names in (("hold", (THREAD, PARKED)), ("hold-chat", ("chat-thread", "chat-parked"))):
+        values = []
+        for name in names:
+            cell = next(iter(cells_of(results, kind, server=name)), None)
+            values.append(hold_per_conn(cell["runs"][0], cell["connections"]) if cell else None)
+        if None not in values:
+            rows.append([f"{'idle' if kind == 'hold' else 'idle chat member'} (one run)", "KiB per connection",
+                         num(values[0], 1), num(values[1], 1), f"{values[1] / values[0]:.2f}× (one run each)",
+                         "parked" if values[1] < values[0] else "thread mode"])
+    alone = [measure(find(results, "hostile", name, attacked=True), lambda r: dig(r, "results", "latency", "p99_us"))
+             for name in (THREAD, PARKED)]
+    if None not in alone:
+        row("hostile peers", "attacked p99 µs", *alone, True, 0)
+    lines += table(["cell", "measure", THREAD, PARKED, "parked ÷ thread", "better"], rows)
+    return lines
 
 
 def targets_section(results: dict) -> list[str]:
@@ -648,8 +834,9 @@ def targets_section(results: dict) -> list[str]:
 
 def render(results: dict, command: str) -> str:
     lines = header(results, command)
-    for section in (targets_section, echo_section, priming_section, burst_section, paced_section,
-                    crosscheck_section, memory_section, churn_section, fanout_section):
+    for section in (targets_section, parked_section, echo_section, priming_section, burst_section, paced_section,
+                    crosscheck_section, memory_section, chat_memory_section, hostile_section,
+                    churn_section, fanout_section):
         lines += section(results)
     lines += ["Raw results, every run: `benchmarks/results/`.", ""]
     return "\n".join(lines)

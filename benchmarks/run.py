@@ -52,11 +52,13 @@ from typing import Iterator, Sequence, TypeVar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import render  # noqa: E402
-from servers import (BY_NAME, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE, Server)  # noqa: E402
+from servers import (BY_NAME, CHAT, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE, HOSTILE,  # noqa: E402
+                     Server)
 
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen"
 XCHECK = HERE / "xcheck.py"
+HOSTILE_PEERS = HERE / "hostile.py"
 FD_LIMIT = 40_000
 INSTALL_HINT = "pip install -e '.[bench]'   (uvloop and gevent, two of the peers)"
 T = TypeVar("T")
@@ -81,18 +83,22 @@ class Plan:
     churn: tuple[str, ...]
     churn_growth: int                           # cycles, 0 = skip
     fanout: bool
+    hostile: tuple[int, int]                    # (tricklers, non-readers) beside one honest client
+    hostile_window: float                       # seconds the honest client is measured
+    chat_hold: int                              # idle joined chat members per server (thread, parked)
 
 
 QUICK = Plan("quick", repeats=2, warmup=0.2, window=0.8, echo=((10, 64), (1000, 64)), bursts=(),
              paced=((5000, 2.0), (1000, 10.0)), paced_warmup=0.5, paced_window=1.5, paced_slice=0.5,
              crosscheck=("connserver", "stdlib-threading"), hold=1000,
-             churn=("connserver", "stdlib-threading"), churn_growth=0, fanout=False)
+             churn=("connserver", "stdlib-threading"), churn_growth=0, fanout=False,
+             hostile=(100, 100), hostile_window=1.0, chat_hold=500)
 FULL = Plan("full", repeats=5, warmup=0.5, window=1.5,
             echo=((1, 64), (10, 64), (100, 64), (1000, 64)), bursts=(10_000,),
             paced=((10_000, 1.0), (1000, 10.0)), paced_warmup=2.0, paced_window=30.0, paced_slice=5.0,
             crosscheck=("connserver", "stdlib-threading", "asyncio-protocol"), hold=10_000,
             churn=("connserver", "stdlib-threading", "asyncio-streams"), churn_growth=100_000,
-            fanout=True)
+            fanout=True, hostile=(500, 500), hostile_window=2.0, chat_hold=2000)
 
 
 def alternate(items: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
@@ -443,6 +449,76 @@ def hold_cells(plan: Plan, env: Environment) -> list[dict]:
     return cells
 
 
+def chat_hold_cells(plan: Plan, env: Environment) -> list[dict]:
+    """Idle chat members: each sends its nickname (joining the room: a hub subscriber), then
+    stays idle; thread per connection and parked, each on a fresh process. Every join is
+    announced to every member already in, so the hold lasts until those notices are delivered."""
+    cells = []
+    with fleet(CHAT, env, prime=False) as procs:
+        for server in CHAT:
+            result = loadgen(procs[server.name], "hold", timeout=240, connections=plan.chat_hold,
+                             hello="m%d\\n", wait_reply=True, duration=5.0, connect_timeout=30)
+            cells.append({"kind": "hold-chat", "server": server.name, "connections": plan.chat_hold,
+                          "runs": [result]})
+            progress(f"  chat hold N={plan.chat_hold} {server.name}: "
+                     f"{render.num(render.hold_per_conn(result, plan.chat_hold), 2)} KiB/connection")
+            procs[server.name].stop()
+    return cells
+
+
+def hostile_run(proc: ServerProcess, plan: Plan) -> tuple[dict, dict]:
+    """Tricklers and non-readers connect and settle, the honest client is measured among them,
+    then they stop; their report says how many the server had closed by then."""
+    trickle, stall = plan.hostile
+    # The read deadline (30 s by default) would close the tricklers: the whole attack, ramp
+    # included, is kept well inside it (hostile.py ends by itself after 25 s at most).
+    command = ["taskset", "-c", "1", sys.executable, str(HOSTILE_PEERS), "--port", str(proc.port),
+               "--trickle", str(trickle), "--stall", str(stall), "--duration", "25", "--ready-timeout", "12"]
+    attacker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(attacker.stdout, selectors.EVENT_READ)
+            ready = bool(selector.select(20)) and attacker.stdout.readline().strip() == "ready"
+        if not ready:
+            return {"ok": False, "error": "hostile peers never ready"}, {}
+        result = loadgen(proc, "echo", timeout=plan.hostile_window + 30, framed=True, connections=1, size=64,
+                         warmup=0.3, duration=plan.hostile_window)
+        out, err = attacker.communicate("", timeout=30)   # stdin closed: the peers stop
+        report = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": err[-400:]}
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(10)
+    return result, report
+
+
+def hostile_cells(plan: Plan, env: Environment) -> list[dict]:
+    """An honest client's framed round trips (1 connection) alone, then among hostile peers;
+    per repeat both runs back to back on the same process, the servers alternating."""
+    servers = [server for server in env.servers if server.name in HOSTILE]
+    runs: dict[tuple[str, bool], list[dict]] = {(s.name, a): [] for s in servers for a in (False, True)}
+    with fleet(servers, env) as procs:
+        for repeat, server in alternate(servers, plan.repeats):
+            proc = procs[server.name]
+            for attacked in (False, True):
+                at = round(time.monotonic() - env.started, 1)
+                if attacked:
+                    result, report = hostile_run(proc, plan)
+                    result["attackers"] = report
+                else:
+                    result = loadgen(proc, "echo", timeout=plan.hostile_window + 30, framed=True, connections=1,
+                                     size=64, warmup=0.3, duration=plan.hostile_window)
+                measured(env, proc, result, repeat=repeat, at_s=at)
+                runs[(server.name, attacked)].append(result)
+                latency = render.dig(result, "results", "latency", "p99_us")
+                progress(f"  hostile {server.name} {'attacked' if attacked else 'alone'} #{repeat + 1}: p99 "
+                         f"{render.num((latency or 0) / 1e3, 2)} ms"
+                         + (f", still open {render.hostile_open(result)}" if attacked else ""))
+    return [{"kind": "hostile", "server": name, "attacked": attacked, "trickle": plan.hostile[0],
+             "stall": plan.hostile[1], "runs": r} for (name, attacked), r in runs.items()]
+
+
 def churn_cells(plan: Plan, env: Environment) -> list[dict]:
     servers = [BY_NAME[name] for name in plan.churn if BY_NAME[name].available()]
     runs: dict[str, list[dict]] = {server.name: [] for server in servers}
@@ -597,6 +673,9 @@ def run_plan(plan: Plan, env: Environment) -> dict:
     progress(f"cross-check, idle memory, churn ({time.monotonic() - started:.0f} s)")
     cells += crosscheck_cells(plan, env)
     cells += hold_cells(plan, env)
+    cells += chat_hold_cells(plan, env)
+    progress(f"hostile peers ({time.monotonic() - started:.0f} s)")
+    cells += hostile_cells(plan, env)
     cells += churn_cells(plan, env)
     if plan.churn_growth:
         cells.append(churn_growth_cell(plan, env))

@@ -9,10 +9,12 @@ here); stdlib's ThreadingTCPServer; asyncio with streams and with a Protocol;
 the same Protocol on uvloop; gevent's StreamServer (green threads); and a C
 epoll server as the machine's limit.
 
-``ECHO`` is the list every echo, burst and paced cell runs, in this order. A
-new server is one more line there (for example the parked mode of a later
-issue: ``Server("connserver-parked", connserver_program("EchoHandler",
-"<its Config option>"))``).
+``ECHO`` is the list every echo, burst, paced and hold cell runs, in this
+order; a new server is one more line there. ``connserver-parked`` is
+``connserver-framed`` with ``Config(park=True)`` (issue 13): between messages
+its connections wait in one epoll set served by a small pool of threads.
+``HOSTILE`` are the framed-capable servers the hostile-peer cell measures, and
+``CHAT`` connserver's chat app in both modes, for the idle-member memory cell.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ class Server:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
-def connserver_program(handler: str, options: str = "") -> str:
-    """connserver as a user runs it: default Config, only the limits a 10,000-connection test needs."""
+def connserver_program(handler: str, options: str = "", module: str = "connserver.apps.echo") -> str:
+    """connserver as a user runs it: default Config, only the limits a 10,000-connection test needs
+    (``options`` are more ``Config`` keyword arguments, such as ``park=True``)."""
     return f"""
 import connserver
-from connserver.apps.echo import {handler}
+from {module} import {handler}
 config = connserver.Config(max_connections=30000, backlog={BACKLOG}{', ' + options if options else ''})
 server = connserver.Server(("127.0.0.1", 0), {handler}, config)
 print(server.server_address[1], flush=True)
@@ -153,6 +156,7 @@ C_EPOLL = Server("c-epoll", binary=HERE / "epoll_echo")
 ECHO = [
     CONNSERVER,
     Server("connserver-framed", connserver_program("FramedEchoHandler")),
+    Server("connserver-parked", connserver_program("FramedEchoHandler", "park=True")),
     STDLIB_THREADING,
     Server("asyncio-streams", ASYNCIO_STREAMS),
     Server("asyncio-protocol", ASYNCIO_PROTOCOL.format(loop_import="", run="asyncio.run")),
@@ -166,4 +170,14 @@ ECHO = [
 CONNSERVER_FAIR = Server("connserver-fair", connserver_program("EchoHandler", "max_running=4"))
 CONNSERVER_RELAY = Server("connserver-relay", RELAY)
 
-BY_NAME = {server.name: server for server in ECHO + [CONNSERVER_FAIR, CONNSERVER_RELAY]}
+# The hostile-peer cell: the servers that can serve frames (the raw ones echo them unchanged).
+HOSTILE = ("connserver-framed", "connserver-parked", "asyncio-streams", "uvloop")
+
+# connserver's chat app (a LineHandler whose members are hub subscribers), thread per
+# connection and parked, as ``connserver serve chat [--park]`` runs it.
+CHAT = [
+    Server("chat-thread", connserver_program("ChatHandler", module="connserver.apps.chat")),
+    Server("chat-parked", connserver_program("ChatHandler", "park=True", module="connserver.apps.chat")),
+]
+
+BY_NAME = {server.name: server for server in ECHO + CHAT + [CONNSERVER_FAIR, CONNSERVER_RELAY]}
