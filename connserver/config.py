@@ -142,9 +142,10 @@ class Config:
     park: bool = _field(
         False, "Serve message handlers (FramedHandler, LineHandler) parked: between messages "
         "a connection waits in the server's epoll with no thread; a small pool "
-        "(park_threads) reads, runs the handler per message and parks it again. Connections "
-        "that cannot be parked yet (TLS, PROXY protocol, handlers overriding handle(), "
-        "max_running, on_rate_limit='wait') run in thread mode; the server logs why.", bool)
+        "(park_threads) reads, runs the handler per message and parks it again; PROXY "
+        "headers and TLS handshakes are parked too. Connections that cannot be parked "
+        "(handlers overriding handle(), max_running, on_rate_limit='wait') run in thread "
+        "mode; the server logs why.", bool)
     park_threads: int = _field(
         2, "Threads serving parked connections (with park).", int, minimum=1, maximum=256)
     max_write_buffer: int = _field(

@@ -7,18 +7,27 @@ and a write sends what the kernel takes now; the rest of a reply waits in a
 bounded queue until the socket is writable, under the write deadline
 (``out_expires_at``), and a peer that lets it grow past its bound is a slow
 consumer.
+
+With TLS, the queue is the session's own: ciphertext the socket did not take
+goes back to the :class:`~connserver.tls.TLSSession` (which sends it before
+anything newer), so a hub's writer taking over the write side, or a goodbye,
+finds it in order. The handshake and the PROXY header are read the same way,
+a step per readiness event (see :class:`~connserver.core.preamble.PreambleSteps`).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 from ..errors import CloseReason
+from ..protocols.tls import TLSSession
 
 __all__ = ["ParkedIO"]
 
 _DONTWAIT = socket.MSG_DONTWAIT
+_TLS_HANDSHAKE_READ = 32 * 1024   # as in connection_tls: a flight of records
 
 
 class ParkedIO:
@@ -35,6 +44,9 @@ class ParkedIO:
     _buffer_size: int
     _pending_error: OSError | None
     _write_timeout: float
+    _read_timeout: float
+    _write_sink: Any
+    tls: TLSSession | None
     out_expires_at: float | None
     operation: str | None
     _op_expires_at: float | None
@@ -48,12 +60,20 @@ class ParkedIO:
     _recv_into_pool: Any
     _adapt_hint: Any
     _saw_eof: Any
+    _tls_send_alert: Any
 
-    def recv_nowait(self) -> bytes | None:
+    def recv_nowait(self, from_socket: bool = True) -> bytes | None:
         """Parked mode: what has arrived, without waiting (``None``: nothing yet;
-        ``b""``: end of stream). Sized like :meth:`recv`; errors raise as there."""
+        ``b""``: end of stream). Sized like :meth:`recv`; errors raise as there.
+
+        ``from_socket=False`` takes only what was read already (TLS: plaintext in
+        records the session holds, which no readiness event will announce)."""
         if self.cancel_token.cancelled:
             self._raise_cancelled()
+        if self.tls is not None:
+            return self._tls_recv_nowait(from_socket)
+        if not from_socket:
+            return None
         want = self._recv_hint
         try:
             if self._pending_error is not None:
@@ -73,6 +93,96 @@ class ParkedIO:
         self.outcome = None   # a handler that recovered from a deadline is not judged by it
         return data
 
+    def _tls_recv_nowait(self, from_socket: bool) -> bytes | None:
+        """Plaintext the session can give now; at most one socket read to get some."""
+        session = self.tls
+        assert session is not None
+        while True:
+            try:
+                data = session.read(self._recv_hint)
+            except ssl.SSLError as exc:
+                self._tls_send_alert()
+                self._io_failed(exc, "read")
+            if session.output_ready:   # a key update, an alert: out behind the replies
+                if self._write_sink is not None:
+                    self._write_sink.wake_writer()
+                else:
+                    self.flush_parked()
+            if data is not None:
+                if not data:
+                    self._saw_eof()   # close_notify
+                    return data
+                self.bytes_received += len(data)
+                self.outcome = None
+                return data
+            if not from_socket:
+                return None
+            from_socket = False
+            want = self._recv_hint
+            try:
+                if self._pending_error is not None:
+                    raise self._pending_error
+                raw = self._sock.recv(want, _DONTWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                self._io_failed(exc, "read")
+            if not raw:
+                self._saw_eof()   # without close_notify: an end of stream all the same
+                return raw
+            if len(raw) == want:
+                raw = self._recv_into_pool(raw, self._buffer_size)
+            self._adapt_hint(want, len(raw))
+            session.receive(raw, self.clock())
+
+    @property
+    def record_expires_at(self) -> float | None:
+        """TLS: when the record now arriving must be complete (None between records)."""
+        started = self.tls.record_started if self.tls is not None else None
+        return None if started is None else started + self._read_timeout
+
+    def peek_nowait(self, max_bytes: int) -> bytes | None:
+        """Up to ``max_bytes`` waiting, left unread (``None``: nothing yet; ``b""``: end
+        of stream). For a parked preamble (the PROXY header), with :meth:`skip`."""
+        try:
+            return self._sock.recv(max_bytes, socket.MSG_PEEK | _DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._io_failed(exc, "handshake")
+
+    def handshake_nowait(self, context: ssl.SSLContext, expires_at: float) -> bool:
+        """Advance a TLS handshake with what has arrived; True once it is complete.
+
+        Its flights go out through the parked queue (what the socket does not take
+        waits for writability); the deadline is the parking lot's to enforce."""
+        session = self.tls
+        if session is None:
+            session = self.tls = TLSSession(context)
+        self.operation = "handshake"
+        self._op_expires_at = expires_at
+        while True:
+            try:
+                done = session.handshake()
+            except ssl.SSLError as exc:
+                self._tls_send_alert()
+                self._io_failed(exc, "handshake")
+            if session.output_ready:
+                self.flush_parked()
+            if done:
+                self.operation = None
+                return True
+            try:
+                data = self._sock.recv(_TLS_HANDSHAKE_READ, _DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                self._io_failed(exc, "handshake")
+            if data:
+                session.receive(data, self.clock())
+            else:
+                session.receive_eof()   # the next step fails as OpenSSL sees fit
+
     def shared_objects(self) -> list:
         """What this connection refers to that every connection shares (config, pool,
         stats, clock, the run gate, the watchdog behind the cancel callback): memory
@@ -84,9 +194,10 @@ class ParkedIO:
             shared.append(self.cancel_token.callback)
         return [item for item in shared if item is not None]
 
-    def mark_parked(self, expires_at: float | None) -> None:
-        """Waiting in the parking lot (``operation`` shows ``parked``) until ``expires_at``."""
-        self.operation = "parked" if expires_at is not None else None
+    def mark_parked(self, expires_at: float | None, operation: str = "parked") -> None:
+        """Waiting in the parking lot (``operation`` shows ``parked``, or ``handshake``
+        during the preamble) until ``expires_at``; None: being served."""
+        self.operation = operation if expires_at is not None else None
         self._op_expires_at = expires_at
 
     def park_writes(self, max_buffer: int) -> None:
@@ -97,7 +208,8 @@ class ParkedIO:
 
     def unpark_writes(self) -> bytes:
         """Leave parked mode (to end on a thread that may wait): writes block again, and
-        the replies still queued are returned, to be sent first."""
+        the replies still queued are returned, to be sent first (TLS: they stay in the
+        session as ciphertext, and go out before anything sent next)."""
         out, self._parked_out = self._parked_out or [], None
         self._parked_out_bytes = 0
         self.out_expires_at = None
@@ -105,11 +217,18 @@ class ParkedIO:
 
     @property
     def parked_output_waiting(self) -> bool:
-        return bool(self._parked_out)
+        """Queued output the parking lot must flush (none while a hub's writer owns
+        the write side: it sends the session's ciphertext itself, in order)."""
+        if self._write_sink is not None:
+            return False
+        return bool(self._parked_out) or (self.tls is not None and self.tls.has_output())
 
     def _send_parked(self, buffers: list) -> None:
         out = self._parked_out
         assert out is not None
+        if self.tls is not None:
+            self._send_parked_tls(buffers)
+            return
         if not out:
             try:
                 if self.send_nowait(buffers):
@@ -124,8 +243,42 @@ class ParkedIO:
             self.cancel_token.cancel(CloseReason.SLOW_CONSUMER)
             self._raise_cancelled()
 
+    def _send_parked_tls(self, buffers: list) -> None:
+        session = self.tls
+        assert session is not None
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        try:   # encrypted now, behind what waits, and left in the session for the flush
+            session.put_back(session.seal(data))
+        except ssl.SSLError as exc:
+            self._io_failed(exc, "write")
+        self.bytes_sent += len(data)   # TLS counts plaintext, as blocking writes do
+        self.flush_parked()
+        if session.pending_bytes() > self._max_parked_out:
+            self.cancel_token.cancel(CloseReason.SLOW_CONSUMER)
+            self._raise_cancelled()
+
+    def _flush_parked_tls(self) -> bool:
+        session = self.tls
+        assert session is not None
+        chunks = session.seal()
+        try:
+            done = not chunks or self.send_nowait(chunks)
+        except OSError as exc:
+            self._io_failed(exc, "write")
+        finally:
+            session.put_back(chunks)   # what the socket did not take, ahead of anything newer
+        if done:
+            self.out_expires_at = None
+        elif self.out_expires_at is None:
+            self.out_expires_at = self.clock() + self._write_timeout
+        return done
+
     def flush_parked(self) -> bool:
         """Send what the kernel takes of the queued replies now; True once none wait."""
+        if self._write_sink is not None:
+            return True   # a hub's writer owns the write side
+        if self.tls is not None:
+            return self._flush_parked_tls()
         out = self._parked_out
         if not out:
             return True

@@ -19,10 +19,13 @@ close with unacknowledged bytes, a hub subscription to take back) are handed
 to a handler thread; the rest end on the spot. New connections go straight
 from the accept thread into the epoll: a burst starts no thread per connection.
 
-What is not parked yet, and runs in thread mode as before (the server logs
-why at start-up): TLS and PROXY-protocol listeners (their set-up would wait),
-``on_rate_limit="wait"`` (the wait would hold a pool thread), ``max_running``,
-and handler classes that override ``handle()``.
+A PROXY header and a TLS handshake are parked too: each readiness event takes
+them a step further (:class:`~connserver.core.preamble.PreambleSteps`), all of
+it due within ``handshake_timeout``, and ``setup()`` runs once they are done.
+
+What is not parked, and runs in thread mode as before (the server logs why at
+start-up): ``on_rate_limit="wait"`` (the wait would hold a pool thread),
+``max_running``, and handler classes that override ``handle()``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .closing import unacked_bytes
 from .faults import Faults
 from .handler import MessageHandler
 from .outcome import classify_failure
+from .preamble import PreambleSteps
 from .stats import ServerStats
 from .threads import block_async_signals
 
@@ -59,6 +63,8 @@ _READS_PER_WAKE = 4   # chunks read per wake-up before others get a turn
 # and after which queued replies cannot reach the peer.
 _NO_GOODBYE = frozenset({CloseReason.IDLE, CloseReason.READ_DEADLINE, CloseReason.WRITE_DEADLINE,
                          CloseReason.SLOW_CONSUMER, CloseReason.RESET})
+_EXPIRED = {"handshake": CloseReason.HANDSHAKE_DEADLINE, "write": CloseReason.WRITE_DEADLINE,
+            "read": CloseReason.READ_DEADLINE, "idle": CloseReason.IDLE}
 _UNDELIVERABLE = frozenset({CloseReason.WRITE_DEADLINE, CloseReason.SLOW_CONSUMER,
                             CloseReason.RESET})
 
@@ -69,10 +75,6 @@ def why_not_parked(config: Config, handler_class: type) -> str | None:
         return "only message handlers (FramedHandler, LineHandler) can be parked"
     if handler_class.handle is not MessageHandler.handle:
         return f"{handler_class.__name__} overrides handle()"
-    if config.tls_cert:
-        return "TLS is not parked yet"
-    if config.proxy_protocol:
-        return "the PROXY protocol is not parked yet"
     if config.max_running:
         return "max_running is not parked"
     if (config.rate or config.ip_rate or config.server_rate) and config.on_rate_limit == "wait":
@@ -83,13 +85,15 @@ def why_not_parked(config: Config, handler_class: type) -> str | None:
 class _Parked:
     """One parked connection: its handler, and the deadlines the watchdog checks."""
 
-    __slots__ = ("conn", "handler", "accounted_ip", "idle_expires_at", "lifetime_expires_at",
-                 "serving", "started", "cancel_token", "scheduled_at", "__weakref__")
+    __slots__ = ("conn", "handler", "preamble", "accounted_ip", "idle_expires_at",
+                 "lifetime_expires_at", "serving", "started", "cancel_token", "scheduled_at",
+                 "__weakref__")
 
-    def __init__(self, conn: "Connection", handler: Any, accounted_ip: str | None,
+    def __init__(self, conn: "Connection", preamble: PreambleSteps, accounted_ip: str | None,
                  lifetime_expires_at: float | None) -> None:
         self.conn = conn
-        self.handler = handler
+        self.handler: Any = None             # made once the preamble is done
+        self.preamble: PreambleSteps | None = preamble
         self.accounted_ip = accounted_ip
         self.idle_expires_at = conn.created_at + conn.config.idle_timeout
         self.lifetime_expires_at = lifetime_expires_at
@@ -110,6 +114,19 @@ class _Parked:
         self.scheduled_at = at = self._next_deadline(stats)
         return at
 
+    def waiting_for(self) -> tuple[str, float]:
+        """The phase this parked connection is in, and when it must end."""
+        conn = self.conn
+        if self.preamble is not None:
+            return "handshake", self.preamble.expires_at
+        if conn.out_expires_at is not None:
+            return "write", conn.out_expires_at
+        message_at = min(filter(None, (self.handler.message_expires_at,
+                                       conn.record_expires_at)), default=None)
+        if message_at is not None:
+            return "read", message_at
+        return "idle", self.idle_expires_at
+
     def _next_deadline(self, stats: ServerStats | None) -> float | None:
         conn = self.conn
         now = conn.clock()
@@ -120,20 +137,11 @@ class _Parked:
         if self.serving:   # handler code is running: its deadlines apply after it parks
             due = now + conn.config.idle_timeout
         else:
-            write_at = conn.out_expires_at
-            message_at = self.handler.message_expires_at
-            if write_at is not None:
-                phase, due = "write", write_at
-            elif message_at is not None:
-                phase, due = "read", message_at
-            else:
-                phase, due = "idle", self.idle_expires_at
+            phase, due = self.waiting_for()
             if now >= due:
                 if stats is not None:
                     stats.count_deadline(phase)
-                self.cancel_token.cancel({"write": CloseReason.WRITE_DEADLINE,
-                                          "read": CloseReason.READ_DEADLINE,
-                                          "idle": CloseReason.IDLE}[phase])
+                self.cancel_token.cancel(_EXPIRED[phase])
                 return None
         return due if lifetime is None else min(due, lifetime)
 
@@ -142,14 +150,16 @@ class ParkingLot:
     """The epoll set and the threads that serve parked connections (see the module docstring).
 
     The server supplies what a connection's life needs: ``open_connection(sock,
-    address)`` (registered, not yet served), ``end_connection(conn, reason,
-    accounted_ip)`` (close, clean up, count), ``start_handler(conn)`` (the
-    parked handler instance) and ``hand_off(callable)`` (run it on a handler
-    thread, for ends that may wait).
+    address)`` (registered, not yet served), ``begin(conn)`` (its preamble's
+    steps), ``end_connection(conn, reason, accounted_ip)`` (close, clean up,
+    count), ``start_handler(conn)`` (the parked handler instance, once the
+    preamble is done) and ``hand_off(callable)`` (run it on a handler thread,
+    for ends that may wait).
     """
 
     def __init__(self, config: Config, watchdog: Watchdog, stats: ServerStats, *,
                  open_connection: Callable[[socket.socket, Any], "Connection"],
+                 begin: Callable[["Connection"], PreambleSteps],
                  start_handler: Callable[["Connection"], Any],
                  end_connection: Callable[["Connection", CloseReason, str | None], None],
                  hand_off: Callable[[Callable[[], None]], None], name_prefix: str) -> None:
@@ -157,6 +167,7 @@ class ParkingLot:
         self._watchdog = watchdog
         self._stats = stats
         self._open_connection = open_connection
+        self._begin = begin
         self._start_handler = start_handler
         self._end_connection = end_connection
         self._hand_off = hand_off
@@ -186,22 +197,23 @@ class ParkingLot:
         """A new connection, from the accept thread: into the epoll at once, no thread.
 
         Registered for writability, so a pool thread runs its ``setup()`` (which
-        may send a greeting) straight away, then parks it for input.
+        may send a greeting) straight away, then parks it for input; or, if the
+        peer speaks first (a PROXY header, a TLS ClientHello), for input.
         """
         sock, address, accounted_ip = job
         conn = self._open_connection(sock, address)
         try:
-            handler = self._start_handler(conn)
+            preamble = self._begin(conn)
             lifetime = self.config.max_lifetime
             if lifetime is not None:   # shortened at random, as in thread mode
                 lifetime = conn.created_at + lifetime * (
                     1.0 - random.uniform(0.0, self.config.lifetime_jitter))
-            parked = _Parked(conn, handler, accounted_ip, lifetime)
+            parked = _Parked(conn, preamble, accounted_ip, lifetime)
             with self._lock:
                 self._parked[conn.fileno()] = parked
             self._watchdog.watch(parked, parked.next_deadline(),
                                  functools.partial(parked.next_deadline, self._stats))
-            self._epoll.register(conn.fileno(), _WRITE)
+            self._epoll.register(conn.fileno(), _READ if preamble.waits_for_peer else _WRITE)
         except BaseException as exc:
             self._end(conn, classify_failure(conn, exc), accounted_ip)
 
@@ -251,10 +263,21 @@ class ParkingLot:
 
     def _serve(self, parked: _Parked, mask: int) -> None:
         conn = parked.conn
-        handler = parked.handler
         parked.serving = True
         conn.mark_parked(None)
         try:
+            if parked.preamble is not None:
+                if conn.cancel_token.cancelled:
+                    return self._finish(parked, conn.cancel_token.reason)
+                if mask & select.EPOLLOUT and not conn.flush_parked():
+                    return self._park(parked)
+                if not parked.preamble.advance():
+                    return self._park(parked)
+                parked.accounted_ip = parked.preamble.accounted_ip or parked.accounted_ip
+                parked.preamble = None
+                parked.handler = self._start_handler(conn)
+                mask |= select.EPOLLIN   # what came with the handshake's end is read now
+            handler = parked.handler
             if not parked.started:
                 parked.started = True
                 handler.setup()
@@ -263,10 +286,12 @@ class ParkingLot:
             if mask & select.EPOLLOUT and not conn.flush_parked():
                 return self._park(parked)
             if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-                for _ in range(_READS_PER_WAKE):
-                    data = conn.recv_nowait()
+                reads = 0
+                while True:   # a few socket reads, then what they left in a TLS session
+                    data = conn.recv_nowait(from_socket=reads < _READS_PER_WAKE)
                     if data is None:
                         break
+                    reads += 1
                     if not handler.feed(data):
                         reason = conn.cancel_token.reason or conn.outcome or CloseReason.CLOSED
                         return self._finish(parked, reason)
@@ -282,12 +307,14 @@ class ParkingLot:
         conn = parked.conn
         # Deadlines move later lazily (the watchdog looks, finds a later one, looks again
         # then); one that moved earlier (a message begun, a reply queued) is rescheduled.
-        due = min(filter(None, (conn.out_expires_at, parked.handler.message_expires_at,
+        phase, at = parked.waiting_for()
+        due = min(filter(None, (None if phase == "idle" else at,
                                 parked.lifetime_expires_at)), default=None)
         if due is not None and (parked.scheduled_at is None or due < parked.scheduled_at):
             parked.scheduled_at = due
             self._watchdog.watch(parked, due, functools.partial(parked.next_deadline, self._stats))
-        conn.mark_parked(min(filter(None, (due, parked.idle_expires_at)), default=None))
+        conn.mark_parked(min(filter(None, (due, parked.idle_expires_at)), default=None),
+                         "parked" if parked.preamble is None else "handshake")
         events = _READ | (select.EPOLLOUT if conn.parked_output_waiting else 0)
         try:
             self._epoll.modify(conn.fileno(), events)
@@ -307,7 +334,8 @@ class ParkingLot:
             pass
         self._watchdog.unwatch(parked)
         handler = parked.handler
-        goodbye = reason not in _NO_GOODBYE and conn.cancel_token.cancelled
+        goodbye = (handler is not None and reason not in _NO_GOODBYE
+                   and conn.cancel_token.cancelled)
         waits = (conn.write_sink_attached or conn.parked_output_waiting
                  or unacked_bytes(conn.socket) > 0
                  or (goodbye and handler.goodbye(reason) is not None))
@@ -323,8 +351,9 @@ class ParkingLot:
         try:
             # On a thread that may wait now: replies still queued go out first (unless
             # the peer stopped taking them), then the goodbye, under their timeouts.
+            ciphertext_waiting = conn.parked_output_waiting and conn.tls is not None
             queued = conn.unpark_writes()
-            if queued and reason not in _UNDELIVERABLE:
+            if (queued or ciphertext_waiting) and reason not in _UNDELIVERABLE:
                 conn.send_goodbye(queued, timeout=self.config.linger_timeout)
             if goodbye:
                 handler.say_goodbye(reason)

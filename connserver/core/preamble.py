@@ -1,13 +1,16 @@
-"""What runs on a connection's own thread before its handler: PROXY header, then TLS.
+"""What a connection goes through before its handler: PROXY header, then TLS.
 
-Both run under ``handshake_timeout`` as one absolute deadline, and on the
-connection's thread, never on the accept loop, so one client that sends half
-a header (or never a ClientHello) holds up no one else.
+Both run under ``handshake_timeout`` as one absolute deadline, never on the
+accept loop, so one client that sends half a header (or never a ClientHello)
+holds up no one else: in thread mode on the connection's own thread
+(:meth:`Preamble.run`, blocking), parked as steps that take what has arrived
+and never wait (:class:`PreambleSteps`, advanced whenever the socket is ready).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from typing import TYPE_CHECKING, Iterable
 
 from .addresses import ip_of
@@ -22,7 +25,7 @@ from ..protocols.tls import server_context
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["Preamble", "read_proxy_header", "TrustedNetworks"]
+__all__ = ["Preamble", "PreambleSteps", "read_proxy_header", "TrustedNetworks"]
 
 _PEEK_LIMIT = 16 + MAX_V2_PAYLOAD
 
@@ -98,24 +101,41 @@ class Preamble:
         deadline = Deadline(self.config.handshake_timeout, self._clock)
         accounted_ip = None
         if self._trusted_proxies is not None:
-            proxy = ip_of(conn.peer)
-            if proxy not in self._trusted_proxies:
-                raise RemoteProtocolError(f"PROXY header expected from a trusted proxy, "
-                                          f"not from {proxy}")
-            header = read_proxy_header(conn, deadline)
-            if header.command == "PROXY" and header.source is not None:
-                conn.set_peer(header.source)
-            ip = ip_of(conn.peer)
-            if not self._limiter.acquire_ip_nowait(ip):
-                raise LimitExceeded(f"max_connections_per_ip={self.config.max_connections_per_ip}"
-                                    f" reached for {ip}")
-            accounted_ip = ip
+            self.check_proxy(conn)
+            accounted_ip = self.accept_proxy_header(conn, read_proxy_header(conn, deadline))
         if self._tls_context is not None:
             conn.start_tls(self._tls_context, deadline)   # fails at once if it has expired
-        conn.limit_rate(self._rate_meter_for(conn))
+        conn.limit_rate(self.rate_meter_for(conn))
         return accounted_ip
 
-    def _rate_meter_for(self, conn: "Connection") -> RateMeter | None:
+    def steps(self, conn: "Connection") -> "PreambleSteps":
+        """The same preamble for a parked connection, advanced without ever waiting."""
+        return PreambleSteps(self, conn, self._clock() + self.config.handshake_timeout)
+
+    @property
+    def tls_context(self) -> "ssl.SSLContext | None":
+        return self._tls_context
+
+    def check_proxy(self, conn: "Connection") -> None:
+        """Only a trusted proxy may send a PROXY header (and so name the client)."""
+        assert self._trusted_proxies is not None
+        proxy = ip_of(conn.peer)
+        if proxy not in self._trusted_proxies:
+            raise RemoteProtocolError(f"PROXY header expected from a trusted proxy, "
+                                      f"not from {proxy}")
+
+    def accept_proxy_header(self, conn: "Connection", header: ProxyHeader) -> str:
+        """The client named by ``header`` becomes the peer, and takes a per-address slot;
+        returns its address (the slot to give back at the end)."""
+        if header.command == "PROXY" and header.source is not None:
+            conn.set_peer(header.source)
+        ip = ip_of(conn.peer)
+        if not self._limiter.acquire_ip_nowait(ip):
+            raise LimitExceeded(f"max_connections_per_ip={self.config.max_connections_per_ip}"
+                                f" reached for {ip}")
+        return ip
+
+    def rate_meter_for(self, conn: "Connection") -> RateMeter | None:
         config = self.config
         buckets = []
         if config.rate:
@@ -135,3 +155,65 @@ class Preamble:
         """The connection ended: give back its share of the per-address rate bucket."""
         if conn.rate is not None and conn.rate.ip is not None and self._ip_buckets is not None:
             self._ip_buckets.release(conn.rate.ip)
+
+
+class PreambleSteps:
+    """A parked connection's preamble, advanced whenever its socket is ready; never waits.
+
+    The PROXY header is consumed as it arrives, but only bytes certain to belong
+    to it (a v1 header up to its CRLF, a v2 header up to its declared length), so
+    the stream after it starts intact, and a socket left holding bytes never
+    reports "readable" in vain. The TLS handshake is a memory-BIO handshake fed
+    with what the socket has. The whole preamble is due by ``expires_at``; the
+    parking lot's watchdog entry enforces that.
+    """
+
+    __slots__ = ("_preamble", "_conn", "expires_at", "accounted_ip", "_header", "_tls")
+
+    def __init__(self, preamble: Preamble, conn: "Connection", expires_at: float) -> None:
+        self._preamble = preamble
+        self._conn = conn
+        self.expires_at = expires_at
+        self.accounted_ip: str | None = None   # behind a proxy: the real client's slot
+        self._header: bytes | None = None      # the PROXY header's bytes consumed so far
+        if preamble.proxied:
+            preamble.check_proxy(conn)
+            self._header = b""
+        self._tls = preamble.tls_context
+
+    @property
+    def waits_for_peer(self) -> bool:
+        """Whether the peer must speak first (a PROXY header, a ClientHello)."""
+        return self._header is not None or self._tls is not None
+
+    def advance(self) -> bool:
+        """Take the next steps with what has arrived; True once the preamble is done."""
+        conn = self._conn
+        if self._header is not None and not self._read_proxy_header():
+            return False
+        if self._tls is not None:
+            if not conn.handshake_nowait(self._tls, self.expires_at):
+                return False
+            self._tls = None
+        conn.limit_rate(self._preamble.rate_meter_for(conn))
+        return True
+
+    def _read_proxy_header(self) -> bool:
+        conn = self._conn
+        header = self._header
+        assert header is not None
+        waiting = conn.peek_nowait(_PEEK_LIMIT)
+        if waiting is None:
+            return False
+        if not waiting:
+            raise RemoteProtocolError("connection closed inside the PROXY header" if header
+                                      else "connection closed before its PROXY header")
+        need = header_length(header + waiting)
+        take = len(waiting) if need is None else min(len(waiting), need - len(header))
+        conn.skip(take)
+        header = self._header = header + waiting[:take]
+        if need is None or len(header) < need:
+            return False
+        self._header = None
+        self.accounted_ip = self._preamble.accept_proxy_header(conn, parse(header))
+        return True

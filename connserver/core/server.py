@@ -30,7 +30,7 @@ from ..errors import CloseReason
 from .accepting import ACCEPT_BACKOFF_INTERVAL, Acceptor
 from .handler import Handler
 from .outcome import classify_failure
-from .preamble import Preamble
+from .preamble import Preamble, PreambleSteps
 from .registry import ConnectionRegistry
 from .parking import ParkingLot, why_not_parked
 from .resources import Resources
@@ -378,6 +378,12 @@ class Server(socketserver.TCPServer):
         return self._clock
 
     @property
+    def parks(self) -> bool:
+        """Whether message handlers are served parked (``Config.park``, and the handler
+        and configuration allow it: see the start-up warning otherwise)."""
+        return self._lot is not None
+
+    @property
     def accepting(self) -> bool:
         return self._accepting.is_set() and not self._stopping.is_set()
 
@@ -450,15 +456,19 @@ class Server(socketserver.TCPServer):
             return None
         return ParkingLot(self.config, self._watchdog, self._stats,
                           open_connection=functools.partial(self._open_connection, parked=True),
+                          begin=self._begin_parked,
                           start_handler=self._start_parked_handler,
                           end_connection=self._end_connection,
                           hand_off=self._handler_threads.submit, name_prefix=self._prefix)
 
-    def _start_parked_handler(self, conn: Connection) -> Handler:
-        """Set a parked connection up (no set-up step of it may wait: see why_not_parked)."""
+    def _begin_parked(self, conn: Connection) -> PreambleSteps:
+        """Set a parked connection up (on the accept thread: nothing here may wait)."""
         self._set_socket_options(conn.socket)
-        self._preamble.run(conn)
         conn.park_writes(self.config.max_write_buffer)
+        return self._preamble.steps(conn)
+
+    def _start_parked_handler(self, conn: Connection) -> Handler:
+        """Its handler, once the preamble is done (the PROXY header named the peer)."""
         return self.RequestHandlerClass.parked(conn, conn.peer, self)
 
     def _open_connection(self, sock: socket.socket, address: Any, *,

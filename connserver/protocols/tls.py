@@ -163,6 +163,11 @@ class TLSSession:
         with self.lock:
             return bool(self._unsent) or self._outgoing.pending > 0
 
+    def pending_bytes(self) -> int:
+        """Bytes of ciphertext waiting to be sent (a parked connection's bounded queue)."""
+        with self.lock:
+            return sum(len(chunk) for chunk in self._unsent) + self._outgoing.pending
+
     def close_notify(self) -> list:
         """The ciphertext still to send, ending with a close_notify alert (if it can)."""
         with self.lock:

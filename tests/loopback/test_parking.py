@@ -113,7 +113,6 @@ def test_a_queued_reply_meets_the_write_deadline(serve):
 
 
 @pytest.mark.parametrize("config, why", [
-    ({"proxy_protocol": True, "trusted_proxy": ["127.0.0.1"]}, "PROXY"),
     ({"max_running": 2}, "max_running"),
     ({"rate": 10.0}, "on_rate_limit"),
 ])

@@ -125,6 +125,7 @@ def test_tls_configuration_errors(certs, tmp_path, monkeypatch):
         connserver.Server(("127.0.0.1", 0), EchoHandler, config)
 
 
+@pytest.mark.both_modes
 def test_a_trickled_record_is_cut_at_the_read_timeout(serve, ca, certs):
     """A TLS record sent a byte every 0.1 s ends with read_deadline at read_timeout, not later."""
     read_timeout = 0.5
@@ -141,7 +142,8 @@ def test_a_trickled_record_is_cut_at_the_read_timeout(serve, ca, certs):
     client = RawTLSClient(server, ca)
     try:
         record = client.record(struct.pack("!I", 10) + b"0123456789")   # one record, ~36 bytes
-        assert wait_for(lambda: [i for i in server.connections() if i.operation == "idle"])
+        assert wait_for(lambda: [i for i in server.connections()
+                                 if i.operation in ("idle", "parked")])
         started = time.monotonic()
         sent = 0
         # At most len(record) * 0.1 s (under idle_timeout: each byte would reset a
@@ -165,6 +167,7 @@ def test_a_trickled_record_is_cut_at_the_read_timeout(serve, ca, certs):
     assert stats.deadline_hits == {"read": 1}
 
 
+@pytest.mark.both_modes
 def test_an_idle_tls_connection_meets_the_idle_timeout(serve, ca, certs):
     """Between records the wait is idle_timeout, and its close reason is idle."""
     server = serve(FramedEchoHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"],
@@ -184,6 +187,7 @@ class TLSChatClient(ChatClient):
         self.buffer = b""
 
 
+@pytest.mark.both_modes
 def test_chat_over_tls(serve, ca, certs):
     """Chat over TLS: users join (hub subscriptions), talk, and leave with a goodbye."""
     server = serve(ChatHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
@@ -204,6 +208,7 @@ def test_chat_over_tls(serve, ca, certs):
     assert wait_closed(server, 2).close_reasons == {"closed": 1, "eof": 1}
 
 
+@pytest.mark.both_modes
 def test_chat_over_tls_says_goodbye_at_shutdown(serve, ca, certs):
     """At shutdown, subscribed TLS users get the hub's last lines, then the goodbye, intact."""
     server = serve(ChatHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
