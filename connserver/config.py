@@ -144,8 +144,8 @@ class Config:
         "a connection waits in the server's epoll with no thread; a small pool "
         "(park_threads) reads, runs the handler per message and parks it again; PROXY "
         "headers and TLS handshakes are parked too. Connections that cannot be parked "
-        "(handlers overriding handle(), max_running, on_rate_limit='wait') run in thread "
-        "mode; the server logs why.", bool)
+        "(handlers overriding handle(), max_running) run in thread mode; the server logs "
+        "why.", bool)
     park_threads: int = _field(
         2, "Threads serving parked connections (with park).", int, minimum=1, maximum=256)
     max_write_buffer: int = _field(

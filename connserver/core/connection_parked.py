@@ -216,6 +216,11 @@ class ParkedIO:
         return b"".join(bytes(part) for part in out)
 
     @property
+    def parked(self) -> bool:
+        """Served by the parking lot (writes queue instead of waiting)."""
+        return self._parked_out is not None
+
+    @property
     def parked_output_waiting(self) -> bool:
         """Queued output the parking lot must flush (none while a hub's writer owns
         the write side: it sends the session's ciphertext itself, in order)."""

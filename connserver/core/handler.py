@@ -127,6 +127,11 @@ class MessageHandler(Handler):
 
     _ending = False
     _message_expires_at: float | None = None
+    # Parked, over a rate limit with on_rate_limit="wait": the frames still to handle,
+    # the buckets already charged for the first of them, and when to try again.
+    _held: list | None = None
+    _held_charged = 0
+    rate_resume_at: float | None = None
 
     @property
     def message_expires_at(self) -> float | None:
@@ -174,11 +179,7 @@ class MessageHandler(Handler):
                     f"peer closed the connection {codec.pending} bytes into a frame")
             return False
         frames = codec.feed(data)
-        limited = conn.rate is not None
-        for frame in frames:
-            if limited:
-                conn.charge(1)
-            self.dispatch(frame)
+        self._handle_frames(frames)
         if self._ending:
             return False
         if not codec.pending:
@@ -186,6 +187,36 @@ class MessageHandler(Handler):
         elif frames or self._message_expires_at is None:
             # A new frame started in this chunk: its deadline starts now.
             self._message_expires_at = conn.clock() + self.server.config.read_timeout
+        return True
+
+    def _handle_frames(self, frames: list) -> None:
+        conn = self.conn
+        rate = conn.rate
+        for index, frame in enumerate(frames):
+            if rate is not None:
+                if rate.wait and conn.parked:   # wait with no thread: see resume_held()
+                    charged, delay = rate.try_charge(1, self._held_charged)
+                    self._held_charged = charged
+                    if delay:
+                        self._held = frames[index:]
+                        self.rate_resume_at = conn.clock() + delay
+                        return
+                    self._held_charged = 0
+                else:
+                    conn.charge(1)
+            self.dispatch(frame)
+
+    def resume_held(self) -> bool:
+        """Parked: handle the frames held back by a rate limit (as many as the limit
+        allows now); False once the connection ends. ``rate_resume_at`` is set again
+        if some must wait longer."""
+        frames, self._held, self.rate_resume_at = self._held or [], None, None
+        self._handle_frames(frames)
+        if self._ending:
+            return False
+        if self.conn.codec is not None and self.conn.codec.pending:
+            # Input was not read while waiting: the message begun gets its full time.
+            self._message_expires_at = self.conn.clock() + self.server.config.read_timeout
         return True
 
     def goodbye(self, reason: CloseReason) -> bytes | None:

@@ -23,9 +23,13 @@ A PROXY header and a TLS handshake are parked too: each readiness event takes
 them a step further (:class:`~connserver.core.preamble.PreambleSteps`), all of
 it due within ``handshake_timeout``, and ``setup()`` runs once they are done.
 
+Over a rate limit with ``on_rate_limit="wait"``, a connection waits parked
+too: the frames it may not handle yet stay with its handler, its socket is not
+read (TCP pushes back on the client, as in thread mode), and the watchdog hands
+it back to the pool when the tokens are there.
+
 What is not parked, and runs in thread mode as before (the server logs why at
-start-up): ``on_rate_limit="wait"`` (the wait would hold a pool thread),
-``max_running``, and handler classes that override ``handle()``.
+start-up): ``max_running`` and handler classes that override ``handle()``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ log = logging.getLogger("connserver.server")
 
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 _WRITE = select.EPOLLOUT | select.EPOLLONESHOT
+_HANGUP = select.EPOLLRDHUP | select.EPOLLONESHOT   # the peer's FIN, or ours: a cancellation
 _READS_PER_WAKE = 4   # chunks read per wake-up before others get a turn
 # Ends after which no goodbye is sent (as in thread mode, where only Cancelled gets one),
 # and after which queued replies cannot reach the peer.
@@ -77,8 +82,6 @@ def why_not_parked(config: Config, handler_class: type) -> str | None:
         return f"{handler_class.__name__} overrides handle()"
     if config.max_running:
         return "max_running is not parked"
-    if (config.rate or config.ip_rate or config.server_rate) and config.on_rate_limit == "wait":
-        return 'on_rate_limit="wait" is not parked (use "close")'
     return None
 
 
@@ -87,7 +90,7 @@ class _Parked:
 
     __slots__ = ("conn", "handler", "preamble", "accounted_ip", "idle_expires_at",
                  "lifetime_expires_at", "serving", "started", "cancel_token", "scheduled_at",
-                 "__weakref__")
+                 "rate_waiting", "__weakref__")
 
     def __init__(self, conn: "Connection", preamble: PreambleSteps, accounted_ip: str | None,
                  lifetime_expires_at: float | None) -> None:
@@ -101,6 +104,7 @@ class _Parked:
         self.started = False
         self.cancel_token: CancelToken = conn.cancel_token   # what the watchdog cancels
         self.scheduled_at: float | None = None   # when the watchdog looks next
+        self.rate_waiting = False   # parked for a rate limit (the lot's lock guards it)
 
     def abort(self, force: bool = False) -> bool:
         return self.conn.abort(force)
@@ -119,6 +123,8 @@ class _Parked:
         conn = self.conn
         if self.preamble is not None:
             return "handshake", self.preamble.expires_at
+        if self.handler.rate_resume_at is not None:
+            return "rate_wait", self.handler.rate_resume_at
         if conn.out_expires_at is not None:
             return "write", conn.out_expires_at
         message_at = min(filter(None, (self.handler.message_expires_at,
@@ -138,7 +144,10 @@ class _Parked:
             due = now + conn.config.idle_timeout
         else:
             phase, due = self.waiting_for()
-            if now >= due:
+            if phase == "rate_wait":   # no deadline: the lot resumes it (see ParkingLot._look)
+                if due <= now:
+                    due = now + conn.config.idle_timeout
+            elif now >= due:
                 if stats is not None:
                     stats.count_deadline(phase)
                 self.cancel_token.cancel(_EXPIRED[phase])
@@ -211,8 +220,7 @@ class ParkingLot:
             parked = _Parked(conn, preamble, accounted_ip, lifetime)
             with self._lock:
                 self._parked[conn.fileno()] = parked
-            self._watchdog.watch(parked, parked.next_deadline(),
-                                 functools.partial(parked.next_deadline, self._stats))
+            self._watch(parked, parked.next_deadline())
             self._epoll.register(conn.fileno(), _READ if preamble.waits_for_peer else _WRITE)
         except BaseException as exc:
             self._end(conn, classify_failure(conn, exc), accounted_ip)
@@ -263,6 +271,11 @@ class ParkingLot:
 
     def _serve(self, parked: _Parked, mask: int) -> None:
         conn = parked.conn
+        if parked.rate_waiting:   # woken by a hangup or an error while waiting for tokens
+            with self._lock:
+                if parked.rate_waiting and not conn.cancel_token.cancelled:
+                    return   # left disabled: the watchdog serves it when the tokens are there
+                parked.rate_waiting = False
         parked.serving = True
         conn.mark_parked(None)
         try:
@@ -285,6 +298,13 @@ class ParkingLot:
                 return self._finish(parked, conn.cancel_token.reason)
             if mask & select.EPOLLOUT and not conn.flush_parked():
                 return self._park(parked)
+            if handler.rate_resume_at is not None:   # back from a rate limit's wait
+                if not handler.resume_held():
+                    reason = conn.cancel_token.reason or conn.outcome or CloseReason.CLOSED
+                    return self._finish(parked, reason)
+                if handler.rate_resume_at is not None:
+                    return self._park_for_rate(parked)
+                mask |= select.EPOLLIN   # input was left unread meanwhile
             if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
                 reads = 0
                 while True:   # a few socket reads, then what they left in a TLS session
@@ -297,6 +317,8 @@ class ParkingLot:
                         return self._finish(parked, reason)
                     if conn.cancel_token.cancelled:
                         return self._finish(parked, conn.cancel_token.reason)
+                    if handler.rate_resume_at is not None:
+                        return self._park_for_rate(parked)
         except BaseException as exc:
             return self._finish(parked, classify_failure(conn, exc))
         parked.idle_expires_at = conn.clock() + self.config.idle_timeout
@@ -312,7 +334,7 @@ class ParkingLot:
                                 parked.lifetime_expires_at)), default=None)
         if due is not None and (parked.scheduled_at is None or due < parked.scheduled_at):
             parked.scheduled_at = due
-            self._watchdog.watch(parked, due, functools.partial(parked.next_deadline, self._stats))
+            self._watch(parked, due)
         conn.mark_parked(min(filter(None, (due, parked.idle_expires_at)), default=None),
                          "parked" if parked.preamble is None else "handshake")
         events = _READ | (select.EPOLLOUT if conn.parked_output_waiting else 0)
@@ -320,6 +342,43 @@ class ParkingLot:
             self._epoll.modify(conn.fileno(), events)
         except OSError as exc:   # gone from the set: it is being ended elsewhere
             self.faults.record(exc, f"parking #{conn.id}")
+
+    def _park_for_rate(self, parked: _Parked) -> None:
+        """Over a rate limit: wait for the tokens with the socket unread (TCP pushes back),
+        only a hangup armed (a cancellation shuts the read side: that wakes it), until
+        the watchdog hands it back (``_look``)."""
+        conn = parked.conn
+        resume_at = parked.handler.rate_resume_at
+        with self._lock:
+            parked.serving = False
+            parked.rate_waiting = True
+            conn.mark_parked(resume_at, "rate_wait")
+            try:
+                self._epoll.modify(conn.fileno(), _HANGUP)
+            except OSError as exc:
+                self.faults.record(exc, f"parking #{conn.id}")
+        if parked.scheduled_at is None or resume_at < parked.scheduled_at:
+            parked.scheduled_at = resume_at
+            self._watch(parked, resume_at)
+
+    def _watch(self, parked: _Parked, at: float | None) -> None:
+        self._watchdog.watch(parked, at, functools.partial(self._look, parked))
+
+    def _look(self, parked: _Parked) -> float | None:
+        """On the watchdog's thread, when a parked connection's next time comes: a rate
+        wait that is over goes back to the pool (armed for writability, which fires at
+        once); a passed deadline cancels; otherwise, when to look again."""
+        if parked.rate_waiting:
+            resume_at = parked.handler.rate_resume_at
+            if resume_at is not None and parked.conn.clock() >= resume_at:
+                with self._lock:
+                    if parked.rate_waiting:
+                        parked.rate_waiting = False
+                        try:
+                            self._epoll.modify(parked.conn.fileno(), _WRITE)
+                        except OSError:
+                            pass   # ended meanwhile
+        return parked.next_deadline(self._stats)
 
     def _finish(self, parked: _Parked, reason: CloseReason | None) -> None:
         """End a parked connection: at once if nothing can make it wait, else on a thread."""

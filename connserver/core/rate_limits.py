@@ -218,6 +218,17 @@ class RateMeter:
         self.wait = wait
         self.ip = ip
 
+    def try_charge(self, amount: float = 1, skip: int = 0) -> tuple[int, float]:
+        """Without waiting: take ``amount`` (at most a burst) from ``buckets[skip:]`` in
+        order. Returns how many buckets are charged so far and, if one was short, how
+        long until it can give ``amount`` (0.0: all charged). A parked connection waits
+        that long with no thread, then calls again with ``skip`` = buckets charged."""
+        for index in range(skip, len(self.buckets)):
+            bucket = self.buckets[index]
+            if not bucket.acquire_nowait(amount):
+                return index, max(bucket.delay_for(amount), 1e-3)
+        return len(self.buckets), 0.0
+
     def charge(self, amount: float, waiter: RateWaiter) -> None:
         """Take ``amount`` from every bucket, a burst at a time; wait or raise when short."""
         for bucket in self.buckets:

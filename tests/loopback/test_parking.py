@@ -114,7 +114,6 @@ def test_a_queued_reply_meets_the_write_deadline(serve):
 
 @pytest.mark.parametrize("config, why", [
     ({"max_running": 2}, "max_running"),
-    ({"rate": 10.0}, "on_rate_limit"),
 ])
 def test_what_cannot_be_parked_yet_runs_on_threads_and_says_why(serve, caplog, config, why):
     """Configurations parking does not cover yet fall back to thread mode, with a warning."""
@@ -165,3 +164,57 @@ def test_a_drain_delivers_replies_still_queued(serve):
         finally:
             drain.join(15)
     assert reports[0].drained == 1 and reports[0].forced == 0
+
+
+def test_a_rate_limited_connection_waits_parked(serve):
+    """on_rate_limit="wait", parked: frames over the limit wait with no thread and the
+    socket unread (operation rate_wait), are handled in order as tokens come, and other
+    connections are served meanwhile by the one pool thread."""
+    server = serve(FramedEchoHandler, park=True, park_threads=1, rate=10.0, burst=1,
+                   on_rate_limit="wait", min_spare_threads=0, max_spare_threads=0)
+    assert server.parks
+    threads = connserver_threads()
+    with connect(server) as limited, connect(server) as other:
+        limited.sendall(b"".join(frame(b"%d" % index) for index in range(6)))
+        assert read_frame(limited) == b"0"
+        assert wait_for(lambda: "rate_wait" in {i.operation for i in server.connections()})
+        other.sendall(frame(b"meanwhile"))
+        assert read_frame(other) == b"meanwhile"   # the pool thread is not waiting
+        assert connserver_threads() == threads
+        assert [read_frame(limited) for _ in range(5)] == [b"%d" % i for i in range(1, 6)]
+        limited.sendall(frame(b"again"))
+        assert read_frame(limited) == b"again"
+    assert wait_closed(server, 2).close_reasons == {"eof": 2}
+
+
+def test_cancelling_a_rate_wait_ends_it_at_once(serve):
+    """A parked rate wait (10 s for the next token) ends at once when cancelled: the
+    frames held back are not handled, the reason is the one given."""
+    handled: list = []
+
+    class Recording(FramedEchoHandler):
+        def handle_frame(self, payload):
+            handled.append(payload)
+            return payload
+
+    server = serve(Recording, park=True, rate=0.1, burst=1, on_rate_limit="wait")
+    with connect(server) as client:
+        client.sendall(frame(b"first") + frame(b"held"))
+        assert read_frame(client) == b"first"
+        assert wait_for(lambda: "rate_wait" in {i.operation for i in server.connections()})
+        (info,) = server.connections()
+        assert server.cancel(info.id, CloseReason.CANCELLED)
+        stats = wait_closed(server, 1, timeout=2.0)
+    assert stats.close_reasons == {"cancelled": 1}
+    assert handled == [b"first"]
+
+
+def test_a_rate_wait_is_not_idleness(serve):
+    """Waiting for tokens is not idleness: a wait longer than idle_timeout ends in
+    the held frame being handled, not in an idle close."""
+    server = serve(FramedEchoHandler, park=True, rate=2.0, burst=1, on_rate_limit="wait",
+                   idle_timeout=0.2, read_timeout=0.2)
+    with connect(server) as client:
+        client.sendall(frame(b"one") + frame(b"two") + frame(b"three"))
+        assert [read_frame(client) for _ in range(3)] == [b"one", b"two", b"three"]
+    assert wait_closed(server, 1).close_reasons == {"eof": 1}
