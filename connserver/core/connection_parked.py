@@ -21,7 +21,7 @@ import socket
 import ssl
 from typing import Any
 
-from ..errors import CloseReason
+from ..errors import Cancelled, CloseReason, ConnServerError
 from ..protocols.tls import TLSSession
 
 __all__ = ["ParkedIO"]
@@ -61,6 +61,9 @@ class ParkedIO:
     _adapt_hint: Any
     _saw_eof: Any
     _tls_send_alert: Any
+    _tls_close_notify: Any
+    _read_shut: bool
+    _forced: bool
 
     def recv_nowait(self, from_socket: bool = True) -> bytes | None:
         """Parked mode: what has arrived, without waiting (``None``: nothing yet;
@@ -214,6 +217,30 @@ class ParkedIO:
         self._parked_out_bytes = 0
         self.out_expires_at = None
         return b"".join(bytes(part) for part in out)
+
+    def queue_goodbye(self, data: bytes) -> None:
+        """Parked: a last message, allowed after cancellation, behind the queued replies
+        (best effort, as :meth:`send_goodbye`: never raises)."""
+        try:
+            self._send_parked([data])
+        except (OSError, ConnServerError, Cancelled):
+            pass
+
+    def shut_write(self) -> None:
+        """A parked lingering close begins: TLS's close_notify, then our end of stream,
+        unless the read side was shut (data on a socket shut both ways gets a reset)."""
+        if self.tls is not None:
+            self._tls_close_notify()
+        if not self._read_shut:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    @property
+    def forced(self) -> bool:
+        """``abort(force=True)`` shut it: nothing more may be sent or waited for."""
+        return self._forced
 
     @property
     def parked(self) -> bool:

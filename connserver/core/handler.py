@@ -224,12 +224,18 @@ class MessageHandler(Handler):
         lifetime...), framed as this handler frames; None sends nothing. Best effort."""
         return None
 
+    def framed_goodbye(self, reason: CloseReason) -> bytes | None:
+        """:meth:`goodbye`'s message as it goes on the wire (framed), or None."""
+        message = self.goodbye(reason)
+        if message is None or self.conn.codec is None:
+            return message
+        return b"".join(self.conn.codec.frame_parts(message))
+
     def say_goodbye(self, reason: CloseReason) -> None:
         """Send :meth:`goodbye`'s message, if any (best effort, bounded: ``send_goodbye``)."""
-        message = self.goodbye(reason)
+        message = self.framed_goodbye(reason)
         if message is not None:
-            self.conn.send_goodbye(b"".join(self.conn.codec.frame_parts(message))
-                                   if self.conn.codec is not None else message)
+            self.conn.send_goodbye(message)
 
 
 class FramedHandler(MessageHandler):

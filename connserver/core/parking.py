@@ -14,9 +14,14 @@ until the socket is writable) and parks the connection again.
 Pool threads never wait on a peer: a partial message stays parked with its
 absolute read deadline; a queued reply with its write deadline; idle, read,
 write and lifetime deadlines are one lazily moved entry per connection in the
-watchdog's heap. Ends that may have to wait (a goodbye to send, a lingering
-close with unacknowledged bytes, a hub subscription to take back) are handed
-to a handler thread; the rest end on the spot. New connections go straight
+watchdog's heap. An end waits parked too: its goodbye and the replies still
+queued go out as the socket takes them, then a lingering close (closing.py)
+discards input as it comes while the watchdog looks at the acknowledgements
+(1 to 50 ms apart, as a thread would), until ``linger_timeout``. Only a hub
+subscriber's end, which must take its queue back from the hub's writer, is
+handed to a handler thread. When the watchdog hands a connection back to the
+pool whatever its socket's state (a rate wait over, a linger done), it queues
+it and wakes a pool thread through a socket pair ("kicked"). New connections go straight
 from the accept thread into the epoll: a burst starts no thread per connection.
 
 A PROXY header and a TLS handshake are parked too: each readiness event takes
@@ -34,6 +39,7 @@ start-up): ``max_running`` and handler classes that override ``handle()``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import random
@@ -45,10 +51,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..config import Config
 from ..errors import CloseReason
 from .cancel import CancelToken, Watchdog
-from .closing import unacked_bytes
 from .faults import Faults
 from .handler import MessageHandler
 from .outcome import classify_failure
+from .parked_ending import READ, WRITE, Ending, ParkedEnds
 from .preamble import PreambleSteps
 from .stats import ServerStats
 from .threads import block_async_signals
@@ -60,18 +66,10 @@ __all__ = ["ParkingLot", "why_not_parked"]
 
 log = logging.getLogger("connserver.server")
 
-_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
-_WRITE = select.EPOLLOUT | select.EPOLLONESHOT
 _HANGUP = select.EPOLLRDHUP | select.EPOLLONESHOT   # the peer's FIN, or ours: a cancellation
 _READS_PER_WAKE = 4   # chunks read per wake-up before others get a turn
-# Ends after which no goodbye is sent (as in thread mode, where only Cancelled gets one),
-# and after which queued replies cannot reach the peer.
-_NO_GOODBYE = frozenset({CloseReason.IDLE, CloseReason.READ_DEADLINE, CloseReason.WRITE_DEADLINE,
-                         CloseReason.SLOW_CONSUMER, CloseReason.RESET})
 _EXPIRED = {"handshake": CloseReason.HANDSHAKE_DEADLINE, "write": CloseReason.WRITE_DEADLINE,
             "read": CloseReason.READ_DEADLINE, "idle": CloseReason.IDLE}
-_UNDELIVERABLE = frozenset({CloseReason.WRITE_DEADLINE, CloseReason.SLOW_CONSUMER,
-                            CloseReason.RESET})
 
 
 def why_not_parked(config: Config, handler_class: type) -> str | None:
@@ -90,7 +88,7 @@ class _Parked:
 
     __slots__ = ("conn", "handler", "preamble", "accounted_ip", "idle_expires_at",
                  "lifetime_expires_at", "serving", "started", "cancel_token", "scheduled_at",
-                 "rate_waiting", "__weakref__")
+                 "rate_waiting", "ending", "__weakref__")
 
     def __init__(self, conn: "Connection", preamble: PreambleSteps, accounted_ip: str | None,
                  lifetime_expires_at: float | None) -> None:
@@ -105,6 +103,7 @@ class _Parked:
         self.cancel_token: CancelToken = conn.cancel_token   # what the watchdog cancels
         self.scheduled_at: float | None = None   # when the watchdog looks next
         self.rate_waiting = False   # parked for a rate limit (the lot's lock guards it)
+        self.ending: Ending | None = None   # set once, when its end begins
 
     def abort(self, force: bool = False) -> bool:
         return self.conn.abort(force)
@@ -155,7 +154,7 @@ class _Parked:
         return due if lifetime is None else min(due, lifetime)
 
 
-class ParkingLot:
+class ParkingLot(ParkedEnds):
     """The epoll set and the threads that serve parked connections (see the module docstring).
 
     The server supplies what a connection's life needs: ``open_connection(sock,
@@ -171,7 +170,8 @@ class ParkingLot:
                  begin: Callable[["Connection"], PreambleSteps],
                  start_handler: Callable[["Connection"], Any],
                  end_connection: Callable[["Connection", CloseReason, str | None], None],
-                 hand_off: Callable[[Callable[[], None]], None], name_prefix: str) -> None:
+                 hand_off: Callable[[Callable[[], None]], None],
+                 linger_timeout: Callable[[], float], name_prefix: str) -> None:
         self.config = config
         self._watchdog = watchdog
         self._stats = stats
@@ -180,12 +180,20 @@ class ParkingLot:
         self._start_handler = start_handler
         self._end_connection = end_connection
         self._hand_off = hand_off
+        self._linger_timeout = linger_timeout
         self._prefix = name_prefix
         self.faults = Faults("park", log, stats.internal_error)
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)   # level: wakes all
+        # Connections the watchdog hands back to the pool whatever their socket's state
+        # (a rate wait over, a lingering close done): queued, announced on this pair.
+        self._kicked: collections.deque[_Parked] = collections.deque()
+        self._kick_r, self._kick_w = socket.socketpair()
+        self._kick_r.setblocking(False)
+        self._kick_w.setblocking(False)
+        self._epoll.register(self._kick_r.fileno(), select.EPOLLIN)
         self._parked: dict[int, _Parked] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -211,6 +219,7 @@ class ParkingLot:
         """
         sock, address, accounted_ip = job
         conn = self._open_connection(sock, address)
+        parked = None
         try:
             preamble = self._begin(conn)
             lifetime = self.config.max_lifetime
@@ -221,8 +230,10 @@ class ParkingLot:
             with self._lock:
                 self._parked[conn.fileno()] = parked
             self._watch(parked, parked.next_deadline())
-            self._epoll.register(conn.fileno(), _READ if preamble.waits_for_peer else _WRITE)
+            self._epoll.register(conn.fileno(), READ if preamble.waits_for_peer else WRITE)
         except BaseException as exc:
+            if parked is not None:
+                self._forget(parked)
             self._end(conn, classify_failure(conn, exc), accounted_ip)
 
     def stop(self, timeout: float) -> list[threading.Thread]:
@@ -241,8 +252,8 @@ class ParkingLot:
                 alive.append(thread)
         if not alive:
             self._epoll.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            for sock in (self._wake_r, self._wake_w, self._kick_r, self._kick_w):
+                sock.close()
         return alive
 
     # --- the pool threads ---------------------------------------------------------
@@ -250,6 +261,7 @@ class ParkingLot:
     def _run(self) -> None:
         block_async_signals()
         wake_fd = self._wake_r.fileno()
+        kick_fd = self._kick_r.fileno()
         while not self._stopping:
             try:
                 events = self._epoll.poll(-1, 1)
@@ -260,23 +272,62 @@ class ParkingLot:
             for fd, mask in events:
                 if fd == wake_fd:
                     continue
+                if fd == kick_fd:
+                    self._serve_kicked()
+                    continue
                 parked = self._parked.get(fd)
                 if parked is None:
                     continue
-                try:
-                    self._serve(parked, mask)
-                except Exception as exc:   # a bug here ends that connection, not the thread
-                    self.faults.record(exc, f"serving #{parked.conn.id}")
-                    self._finish(parked, CloseReason.ERROR)
+                self._serve_safely(parked, mask)
+
+    def _serve_kicked(self) -> None:
+        try:
+            while self._kick_r.recv(4096):
+                pass
+        except OSError:
+            pass   # drained (BlockingIOError), or closing
+        while True:
+            with self._lock:
+                if not self._kicked:
+                    return
+                parked = self._kicked.popleft()
+                if self._parked.get(parked.conn.fileno()) is not parked:
+                    continue   # ended meanwhile
+            self._serve_safely(parked, 0)
+
+    def _kick(self, parked: _Parked) -> None:
+        """From the watchdog: have a pool thread serve ``parked`` now (mask 0)."""
+        with self._lock:
+            self._kicked.append(parked)
+        try:
+            self._kick_w.send(b"\0")
+        except OSError:
+            pass   # full (a wake is due anyway) or closing
+
+    def _serve_safely(self, parked: _Parked, mask: int) -> None:
+        try:
+            self._serve(parked, mask)
+        except Exception as exc:   # a bug here ends that connection, not the thread
+            self.faults.record(exc, f"serving #{parked.conn.id}")
+            if parked.ending is None:
+                self._finish(parked, CloseReason.ERROR)
+            else:   # the bug was in its end: end it without more ado
+                self._forget(parked)
+                self._end(parked.conn, CloseReason.ERROR, parked.accounted_ip)
 
     def _serve(self, parked: _Parked, mask: int) -> None:
+        """Serve a ready (or, mask 0, kicked) connection, then park or end it."""
         conn = parked.conn
-        if parked.rate_waiting:   # woken by a hangup or an error while waiting for tokens
-            with self._lock:
-                if parked.rate_waiting and not conn.cancel_token.cancelled:
-                    return   # left disabled: the watchdog serves it when the tokens are there
+        with self._lock:
+            if parked.serving:
+                return   # another thread has it, and arms it again when done
+            if parked.rate_waiting:
+                if mask and not conn.cancel_token.cancelled:
+                    return   # a hangup while waiting for tokens: the watchdog kicks it
                 parked.rate_waiting = False
-        parked.serving = True
+            parked.serving = True
+        if parked.ending is not None:
+            return self._close(parked)
         conn.mark_parked(None)
         try:
             if parked.preamble is not None:
@@ -337,7 +388,7 @@ class ParkingLot:
             self._watch(parked, due)
         conn.mark_parked(min(filter(None, (due, parked.idle_expires_at)), default=None),
                          "parked" if parked.preamble is None else "handshake")
-        events = _READ | (select.EPOLLOUT if conn.parked_output_waiting else 0)
+        events = READ | (select.EPOLLOUT if conn.parked_output_waiting else 0)
         try:
             self._epoll.modify(conn.fileno(), events)
         except OSError as exc:   # gone from the set: it is being ended elsewhere
@@ -366,61 +417,25 @@ class ParkingLot:
 
     def _look(self, parked: _Parked) -> float | None:
         """On the watchdog's thread, when a parked connection's next time comes: a rate
-        wait that is over goes back to the pool (armed for writability, which fires at
-        once); a passed deadline cancels; otherwise, when to look again."""
+        wait that is over goes back to the pool (kicked); a passed deadline cancels;
+        otherwise, when to look again."""
         if parked.rate_waiting:
             resume_at = parked.handler.rate_resume_at
             if resume_at is not None and parked.conn.clock() >= resume_at:
-                with self._lock:
-                    if parked.rate_waiting:
-                        parked.rate_waiting = False
-                        try:
-                            self._epoll.modify(parked.conn.fileno(), _WRITE)
-                        except OSError:
-                            pass   # ended meanwhile
+                self._kick(parked)
         return parked.next_deadline(self._stats)
 
-    def _finish(self, parked: _Parked, reason: CloseReason | None) -> None:
-        """End a parked connection: at once if nothing can make it wait, else on a thread."""
+    def _forget(self, parked: _Parked) -> None:
+        """Out of the lot: no more events, no more watchdog looks."""
         conn = parked.conn
-        reason = reason or CloseReason.CLOSED
         with self._lock:
-            if self._parked.pop(conn.fileno(), None) is None:
-                return   # already ended
+            self._parked.pop(conn.fileno(), None)
         try:
             self._epoll.unregister(conn.fileno())
         except (OSError, ValueError):
             pass
         self._watchdog.unwatch(parked)
-        handler = parked.handler
-        goodbye = (handler is not None and reason not in _NO_GOODBYE
-                   and conn.cancel_token.cancelled)
-        waits = (conn.write_sink_attached or conn.parked_output_waiting
-                 or unacked_bytes(conn.socket) > 0
-                 or (goodbye and handler.goodbye(reason) is not None))
-        end = functools.partial(self._end_handler, parked, reason, goodbye)
-        if waits:
-            self._hand_off(end)
-        else:
-            end()
-
-    def _end_handler(self, parked: _Parked, reason: CloseReason, goodbye: bool) -> None:
-        handler = parked.handler
-        conn = parked.conn
-        try:
-            # On a thread that may wait now: replies still queued go out first (unless
-            # the peer stopped taking them), then the goodbye, under their timeouts.
-            ciphertext_waiting = conn.parked_output_waiting and conn.tls is not None
-            queued = conn.unpark_writes()
-            if (queued or ciphertext_waiting) and reason not in _UNDELIVERABLE:
-                conn.send_goodbye(queued, timeout=self.config.linger_timeout)
-            if goodbye:
-                handler.say_goodbye(reason)
-            if parked.started:
-                handler.finish()
-        except BaseException as exc:
-            reason = classify_failure(conn, exc)
-        self._end(conn, reason, parked.accounted_ip)
 
     def _end(self, conn: "Connection", reason: CloseReason, accounted_ip: str | None) -> None:
-        self._end_connection(conn, reason, accounted_ip)
+        """Close (its lingering done already, parked), clean up, count."""
+        self._end_connection(conn, reason, accounted_ip, lingered=True)

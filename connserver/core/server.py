@@ -459,7 +459,8 @@ class Server(socketserver.TCPServer):
                           begin=self._begin_parked,
                           start_handler=self._start_parked_handler,
                           end_connection=self._end_connection,
-                          hand_off=self._handler_threads.submit, name_prefix=self._prefix)
+                          hand_off=self._handler_threads.submit,
+                          linger_timeout=self._linger_timeout, name_prefix=self._prefix)
 
     def _begin_parked(self, conn: Connection) -> PreambleSteps:
         """Set a parked connection up (on the accept thread: nothing here may wait)."""
@@ -504,9 +505,10 @@ class Server(socketserver.TCPServer):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def _end_connection(self, conn: Connection, reason: CloseReason,
-                        accounted_ip: str | None) -> None:
-        """After the handler: close (lingering), clean up, count. Every path ends here."""
-        linger_timeout = self._linger_timeout()
+                        accounted_ip: str | None, *, lingered: bool = False) -> None:
+        """After the handler: close (lingering, unless a parked end did that already),
+        clean up, count. Every path ends here."""
+        linger_timeout = 0.0 if lingered else self._linger_timeout()
         try:
             self._watchdog.unwatch(conn)
             if conn.write_sink_attached:   # before close(): the hub's writer uses the fd

@@ -218,3 +218,104 @@ def test_a_rate_wait_is_not_idleness(serve):
         client.sendall(frame(b"one") + frame(b"two") + frame(b"three"))
         assert [read_frame(client) for _ in range(3)] == [b"one", b"two", b"three"]
     assert wait_closed(server, 1).close_reasons == {"eof": 1}
+
+
+class BigThenEnd(FramedEchoHandler):
+    """Answers ``big`` with 4 MiB and ends the connection; ``goodbye`` at a shutdown."""
+
+    def handle_frame(self, payload):
+        if payload == b"big":
+            self.end()
+            return b"x" * (4 << 20)
+        return payload
+
+    def goodbye(self, reason):
+        return b"bye: " + reason.value.encode()
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_an_end_with_replies_queued_delivers_them_without_a_thread(serve):
+    """A reply the socket could not take, then end(): the connection lingers parked
+    (operation linger, no thread) until the peer has read all of it, then EOF."""
+    server = serve(BigThenEnd, park=True, max_write_buffer=8 << 20,
+                   min_spare_threads=0, max_spare_threads=0)
+    threads = connserver_threads()
+    with connect(server) as client:
+        client.sendall(frame(b"big"))
+        assert wait_for(lambda: {i.operation for i in server.connections()} == {"linger"})
+        assert connserver_threads() == threads
+        received = read_to_eof(client)
+    assert received == frame(b"x" * (4 << 20))
+    stats = wait_closed(server, 1)
+    assert stats.close_reasons == {"closed": 1} and stats.bytes_unacked == 0
+    assert connserver_threads() == threads
+
+
+def test_a_parked_linger_ends_at_its_timeout_and_counts_what_never_arrived(serve):
+    """A peer that never reads: the parked end waits linger_timeout, no longer, and
+    counts the bytes the peer did not acknowledge."""
+    server = serve(BigThenEnd, park=True, max_write_buffer=8 << 20, linger_timeout=0.3,
+                   min_spare_threads=0, max_spare_threads=0)
+    threads = connserver_threads()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    try:
+        client.connect(server.server_address)
+        client.sendall(frame(b"big"))
+        stats = wait_closed(server, 1, timeout=3.0)
+        assert connserver_threads() == threads
+    finally:
+        client.close()
+    assert stats.close_reasons == {"closed": 1}
+    assert stats.bytes_unacked > 0
+
+
+def test_a_shutdown_says_goodbye_and_drains_parked_connections_without_threads(serve):
+    """A shutdown of 50 parked connections: each gets its goodbye after the replies it
+    had, delivered, all drained, and no thread was started for their ends."""
+    server = serve(BigThenEnd, park=True, min_spare_threads=0, max_spare_threads=0)
+    threads = connserver_threads()
+    clients = [connect(server) for _ in range(50)]
+    try:
+        for index, client in enumerate(clients):
+            client.sendall(frame(b"%d" % index))
+        for index, client in enumerate(clients):
+            assert read_frame(client) == b"%d" % index
+        assert wait_for(lambda: len(server.connections()) == 50)
+        report = server.shutdown(grace=5.0)
+        assert (report.drained, report.forced) == (50, 0)
+        assert connserver_threads() <= threads
+        for client in clients:
+            assert read_to_eof(client) == frame(b"bye: shutdown")
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_rate_wait_ends_even_when_the_peer_stopped_reading(serve):
+    """A rate wait over while the socket is full (the peer stopped reading): the
+    connection is still served (the held frame's reply queues) and the write deadline
+    then ends it, rather than it waiting for writability forever."""
+    class Flood(FramedEchoHandler):
+        def handle_frame(self, payload):
+            return b"x" * (1 << 20)
+
+    server = serve(Flood, park=True, rate=5.0, burst=1, on_rate_limit="wait",
+                   write_timeout=0.5, max_write_buffer=64 << 20)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    try:
+        client.connect(server.server_address)
+        client.sendall(frame(b"a") * 3)
+        stats = wait_closed(server, 1, timeout=5.0)
+    finally:
+        client.close()
+    assert stats.close_reasons == {"write_deadline": 1}
