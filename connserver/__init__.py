@@ -65,6 +65,19 @@ def _alias_old_module_paths() -> None:
 _alias_old_module_paths()
 del _admin
 
+
+def __getattr__(name: str) -> object:
+    # WebSocketHandler needs the optional wsproto (pip install 'connserver[websocket]'):
+    # imported on first use, so `import connserver` works without it.
+    if name == "WebSocketHandler":
+        try:
+            from .core.websocket_handler import WebSocketHandler
+        except ModuleNotFoundError as exc:
+            raise ImportError(f"connserver.WebSocketHandler needs {exc.name}: "
+                              "pip install 'connserver[websocket]'") from exc
+        return WebSocketHandler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -105,5 +118,6 @@ __all__ = [
     "Subscription",
     "TokenBucket",
     "Watchdog",
+    "WebSocketHandler",
     "__version__",
 ]

@@ -64,6 +64,7 @@ class CloseReason(str, enum.Enum):
     PROTOCOL_ERROR = "protocol_error"
     RATE_LIMITED = "rate_limited"
     LIMIT = "limit"                   # rejected by max_connections / max_connections_per_ip
+    REJECTED = "rejected"             # the handler refused the peer's request (a WebSocket upgrade)
     ERROR = "error"                   # the handler raised
 
     def __str__(self) -> str:

@@ -28,6 +28,7 @@ BUILTIN_APPS = {
     "echo": "connserver.apps.echo:EchoHandler",
     "framed-echo": "connserver.apps.echo:FramedEchoHandler",
     "leaky-echo": "connserver.apps.leaky:LeakyEchoHandler",   # a deliberate leak, for demos
+    "ws-echo": "connserver.apps.ws_echo:WebSocketEchoHandler",   # needs connserver[websocket]
 }
 
 log = logging.getLogger("connserver.cli")
