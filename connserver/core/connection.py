@@ -164,16 +164,18 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO):
             raise ValueError("max_bytes must be positive")
         return self._recv_copy(max_bytes, None)
 
-    def recv_part(self, message_expires_at: float | None) -> bytes:
+    def recv_part(self, message_expires_at: float | None, phase: str = "read") -> bytes:
         """Receive what is available of a message whose deadline is ``message_expires_at``.
 
         For framing loops: ``None`` means no message has started (the idle timeout
         applies); otherwise the absolute deadline (on the connection's clock) that
-        the message's first byte started.
+        the message's first byte started, counted as ``phase`` when it passes
+        (``"handshake"`` for a protocol's opening exchange).
         """
-        return self._recv_copy(self._buffer_size, message_expires_at)
+        return self._recv_copy(self._buffer_size, message_expires_at, phase)
 
-    def _recv_copy(self, limit: int, message_expires_at: float | None) -> bytes:
+    def _recv_copy(self, limit: int, message_expires_at: float | None,
+                   message_phase: str = "read") -> bytes:
         """Block (under the current deadline) for what is available, up to ``limit``.
 
         One blocking ``recv`` sized like the connection's recent messages: the
@@ -189,7 +191,7 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO):
         if message_expires_at is None and self._unit_expires_at is None:
             phase = self._arm_idle()
         else:
-            phase = self._arm_recv(message_expires_at)
+            phase = self._arm_recv(message_expires_at, message_phase)
         slot = self.run_slot
         if slot is not None and slot.held:
             slot.leave()
@@ -352,14 +354,13 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO):
                 self._io_failed(exc, "idle")
         return "idle"
 
-    def _arm_recv(self, message_expires_at: float | None) -> str:
+    def _arm_recv(self, message_expires_at: float | None, phase: str = "read") -> str:
         """Set the kernel receive timeout for the next call; return the phase it bounds."""
         expires_at = self._unit_expires_at
         if message_expires_at is not None and (expires_at is None or message_expires_at < expires_at):
             expires_at = message_expires_at
         assert expires_at is not None   # the idle wait without one is _arm_idle
         remaining = expires_at - self.clock()
-        phase = "read"
         if message_expires_at is None and remaining > self._idle_timeout:
             remaining, phase = self._idle_timeout, "idle"
         self.operation = phase

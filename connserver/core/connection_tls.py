@@ -128,7 +128,8 @@ class TLSConnectionIO:
                         expires_at = message_expires_at
                     phase = self._arm_recv(expires_at)
                 elif message_expires_at is not None or self._unit_expires_at is not None:
-                    phase = self._arm_recv(message_expires_at)
+                    phase = self._arm_recv(message_expires_at,
+                                           "handshake" if phase == "handshake" else "read")
                 else:
                     phase = self._arm_idle()
                 want = self._recv_hint

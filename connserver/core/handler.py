@@ -127,6 +127,9 @@ class MessageHandler(Handler):
 
     _ending = False
     _message_expires_at: float | None = None
+    # What a message deadline that passes is counted as: "read", or "handshake" while a
+    # protocol's opening exchange (a WebSocket upgrade) is under way.
+    message_phase = "read"
     # Parked, over a rate limit with on_rate_limit="wait": the frames still to handle,
     # the buckets already charged for the first of them, and when to try again.
     _held: list | None = None
@@ -156,7 +159,7 @@ class MessageHandler(Handler):
         conn = self.conn
         try:
             while True:
-                data = conn.recv_part(self._message_expires_at)
+                data = conn.recv_part(self._message_expires_at, self.message_phase)
                 if not self.feed(data):
                     return
                 data = None   # an idle connection must not keep the last chunk alive

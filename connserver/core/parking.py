@@ -126,10 +126,11 @@ class _Parked:
             return "rate_wait", self.handler.rate_resume_at
         if conn.out_expires_at is not None:
             return "write", conn.out_expires_at
-        message_at = min(filter(None, (self.handler.message_expires_at,
-                                       conn.record_expires_at)), default=None)
+        handler_at = self.handler.message_expires_at
+        message_at = min(filter(None, (handler_at, conn.record_expires_at)), default=None)
         if message_at is not None:
-            return "read", message_at
+            return ("read" if message_at != handler_at else self.handler.message_phase,
+                    message_at)
         return "idle", self.idle_expires_at
 
     def _next_deadline(self, stats: ServerStats | None) -> float | None:
@@ -227,6 +228,8 @@ class ParkingLot(ParkedEnds):
                 lifetime = conn.created_at + lifetime * (
                     1.0 - random.uniform(0.0, self.config.lifetime_jitter))
             parked = _Parked(conn, preamble, accounted_ip, lifetime)
+            token = conn.cancel_token
+            token.on_cancel(functools.partial(self._cancelled, parked, token.callback))
             with self._lock:
                 self._parked[conn.fileno()] = parked
             self._watch(parked, parked.next_deadline())
@@ -380,9 +383,8 @@ class ParkingLot(ParkedEnds):
         conn = parked.conn
         # Deadlines move later lazily (the watchdog looks, finds a later one, looks again
         # then); one that moved earlier (a message begun, a reply queued) is rescheduled.
-        phase, at = parked.waiting_for()
-        due = min(filter(None, (None if phase == "idle" else at,
-                                parked.lifetime_expires_at)), default=None)
+        _, at = parked.waiting_for()
+        due = min(filter(None, (at, parked.lifetime_expires_at)), default=None)
         if due is not None and (parked.scheduled_at is None or due < parked.scheduled_at):
             parked.scheduled_at = due
             self._watch(parked, due)
@@ -396,8 +398,10 @@ class ParkingLot(ParkedEnds):
 
     def _park_for_rate(self, parked: _Parked) -> None:
         """Over a rate limit: wait for the tokens with the socket unread (TCP pushes back),
-        only a hangup armed (a cancellation shuts the read side: that wakes it), until
-        the watchdog hands it back (``_look``)."""
+        only a hangup armed, until the watchdog hands it back (``_look``). A hangup does
+        not end the wait (a half-closed peer still wants its replies) and is not armed
+        again (it would be reported at once, again and again): a cancellation kicks
+        the connection instead (``_cancelled``)."""
         conn = parked.conn
         resume_at = parked.handler.rate_resume_at
         with self._lock:
@@ -408,9 +412,20 @@ class ParkingLot(ParkedEnds):
                 self._epoll.modify(conn.fileno(), _HANGUP)
             except OSError as exc:
                 self.faults.record(exc, f"parking #{conn.id}")
+        if conn.cancel_token.cancelled:   # cancelled while it was served: _cancelled missed it
+            self._kick(parked)
         if parked.scheduled_at is None or resume_at < parked.scheduled_at:
             parked.scheduled_at = resume_at
             self._watch(parked, resume_at)
+
+    def _cancelled(self, parked: _Parked, wake: Callable[[], None] | None) -> None:
+        """The cancel token's callback (any thread): ``wake`` (the server's: the watchdog
+        shuts the read side, which a parked connection's armed events report), and a
+        kick for a rate wait, whose one armed event, a hangup, may be spent already."""
+        if wake is not None:
+            wake()
+        if parked.rate_waiting:
+            self._kick(parked)
 
     def _watch(self, parked: _Parked, at: float | None) -> None:
         self._watchdog.watch(parked, at, functools.partial(self._look, parked))

@@ -9,7 +9,8 @@ same deadlines:
 
 - the upgrade must be complete within ``handshake_timeout`` of the connection's
   start (PROXY and TLS, which come first, included): until it is, the
-  handshake deadline stands where a message's read deadline would;
+  handshake deadline stands where a message's read deadline would, and is
+  counted as ``handshake_deadline`` (``message_phase``);
 - a message must be complete within ``read_timeout`` of its first byte, a
   fragmented one too; between messages ``idle_timeout`` applies;
 - every send is bounded by ``write_timeout`` (parked: queued, bounded by
@@ -32,6 +33,7 @@ origin not allowed, hook refused    (HTTP 4xx)  ``rejected``
 malformed upgrade request           (HTTP 4xx)  ``protocol_error``
 shutdown, lifetime                  1001        ``shutdown``, ``lifetime``
 TCP closed without a close frame    1006        ``eof``
+upgrade not done in time            (none)      ``handshake_deadline``
 idle, read or write deadline        1006        ``idle``, ``read_deadline``…
 ==================================  ==========  =======================
 """
@@ -170,6 +172,7 @@ class WebSocketHandler(MessageHandler):
         # Until the upgrade is done, the handshake deadline holds the place of a
         # message's: both modes wait for input under message_expires_at.
         self._message_expires_at = self.conn.created_at + self.server.config.handshake_timeout
+        self.message_phase = "handshake"   # counted as handshake_deadline if it passes
 
     def feed(self, data: bytes) -> bool:
         """Handle a chunk of the stream (``b""``: its end); False once the connection ends."""
@@ -257,6 +260,7 @@ class WebSocketHandler(MessageHandler):
         self.conn.sendall(self._protocol.accept(subprotocol))
         self.subprotocol = subprotocol
         self._message_expires_at = None
+        self.message_phase = "read"
         self.on_connect()
 
     def _reject(self, status: int, why: str) -> None:

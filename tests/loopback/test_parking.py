@@ -319,3 +319,14 @@ def test_a_rate_wait_ends_even_when_the_peer_stopped_reading(serve):
     finally:
         client.close()
     assert stats.close_reasons == {"write_deadline": 1}
+
+
+def test_the_idle_timeout_holds_when_it_is_shorter_than_the_handshake_timeout(serve):
+    """A parked connection's first watchdog look is at its handshake deadline; once it
+    is parked idle, an earlier idle deadline is scheduled (idle 0.3 s, handshake 30 s)."""
+    server = serve(FramedEchoHandler, park=True, idle_timeout=0.3, handshake_timeout=30.0)
+    with connect(server) as client:
+        client.sendall(frame(b"hi"))
+        assert read_frame(client) == b"hi"
+        assert client.recv(10) == b""
+    assert wait_closed(server, 1, timeout=3.0).close_reasons == {"idle": 1}

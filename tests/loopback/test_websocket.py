@@ -389,18 +389,22 @@ def test_malformed_upgrade_gets_an_http_error(serve):
 
 
 CUT_AT_A_DEADLINE = [
-    # (what the client does, upgraded first?, what it sends, the timeout that must cut it)
-    ("a trickled upgrade request", False, b"GET / HTTP/1.1\r\n", "handshake_timeout"),
-    ("a silent client", False, b"", "handshake_timeout"),
+    # (what the client does, upgraded first?, what it sends, the timeout that must cut it,
+    #  the close reason)
+    ("a trickled upgrade request", False, b"GET / HTTP/1.1\r\n", "handshake_timeout",
+     "handshake_deadline"),
+    ("a silent client", False, b"", "handshake_timeout", "handshake_deadline"),
     ("a frame begun and never finished", True, client_frame(TEXT, b"x" * 100)[:20],
-     "read_timeout"),
+     "read_timeout", "read_deadline"),
 ]
 
 
-@pytest.mark.parametrize("what, upgraded, data, timeout", CUT_AT_A_DEADLINE,
+@pytest.mark.parametrize("what, upgraded, data, timeout, reason", CUT_AT_A_DEADLINE,
                          ids=[case[0] for case in CUT_AT_A_DEADLINE])
-def test_stalls_are_cut_at_their_deadline_not_idle_timeout(serve, what, upgraded, data, timeout):
-    """The upgrade within handshake_timeout, a begun message within read_timeout (read_deadline)."""
+def test_stalls_are_cut_at_their_deadline_not_idle_timeout(serve, what, upgraded, data, timeout,
+                                                            reason):
+    """The upgrade within handshake_timeout (handshake_deadline), a begun message within
+    read_timeout (read_deadline)."""
     deadlines = {"handshake_timeout": 30.0, "read_timeout": 30.0, timeout: 0.3}
     server = serve(WebSocketEchoHandler, idle_timeout=30.0, **deadlines)
     with Raw(server, upgrade=upgraded) as sock:
@@ -408,7 +412,7 @@ def test_stalls_are_cut_at_their_deadline_not_idle_timeout(serve, what, upgraded
         sock.sendall(data)
         assert sock.at_end()
         assert 0.25 <= time.monotonic() - started < 5.0
-    assert wait_closed(server, 1).close_reasons == {"read_deadline": 1}
+    assert wait_closed(server, 1).close_reasons == {reason: 1}
 
 
 def test_fragmented_message_must_complete_within_read_timeout(serve):
