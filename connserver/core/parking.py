@@ -228,8 +228,8 @@ class ParkingLot(ParkedEnds):
                 lifetime = conn.created_at + lifetime * (
                     1.0 - random.uniform(0.0, self.config.lifetime_jitter))
             parked = _Parked(conn, preamble, accounted_ip, lifetime)
-            token = conn.cancel_token
-            token.on_cancel(functools.partial(self._cancelled, parked, token.callback))
+            # In place of the server's callback (which only wakes the socket): same cost.
+            conn.cancel_token.on_cancel(functools.partial(self._cancelled, parked))
             with self._lock:
                 self._parked[conn.fileno()] = parked
             self._watch(parked, parked.next_deadline())
@@ -418,12 +418,11 @@ class ParkingLot(ParkedEnds):
             parked.scheduled_at = resume_at
             self._watch(parked, resume_at)
 
-    def _cancelled(self, parked: _Parked, wake: Callable[[], None] | None) -> None:
-        """The cancel token's callback (any thread): ``wake`` (the server's: the watchdog
-        shuts the read side, which a parked connection's armed events report), and a
-        kick for a rate wait, whose one armed event, a hangup, may be spent already."""
-        if wake is not None:
-            wake()
+    def _cancelled(self, parked: _Parked) -> None:
+        """The cancel token's callback (any thread): the watchdog shuts the read side,
+        which the events armed for a parked connection report, as for any connection;
+        and a rate wait, whose one armed event (a hangup) may be spent already, is kicked."""
+        self._watchdog.abort_soon(parked.conn)
         if parked.rate_waiting:
             self._kick(parked)
 

@@ -1,0 +1,59 @@
+"""Parked mode (issue 13), a review: ends that must come in every parked state, however
+the events interleave (a hangup already reported, a watchdog look that overlaps a park)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from connserver import CloseReason
+from connserver.apps.echo import FramedEchoHandler
+from connserver.testing import wait_for
+from tests.conftest import connect, wait_closed
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    (size,) = struct.unpack("!I", header)
+    body = b""
+    while len(body) < size:
+        body += sock.recv(size - len(body))
+    return body
+
+
+def half_closed_in_a_rate_wait(server) -> socket.socket:
+    """A client whose second frame waits for a token (10 s away), sent with its end of
+    stream: the rate wait's hangup is reported as soon as the wait begins."""
+    client = connect(server)
+    client.sendall(frame(b"first") + frame(b"held"))
+    client.shutdown(socket.SHUT_WR)
+    assert read_frame(client) == b"first"
+    assert wait_for(lambda: "rate_wait" in {i.operation for i in server.connections()})
+    return client
+
+
+def test_a_cancel_ends_a_rate_wait_whose_peer_half_closed_at_once(serve):
+    """A rate wait whose peer sent its end of stream (the hangup reported, nothing armed
+    any more) still ends at once when cancelled, not when the token comes."""
+    server = serve(FramedEchoHandler, park=True, rate=0.1, burst=1, on_rate_limit="wait")
+    with half_closed_in_a_rate_wait(server) as client:
+        (info,) = server.connections()
+        assert server.cancel(info.id, CloseReason.LIMIT)
+        stats = wait_closed(server, 1, timeout=3.0)
+    assert stats.close_reasons == {"limit": 1}
+
+
+def test_max_lifetime_ends_a_rate_wait_whose_peer_half_closed(serve):
+    """max_lifetime during a rate wait whose hangup was reported already: the connection
+    ends (lifetime), rather than staying parked with nothing to wake it."""
+    server = serve(FramedEchoHandler, park=True, rate=0.1, burst=1, on_rate_limit="wait",
+                   max_lifetime=1.0, lifetime_jitter=0.0)
+    with half_closed_in_a_rate_wait(server):
+        stats = wait_closed(server, 1, timeout=5.0)
+    assert stats.close_reasons == {"lifetime": 1}
