@@ -45,7 +45,13 @@ UNDELIVERABLE = frozenset({CloseReason.WRITE_DEADLINE, CloseReason.SLOW_CONSUMER
 
 
 class Ending:
-    """A parked connection's end in progress: why, and until when it may linger."""
+    """A parked connection's end in progress: why, and until when it may linger.
+
+    Also the watchdog's target for the looks at the acknowledgements: the watchdog
+    keeps one entry per target, and the connection's own (its deadlines, ``_look``)
+    may be set again by a look under way as the end begins; under one target, that
+    would replace the linger's looks, and nothing would end the connection.
+    """
 
     __slots__ = ("reason", "expires_at", "write_shut", "_interval")
 
@@ -150,7 +156,7 @@ class ParkedEnds:
                     self._epoll.modify(conn.fileno(), events)
                 except OSError as exc:
                     self.faults.record(exc, f"closing #{conn.id}")
-        self._watchdog.watch(parked, conn.clock() + ending.next_interval(),
+        self._watchdog.watch(ending, conn.clock() + ending.next_interval(),
                              functools.partial(self._look_closing, parked))
 
     def _look_closing(self, parked: Any) -> float | None:

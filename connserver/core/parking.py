@@ -433,6 +433,8 @@ class ParkingLot(ParkedEnds):
         """On the watchdog's thread, when a parked connection's next time comes: a rate
         wait that is over goes back to the pool (kicked); a passed deadline cancels;
         otherwise, when to look again."""
+        if parked.ending is not None:
+            return None   # its end's looks are the Ending's (see parked_ending.py)
         if parked.rate_waiting:
             resume_at = parked.handler.rate_resume_at
             if resume_at is not None and parked.conn.clock() >= resume_at:
@@ -449,6 +451,8 @@ class ParkingLot(ParkedEnds):
         except (OSError, ValueError):
             pass
         self._watchdog.unwatch(parked)
+        if parked.ending is not None:
+            self._watchdog.unwatch(parked.ending)
 
     def _end(self, conn: "Connection", reason: CloseReason, accounted_ip: str | None) -> None:
         """Close (its lingering done already, parked), clean up, count."""

@@ -3,6 +3,7 @@ the events interleave (a hangup already reported, a watchdog look that overlaps 
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 
@@ -57,3 +58,39 @@ def test_max_lifetime_ends_a_rate_wait_whose_peer_half_closed(serve):
     with half_closed_in_a_rate_wait(server):
         stats = wait_closed(server, 1, timeout=5.0)
     assert stats.close_reasons == {"lifetime": 1}
+
+
+class EndsWithAReply(FramedEchoHandler):
+    """Answers with 256 KiB and ends: more than a peer that does not read acknowledges."""
+
+    def handle_frame(self, payload):
+        self.end()
+        return b"x" * (256 << 10)
+
+
+def test_a_watchdog_look_in_flight_does_not_cancel_a_lingering_close(serve):
+    """A parked end lingering (the peer has not acknowledged everything) still ends at
+    linger_timeout when the watchdog's look at the connection's deadlines was under way
+    as the linger began, and set its next look when it returned: the watchdog keeps one
+    entry per target, and that look must not take the place of the linger's.
+
+    The race is replayed: what the watchdog does with a look's result, done after the
+    linger began (the window is a few microseconds; nothing outside can widen it)."""
+    server = serve(EndsWithAReply, park=True, linger_timeout=0.5, idle_timeout=60.0)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    try:
+        client.connect(server.server_address)
+        client.sendall(frame(b"go"))
+        client.shutdown(socket.SHUT_WR)
+        assert wait_for(lambda: {i.operation for i in server.connections()} == {"linger"})
+        lot = server._lot
+        (parked,) = list(lot._parked.values())
+        look = functools.partial(lot._look, parked)
+        server._watchdog.watch(parked, look(), look)   # as Watchdog._run_once does
+        stats = wait_closed(server, 1, timeout=3.0)
+    finally:
+        client.close()
+    assert stats.close_reasons == {"closed": 1}
+    assert stats.bytes_unacked > 0
