@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any, Callable, ClassVar
 
 from ..errors import CloseReason
 from ..core.handler import LineHandler
 from ..broadcast.hub import Hub, Subscription
 
-__all__ = ["ChatHandler", "ChatRoom"]
+__all__ = ["ChatHandler", "ChatMember", "ChatRoom", "encode_line"]
 
 NICK_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,24}")
 # Control characters (terminal escapes included) are removed from what others see.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")
+GREETING = "* Welcome to connserver chat! Choose a nickname:"
 HELP = "* Commands: /nick NAME, /who, /quit, /help. Anything else is said to the room."
 
 
 class ChatRoom:
-    """The nicknames and the hub of one server's chat room."""
+    """The nicknames and the hub of one server's chat room.
 
-    def __init__(self, hub: Hub) -> None:
+    ``encode`` turns a notice or a message into the bytes every member receives:
+    built once per announcement, and that one object shared by every queue."""
+
+    def __init__(self, hub: Hub, encode: Callable[[str], bytes] | None = None) -> None:
         self.hub = hub
+        self.encode = encode or encode_line
         self._lock = threading.Lock()
         self._nicks: dict[str, str] = {}   # lower-case -> as chosen; one entry per member
 
@@ -49,50 +55,42 @@ class ChatRoom:
             return sorted(self._nicks.values(), key=str.lower)
 
     def announce(self, text: str, exclude: object = None) -> None:
-        self.hub.publish(text.encode() + b"\n", exclude=exclude)
+        self.hub.publish(self.encode(text), exclude=exclude)
 
 
-class ChatHandler(LineHandler):
-    """Asks for a nickname, then relays lines to everyone else in the room."""
+def encode_line(text: str) -> bytes:
+    """A line for a terminal: the text and a newline."""
+    return text.encode() + b"\n"
 
-    max_line = 1024
-    discard_long_lines = True
+
+class ChatMember:
+    """One member's conversation, whatever carries it (lines, WebSocket messages).
+
+    Mixed into a handler, which provides ``server``, ``conn`` and ``cancel``, and
+    :meth:`quit_chat` (how its transport says goodbye). ``room_name`` names the
+    hub and the server resource holding the :class:`ChatRoom`; ``encode`` is how
+    the room frames what it publishes."""
+
+    room_name: ClassVar[str] = "chat"
+    encode: ClassVar[Callable[[str], bytes]] = staticmethod(encode_line)
 
     nick: str | None = None
     subscription: Subscription | None = None
+    server: Any
+    conn: Any
+    cancel: Any
 
     @property
     def room(self) -> ChatRoom:
-        server = self.server
-        return server.resource("chat-room", lambda: ChatRoom(server.hub("chat")))
+        server, name = self.server, self.room_name
+        return server.resource(f"{name}-room", lambda: ChatRoom(server.hub(name), self.encode))
 
-    @classmethod
-    def usage_hint(cls, address: tuple[str, int] | str) -> str:
-        """The daemon's start-up line: how to join from a terminal."""
-        if isinstance(address, str):
-            return f"chat demo: connect with `nc -U {address}`"
-        return f"chat demo: connect with `nc {address[0]} {address[1]}`"
+    def quit_chat(self) -> None:
+        """``/quit``: say goodbye and end the connection."""
+        raise NotImplementedError
 
-    def setup(self) -> None:
-        self.send_line("* Welcome to connserver chat! Choose a nickname:")
-
-    def goodbye(self, reason: CloseReason) -> bytes:
-        return f"* Disconnected: {reason.value}. Bye!".encode()
-
-    def finish(self) -> None:
-        if self.nick is None:
-            return
-        if self.subscription is not None:
-            self.subscription.close()
-        self.room.release(self.nick)
-        # At shutdown everyone leaves at once: N notices to N members is N² for nothing.
-        if self.cancel.reason is not CloseReason.SHUTDOWN:
-            self.room.announce(f"* {self.nick} left")
-
-    def line_too_long(self, size: int) -> None:
-        self.send_line(f"* Line too long (over {self.max_line} bytes); not sent.")
-
-    def handle_line(self, line: str) -> str | None:
+    def chat(self, line: str) -> str | None:
+        """Handle one line the member typed; return the reply to it, if any."""
         line = line.strip()
         if self.nick is None:
             return self._choose_nick(line)
@@ -104,6 +102,16 @@ class ChatHandler(LineHandler):
         text = _CONTROL.sub("", line)
         self.room.announce(f"<{self.nick}> {text}", exclude=self.subscription)
         return None
+
+    def leave_room(self) -> None:
+        """Give the nickname back and tell the others (once the member is gone)."""
+        if self.nick is None:
+            return
+        nick, self.nick = self.nick, None
+        self.room.release(nick)
+        # At shutdown everyone leaves at once: N notices to N members is N² for nothing.
+        if self.cancel.reason is not CloseReason.SHUTDOWN:
+            self.room.announce(f"* {nick} left", exclude=self.subscription)
 
     def _choose_nick(self, nick: str) -> str:
         if not NICK_PATTERN.fullmatch(nick):
@@ -118,8 +126,7 @@ class ChatHandler(LineHandler):
 
     def _command(self, command: str, argument: str) -> str | None:
         if command == "/quit":
-            self.end()
-            self.conn.send_goodbye(b"* Bye!\n")   # takes the write side back from the hub
+            self.quit_chat()
             return None
         if command == "/who":
             return "* Online: " + ", ".join(self.room.nicks())
@@ -137,3 +144,40 @@ class ChatHandler(LineHandler):
         if command == "/help":
             return HELP
         return f"* Unknown command {command}. {HELP}"
+
+
+class ChatHandler(ChatMember, LineHandler):
+    """Asks for a nickname, then relays lines to everyone else in the room."""
+
+    max_line = 1024
+    discard_long_lines = True
+
+    @classmethod
+    def usage_hint(cls, address: tuple[str, int] | str) -> str:
+        """The daemon's start-up line: how to join from a terminal."""
+        if isinstance(address, str):
+            return f"chat demo: connect with `nc -U {address}`"
+        return f"chat demo: connect with `nc {address[0]} {address[1]}`"
+
+    def setup(self) -> None:
+        self.send_line(GREETING)
+
+    def goodbye(self, reason: CloseReason) -> bytes:
+        return f"* Disconnected: {reason.value}. Bye!".encode()
+
+    def finish(self) -> None:
+        if self.nick is None:
+            return
+        if self.subscription is not None:
+            self.subscription.close()
+        self.leave_room()
+
+    def line_too_long(self, size: int) -> None:
+        self.send_line(f"* Line too long (over {self.max_line} bytes); not sent.")
+
+    def handle_line(self, line: str) -> str | None:
+        return self.chat(line)
+
+    def quit_chat(self) -> None:
+        self.end()
+        self.conn.send_goodbye(b"* Bye!\n")   # takes the write side back from the hub

@@ -70,7 +70,7 @@ class Subscription:
     """One connection's place in a hub; a context manager that always unsubscribes."""
 
     __slots__ = ("hub", "conn", "queue", "name", "lock", "active", "pending", "scheduled",
-                 "blocked_since", "dead", "queued_bytes", "__weakref__")
+                 "blocked_since", "dead", "queued_bytes", "muted", "__weakref__")
 
     def __init__(self, hub: "Hub", conn: "Connection", queue: ByteBoundedQueue, name: str | None) -> None:
         self.hub = hub
@@ -84,6 +84,13 @@ class Subscription:
         self.scheduled = False         # in the writer's ready list, or blocked on the socket
         self.blocked_since: float | None = None
         self.queued_bytes = 0          # queued and not yet sent, as of the last change
+        self.muted = False             # publish() passes it by; its own sends still go
+
+    def mute(self) -> None:
+        """Take no more broadcasts; what is queued and this connection's own writes
+        still go out, in order. For a protocol that must send nothing after its last
+        word (a WebSocket after its close frame) while the end is on its way."""
+        self.muted = True
 
     def send(self, data: bytes) -> bool:
         """Queue a message for this subscriber only (in order with broadcasts)."""
@@ -200,13 +207,13 @@ class Hub:
             self._published += 1
             targets = [sub for sub in self._subs.values()
                        if sub is not exclude and sub.conn is not exclude]
-        return self._deliver(targets, message)
+        return self._deliver(targets, message, broadcast=True)
 
-    def _deliver(self, targets: Iterable[Subscription], message: bytes) -> int:
+    def _deliver(self, targets: Iterable[Subscription], message: bytes, broadcast: bool = False) -> int:
         taken: list[Subscription] = []
         size = len(message)
         for sub in targets:
-            if sub.dead or not sub.active:
+            if sub.dead or not sub.active or (broadcast and sub.muted):
                 continue
             if sub.blocked_since is None and not sub.queue.has_room(size):
                 # Full, but its socket was not: the writer thread is behind (it waits

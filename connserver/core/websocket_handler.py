@@ -30,6 +30,7 @@ message over ``max_message_size``   1009        ``frame_too_large``
 invalid UTF-8 in a text message     1007        ``protocol_error``
 any other protocol violation        1002        ``protocol_error``
 origin not allowed, hook refused    (HTTP 4xx)  ``rejected``
+a plain GET answered (handle_http)  (HTTP any)  ``closed``
 malformed upgrade request           (HTTP 4xx)  ``protocol_error``
 shutdown, lifetime                  1001        ``shutdown``, ``lifetime``
 TCP closed without a close frame    1006        ``eof``
@@ -76,6 +77,9 @@ class WebSocketHandler(MessageHandler):
       HTTP status (401, 403, 404...) to refuse. ``request`` is an
       :class:`~connserver.protocols.websocket.UpgradeRequest` (path, headers);
       the peer is ``self.peer``.
+    - ``handle_http(request)``: a plain ``GET`` that is not an upgrade (a browser
+      opening the page); return an :class:`~connserver.protocols.websocket.HttpResponse`
+      to answer it (then the connection closes), or None to refuse it with 400.
     - ``select_subprotocol(offered)``: the subprotocol to speak, or None.
     - ``on_connect()``: the upgrade is done; messages may be sent.
     - ``handle_message(message)``: one complete message, ``str`` (text) or
@@ -121,6 +125,10 @@ class WebSocketHandler(MessageHandler):
 
     def check_request(self, request: ws.UpgradeRequest) -> int | None:
         """Accept (None) or refuse with an HTTP status; called after the origin check."""
+        return None
+
+    def handle_http(self, request: ws.HttpRequest) -> ws.HttpResponse | None:
+        """A plain GET on the WebSocket's port: a response to send, or None (HTTP 400)."""
         return None
 
     def select_subprotocol(self, offered: Sequence[str]) -> str | None:
@@ -244,6 +252,8 @@ class WebSocketHandler(MessageHandler):
             self._fail(event)
         elif isinstance(event, ws.UpgradeRequest):
             self._upgrade(event)
+        elif isinstance(event, ws.HttpRequest):
+            self._serve_http(event)
 
     def _upgrade(self, request: ws.UpgradeRequest) -> None:
         self.upgrade = request
@@ -262,6 +272,16 @@ class WebSocketHandler(MessageHandler):
         self._message_expires_at = None
         self.message_phase = "read"
         self.on_connect()
+
+    def _serve_http(self, request: ws.HttpRequest) -> None:
+        response = self.handle_http(request)
+        if response is None:
+            failed = ws.HandshakeFailed(400, "not a WebSocket upgrade (no 'Upgrade: websocket' "
+                                             "header) and handle_http() serves nothing")
+            self._send_last(self._protocol.reject(400, f"{failed.message}\n".encode()))
+            raise failed
+        self.conn.sendall(self._protocol.respond(response))
+        self.end()
 
     def _reject(self, status: int, why: str) -> None:
         body = f"{status} {why}\n".encode()

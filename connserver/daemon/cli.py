@@ -29,6 +29,7 @@ BUILTIN_APPS = {
     "framed-echo": "connserver.apps.echo:FramedEchoHandler",
     "leaky-echo": "connserver.apps.leaky:LeakyEchoHandler",   # a deliberate leak, for demos
     "ws-echo": "connserver.apps.ws_echo:WebSocketEchoHandler",   # needs connserver[websocket]
+    "ws-chat": "connserver.apps.ws_chat:WebSocketChatHandler",   # the chat, for browsers
 }
 
 log = logging.getLogger("connserver.cli")

@@ -23,7 +23,13 @@ so a compressed message could grow past ``max_message_size`` in memory before
 any check. A client's offer is declined (the handshake succeeds without it).
 
 Frames to the client are built here (server frames are never masked), so a
-binary message goes out as a header and the caller's own buffer, uncopied.
+binary message goes out as a header and the caller's own buffer, uncopied;
+:func:`message_frame` builds a whole frame once, for a broadcast that shares
+the same ``bytes`` among every subscriber.
+
+A ``GET`` that is not an upgrade at all (no ``Upgrade: websocket``) comes out as
+an :class:`HttpRequest`, so the same port can serve a page (:meth:`respond`);
+a caller with nothing to serve refuses it like any malformed upgrade.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ from wsproto.utilities import RemoteProtocolError as _WsprotoRemoteError
 from ..errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
-    "WebSocketProtocol", "UpgradeRequest", "PingReceived", "PongReceived", "CloseReceived",
-    "Failure", "HandshakeFailed", "close_frame", "frame_header",
+    "WebSocketProtocol", "HttpRequest", "UpgradeRequest", "HttpResponse", "PingReceived", "PongReceived", "CloseReceived",
+    "Failure", "HandshakeFailed", "close_frame", "frame_header", "message_frame",
     "NORMAL_CLOSURE", "GOING_AWAY", "PROTOCOL_ERROR", "UNSUPPORTED_DATA", "NO_STATUS",
     "ABNORMAL_CLOSURE", "INVALID_DATA", "POLICY_VIOLATION", "MESSAGE_TOO_BIG", "INTERNAL_ERROR",
 ]
@@ -69,8 +75,8 @@ _HANDSHAKE, _OPEN, _LOCAL_CLOSING, _CLOSED = "handshake", "open", "closing", "cl
 
 
 @dataclasses.dataclass(frozen=True)
-class UpgradeRequest:
-    """The client's upgrade request: what an accept hook decides on.
+class HttpRequest:
+    """A plain ``GET`` (not a WebSocket upgrade): a page may be served for it.
 
     ``headers`` keeps every header in order, names in lower case, values
     decoded as Latin-1 (HTTP's own charset); :meth:`header` finds one.
@@ -78,8 +84,6 @@ class UpgradeRequest:
 
     path: str
     headers: tuple[tuple[str, str], ...]
-    subprotocols: tuple[str, ...]
-    extensions: tuple[str, ...]
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -93,6 +97,24 @@ class UpgradeRequest:
     @property
     def host(self) -> str | None:
         return self.header("host")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpgradeRequest(HttpRequest):
+    """The client's upgrade request: what an accept hook decides on."""
+
+    subprotocols: tuple[str, ...]
+    extensions: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpResponse:
+    """An HTTP response to a plain request; sent with ``Connection: close`` and its length."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +166,7 @@ class HandshakeFailed(RemoteProtocolError):
         return f"WebSocket upgrade refused with HTTP {self.status}: {self.message}"
 
 
-Event = Union[str, bytes, UpgradeRequest, PingReceived, PongReceived, CloseReceived, Failure]
+Event = Union[str, bytes, HttpRequest, UpgradeRequest, PingReceived, PongReceived, CloseReceived, Failure]
 
 
 def frame_header(opcode: int, size: int, fin: bool = True) -> bytes:
@@ -164,6 +186,17 @@ def close_frame(code: int, reason: str = "") -> bytes:
         encoded = encoded[:_MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore").encode("utf-8")
     payload = struct.pack("!H", code) + encoded
     return frame_header(Opcode.CLOSE, len(payload)) + payload
+
+
+def message_frame(message: str | bytes) -> bytes:
+    """One whole unfragmented server frame: text for ``str``, binary for ``bytes``.
+
+    Built once and shared: a hub puts the same object on every subscriber's queue."""
+    if isinstance(message, str):
+        payload, opcode = message.encode("utf-8"), Opcode.TEXT
+    else:
+        payload, opcode = bytes(message), Opcode.BINARY
+    return frame_header(opcode, len(payload)) + payload
 
 
 def _header_size(payload_length: int) -> int:
@@ -309,16 +342,19 @@ class WebSocketProtocol:
         assert self._handshake is not None
         if event.method != b"GET":
             raise HandshakeFailed(405, f"method {event.method.decode('latin-1')} is not GET")
+        headers = tuple((name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in event.headers)
+        path = event.target.decode("latin-1")
+        if "websocket" not in _split(value.lower() for name, value in headers if name == "upgrade"):
+            return [HttpRequest(path=path, headers=headers)]
         try:
             self._handshake.initiate_upgrade_connection(event.headers, event.target)
         except _WsprotoRemoteError as exc:
             hint = exc.event_hint
             status = hint.status_code if isinstance(hint, RejectConnection) else 400
             raise HandshakeFailed(status, str(exc)) from None
-        headers = tuple((name.decode("latin-1"), value.decode("latin-1"))
-                        for name, value in event.headers)
         request = UpgradeRequest(
-            path=event.target.decode("latin-1"), headers=headers,
+            path=path, headers=headers,
             subprotocols=tuple(_split(value for name, value in headers
                                       if name == "sec-websocket-protocol")),
             extensions=tuple(_split(value for name, value in headers
@@ -350,22 +386,29 @@ class WebSocketProtocol:
         Also for a request that could not be parsed (after :class:`HandshakeFailed`):
         the response is written here, not by h11, which answers only what it parsed.
         """
+        fields = tuple(headers)
+        if status == 426:
+            fields += (("Sec-WebSocket-Version", "13"),)
+        return self.respond(HttpResponse(status, body, headers=fields))
+
+    def respond(self, response: HttpResponse) -> bytes:
+        """Answer the request (an :class:`HttpRequest`, or a refused upgrade) with
+        ``response`` and close; return the bytes to send."""
         if self.state != _HANDSHAKE:
-            raise LocalProtocolError(f"cannot reject a WebSocket in state {self.state}")
+            raise LocalProtocolError(f"cannot answer HTTP on a WebSocket in state {self.state}")
         self.state = _CLOSED
         self._http = self._handshake = None   # type: ignore[assignment]
+        status = response.status
         try:
             phrase = http.HTTPStatus(status).phrase
         except ValueError:
-            phrase = "Refused"
-        fields = list(headers)
-        if status == 426:
-            fields.append(("Sec-WebSocket-Version", "13"))
-        fields += [("Connection", "close"), ("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body)))]
+            phrase = "Refused" if status >= 400 else "OK"
+        fields = [*response.headers, ("Connection", "close"),
+                  ("Content-Type", response.content_type),
+                  ("Content-Length", str(len(response.body)))]
         head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in fields) + "\r\n"
-        return head.encode("latin-1") + body
+        return head.encode("latin-1") + response.body
 
     def _events(self) -> list[Event]:
         frames = self._frames

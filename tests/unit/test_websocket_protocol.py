@@ -192,7 +192,7 @@ def test_bytes_behind_the_request_are_kept_for_after_the_upgrade():
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 405),
-    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n", 426),
     (b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -269,3 +269,41 @@ def test_reject_writes_a_complete_response_even_for_an_unparsed_request(status, 
     assert b"Content-Length: 3" in head and b"Connection: close" in head
     assert (b"Sec-WebSocket-Version: 13" in head) == (status == 426)
     assert protocol.feed(b"more") == []
+
+
+@pytest.mark.parametrize("upgrade", [b"", b"Upgrade: h2c\r\nConnection: Upgrade\r\n"])
+def test_a_plain_get_is_an_http_request_event(upgrade):
+    """A GET without Upgrade: websocket comes out as an HttpRequest (path, headers), not a failure."""
+    protocol = ws.WebSocketProtocol(LIMIT)
+    [request] = protocol.feed(b"GET /page?x=1 HTTP/1.1\r\nHost: a:1\r\n" + upgrade +
+                              b"Accept: text/html\r\n\r\n")
+    assert type(request) is ws.HttpRequest
+    assert request.path == "/page?x=1" and request.host == "a:1"
+    assert request.header("ACCEPT") == "text/html"
+    assert protocol.state == "handshake" and not protocol.open
+
+
+def test_respond_answers_a_plain_request_and_closes():
+    """respond() writes status, Content-Type, Content-Length, Connection: close and the body."""
+    protocol = ws.WebSocketProtocol(LIMIT)
+    protocol.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    response = protocol.respond(ws.HttpResponse(200, b"<p>hi</p>", "text/html; charset=utf-8",
+                                                (("Cache-Control", "no-cache"),)))
+    head, body = response.split(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [b"HTTP/1.1 200 OK", b"Cache-Control: no-cache",
+                                     b"Connection: close", b"Content-Type: text/html; charset=utf-8",
+                                     b"Content-Length: 9"]
+    assert body == b"<p>hi</p>"
+    assert protocol.feed(b"GET / HTTP/1.1\r\n\r\n") == []   # closed: nothing more is parsed
+    with pytest.raises(LocalProtocolError):
+        protocol.respond(ws.HttpResponse(200))
+
+
+@pytest.mark.parametrize("message, opcode", [("héllo", TEXT), (b"\x00\x01", BINARY),
+                                             ("x" * 200, TEXT), (b"y" * 70000, BINARY)])
+def test_message_frame_is_one_whole_server_frame(message, opcode):
+    """message_frame() builds an unmasked final frame, text for str and binary for bytes."""
+    frame = ws.message_frame(message)
+    payload = message.encode() if isinstance(message, str) else message
+    assert frame[0] == 0x80 | opcode and not frame[1] & 0x80
+    assert frame == ws.frame_header(opcode, len(payload)) + payload
