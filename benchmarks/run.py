@@ -1,7 +1,7 @@
 """The benchmark suite: connserver beside its alternatives, measured so that a skeptic can check it.
 
-    python benchmarks/run.py --quick            # a subset, under 3 minutes
-    python benchmarks/run.py --full             # the committed results, about 22 minutes
+    python benchmarks/run.py --quick            # a subset, about 3 minutes
+    python benchmarks/run.py --full             # the committed results, about 28 minutes
     python benchmarks/run.py --full --at HEAD   # measure a commit rather than the working tree
 
 How it measures:
@@ -611,8 +611,8 @@ def versions() -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a subset, under 3 minutes (default)")
-    mode.add_argument("--full", action="store_true", help="the committed results, about 22 minutes")
+    mode.add_argument("--quick", action="store_true", help="a subset, about 3 minutes (default)")
+    mode.add_argument("--full", action="store_true", help="the committed results, about 28 minutes")
     parser.add_argument("--at", metavar="REV", help="measure connserver as committed at REV (git archive)")
     parser.add_argument("--out", help="raw results (default benchmarks/results/MODE.json)")
     parser.add_argument("--doc", help="the report (default: --full docs/benchmarks.md, "
