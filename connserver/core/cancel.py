@@ -199,17 +199,31 @@ class Watchdog:
         """
         if expires_at is None:
             return
-        entry = [target, on_expiry]
         with self._cond:
-            previous = self._entries.get(id(target))
-            if previous is not None:
-                previous[0] = None
-                self._dead += 1
-                self._compact_if_needed()
-            self._entries[id(target)] = entry
-            heapq.heappush(self._heap, (expires_at, next(self._seq), entry))
-            if self._heap[0][2] is entry:
-                self._cond.notify()
+            self._add(target, expires_at, on_expiry)
+
+    def _add(self, target: Abortable, expires_at: float,
+             on_expiry: Callable[[], float | None] | None) -> None:
+        entry = [target, on_expiry]
+        previous = self._entries.get(id(target))
+        if previous is not None:
+            previous[0] = None
+            self._dead += 1
+            self._compact_if_needed()
+        self._entries[id(target)] = entry
+        heapq.heappush(self._heap, (expires_at, next(self._seq), entry))
+        if self._heap[0][2] is entry:
+            self._cond.notify()
+
+    def _watch_again(self, target: Abortable, expires_at: float | None,
+                     on_expiry: Callable[[], float | None]) -> None:
+        """After ``on_expiry`` ran: its next time, unless the target was watched anew
+        meanwhile (from another thread, with a fresher time, which must stand)."""
+        if expires_at is None:
+            return
+        with self._cond:
+            if id(target) not in self._entries:
+                self._add(target, expires_at, on_expiry)
 
     def unwatch(self, target: Abortable) -> None:
         with self._cond:
@@ -271,7 +285,7 @@ class Watchdog:
             # cancel() queues the abort through the token's callback.
             try:
                 if on_expiry is not None:
-                    self.watch(target, on_expiry(), on_expiry)
+                    self._watch_again(target, on_expiry(), on_expiry)
                 elif target.cancel_token.cancel(CloseReason.LIFETIME):
                     self.lifetime_expiries += 1
             except Exception:   # a failing callback must not stop the watchdog

@@ -4,8 +4,10 @@ Deadlines reach the kernel as ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` on a blocking
 socket, set only when they change (:mod:`connserver.deadline`): waiting for the
 next message uses the constant ``idle_timeout``; a message in progress and
 every write get what is left of their absolute deadline, so a peer trickling
-a byte at a time cannot stretch it. Writes and TLS live in two halves of the
-class (``connection_writing``, ``connection_tls``).
+a byte at a time cannot stretch it. Writes, TLS, parked I/O and the waits of
+set-up protocols and timers live in parts of the class of their own
+(``connection_writing``, ``connection_tls``, ``connection_parked``,
+``connection_waits``).
 
 Ownership. Only this class touches the socket: handlers, the PROXY preamble
 (:meth:`Connection.peek`), a hub's writer (``send_nowait``) and the admin views
@@ -32,8 +34,9 @@ from .closing import linger, unacked_bytes
 from ..config import Config
 from .connection_tls import TLSConnectionIO
 from .connection_parked import ParkedIO
+from .connection_waits import WaitingIO
 from .connection_writing import WriteSink, WritingIO
-from .deadline import TIMEOUT_SLACK, Clock, Deadline, KernelTimeouts, monotonic
+from .deadline import Clock, Deadline, KernelTimeouts, monotonic
 from ..errors import (Cancelled, CloseReason, ConnectionBroken, ConnServerError, DeadlineExceeded,
                      RateLimited, RemoteProtocolError)
 from .stats import ConnectionInfo
@@ -54,7 +57,7 @@ _HINT_MIN = 256
 _HINT_MAX = 16384
 
 
-class Connection(WritingIO, TLSConnectionIO, ParkedIO):
+class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
     """A connected socket with deadline-bounded, cancel-aware I/O.
 
     Methods for the handler: :meth:`recv`, :meth:`recv_exactly`, :meth:`sendall`,
@@ -74,6 +77,7 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO):
                  "bytes_sent", "bytes_unacked", "operation", "outcome", "close_reason", "codec",
                  "_write_sink", "handler", "tls", "_read_shut", "_forced", "_cancel_raised",
                  "_parked_out", "_parked_out_bytes", "_max_parked_out", "out_expires_at",
+                 "input_drained",
                  "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: object, *, id: int, config: Config,
@@ -124,6 +128,7 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO):
         self._parked_out: list | None = None   # parked mode: replies the kernel did not take yet
         self._parked_out_bytes = self._max_parked_out = 0
         self.out_expires_at: float | None = None   # parked: when those must be taken by
+        self.input_drained = False   # parked: the last read was short (nothing more waited)
         sock.setblocking(True)
 
     # --- set-up, by the server and the handler bases ----------------------------
@@ -302,44 +307,6 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO):
                 self.operation = None
             message = bytes(view[:size])
         return message
-
-    def peek(self, max_bytes: int, deadline: Deadline, *, at_least: int = 1) -> bytes:
-        """Up to ``max_bytes`` of what the peer sent, left unread (for set-up protocols).
-
-        Waits until ``at_least`` bytes are waiting, or the stream ended (then fewer
-        come back), within ``deadline`` (phase ``handshake``). The PROXY preamble
-        reads its header this way and consumes only the header (:meth:`skip`), so
-        the application stream or a TLS handshake starts intact.
-        """
-        expires_at = deadline.expires_at
-        assert expires_at is not None
-        self.operation = "handshake"
-        self._op_expires_at = expires_at
-        try:
-            self._bound_wait(socket.SO_RCVTIMEO, expires_at, "handshake")
-            try:
-                if at_least > 1:
-                    waiting = self._sock.recv(at_least, socket.MSG_PEEK | socket.MSG_WAITALL)
-                    if len(waiting) < at_least:
-                        if expires_at - self.clock() <= TIMEOUT_SLACK:
-                            # A waiting-for-all read that times out returns what it has.
-                            self._deadline_exceeded("handshake")
-                        return waiting   # the stream ended first
-                return self._sock.recv(max_bytes, socket.MSG_PEEK)
-            except OSError as exc:
-                self._io_failed(exc, "handshake")
-        finally:
-            self.operation = None
-
-    def skip(self, size: int) -> None:
-        """Consume ``size`` bytes that :meth:`peek` showed waiting."""
-        try:
-            taken = len(self._sock.recv(size, socket.MSG_WAITALL))
-        except OSError as exc:
-            self._io_failed(exc, "handshake")
-        if taken != size:
-            raise RemoteProtocolError(f"the connection ended {taken} bytes into {size} "
-                                      f"bytes that were waiting")
 
     # --- arming the kernel's timeouts ----------------------------------------------
 

@@ -61,6 +61,7 @@ class ParkedIO:
     _adapt_hint: Any
     _saw_eof: Any
     _tls_send_alert: Any
+    input_drained: bool   # the last socket read was short: it took all there was
     _tls_close_notify: Any
     _read_shut: bool
     _forced: bool
@@ -86,7 +87,8 @@ class ParkedIO:
             return None
         except OSError as exc:
             self._io_failed(exc, "read")
-        if len(data) == want:
+        self.input_drained = len(data) < want
+        if not self.input_drained:
             data = self._recv_into_pool(data, self._buffer_size)
         self._adapt_hint(want, len(data))
         if not data:
@@ -133,7 +135,8 @@ class ParkedIO:
             if not raw:
                 self._saw_eof()   # without close_notify: an end of stream all the same
                 return raw
-            if len(raw) == want:
+            self.input_drained = len(raw) < want
+            if not self.input_drained:
                 raw = self._recv_into_pool(raw, self._buffer_size)
             self._adapt_hint(want, len(raw))
             session.receive(raw, self.clock())

@@ -155,17 +155,50 @@ class MessageHandler(Handler):
         self._ending = True
 
     def handle(self) -> None:
-        """Thread mode: wait for each message (idle, then its read deadline) and feed it."""
+        """Thread mode: wait for each message (idle, then its read deadline) and feed it;
+        run the handler's timer when it comes first."""
         conn = self.conn
+        idle_timeout = self.server.config.idle_timeout
+        idle_expires_at = conn.clock() + idle_timeout
         try:
             while True:
+                timer = self.next_timer()
+                if timer is not None and not self._input_before(timer, idle_expires_at):
+                    self.on_timer()
+                    continue
                 data = conn.recv_part(self._message_expires_at, self.message_phase)
                 if not self.feed(data):
                     return
                 data = None   # an idle connection must not keep the last chunk alive
+                if timer is not None:
+                    idle_expires_at = conn.clock() + idle_timeout
         except Cancelled as cancelled:
             self.say_goodbye(cancelled.reason)
             raise
+
+    def _input_before(self, timer: float, idle_expires_at: float) -> bool:
+        """Thread mode, a timer set: wait for input until the timer (True if it came).
+        The idle or message deadline, if it comes first, ends the connection as usual."""
+        conn = self.conn
+        deadline, phase = self._message_expires_at, self.message_phase
+        if deadline is None:
+            deadline, phase = idle_expires_at, "idle"
+        if conn.wait_readable(min(timer, deadline)):
+            return True
+        if conn.clock() >= deadline:
+            conn.recv_part(deadline, phase)   # raises DeadlineExceeded, counted as usual
+        return False
+
+    def next_timer(self) -> float | None:
+        """When :meth:`on_timer` should run next (on the connection's clock), or None.
+
+        Both modes keep it without a thread or timer object of its own: thread mode
+        waits for input until then; parked, the watchdog hands the connection back
+        to the pool when it comes. For keepalives (a WebSocket's pings)."""
+        return None
+
+    def on_timer(self) -> None:
+        """Called once :meth:`next_timer` has passed, between messages; may send."""
 
     def feed(self, data: bytes) -> bool:
         """Handle a chunk of the stream (``b""``: its end); False once the connection ends.

@@ -126,11 +126,16 @@ class _Parked:
             return "rate_wait", self.handler.rate_resume_at
         if conn.out_expires_at is not None:
             return "write", conn.out_expires_at
+        timer = self.handler.next_timer()
         handler_at = self.handler.message_expires_at
         message_at = min(filter(None, (handler_at, conn.record_expires_at)), default=None)
         if message_at is not None:
+            if timer is not None and timer < message_at:
+                return "timer", timer
             return ("read" if message_at != handler_at else self.handler.message_phase,
                     message_at)
+        if timer is not None and timer < self.idle_expires_at:
+            return "timer", timer
         return "idle", self.idle_expires_at
 
     def _next_deadline(self, stats: ServerStats | None) -> float | None:
@@ -144,7 +149,7 @@ class _Parked:
             due = now + conn.config.idle_timeout
         else:
             phase, due = self.waiting_for()
-            if phase == "rate_wait":   # no deadline: the lot resumes it (see ParkingLot._look)
+            if phase in ("rate_wait", "timer"):   # not deadlines: the lot kicks it (_look)
                 if due <= now:
                     due = now + conn.config.idle_timeout
             elif now >= due:
@@ -321,6 +326,8 @@ class ParkingLot(ParkedEnds):
     def _serve(self, parked: _Parked, mask: int) -> None:
         """Serve a ready (or, mask 0, kicked) connection, then park or end it."""
         conn = parked.conn
+        reads = 0
+        resumed = False
         with self._lock:
             if parked.serving:
                 return   # another thread has it, and arms it again when done
@@ -352,7 +359,11 @@ class ParkingLot(ParkedEnds):
                 return self._finish(parked, conn.cancel_token.reason)
             if mask & select.EPOLLOUT and not conn.flush_parked():
                 return self._park(parked)
+            timer = handler.next_timer()
+            if timer is not None and conn.clock() >= timer and handler.rate_resume_at is None:
+                handler.on_timer()
             if handler.rate_resume_at is not None:   # back from a rate limit's wait
+                resumed = True
                 if not handler.resume_held():
                     reason = conn.cancel_token.reason or conn.outcome or CloseReason.CLOSED
                     return self._finish(parked, reason)
@@ -360,9 +371,12 @@ class ParkingLot(ParkedEnds):
                     return self._park_for_rate(parked)
                 mask |= select.EPOLLIN   # input was left unread meanwhile
             if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-                reads = 0
-                while True:   # a few socket reads, then what they left in a TLS session
-                    data = conn.recv_nowait(from_socket=reads < _READS_PER_WAKE)
+                # A few socket reads, then what they left in a TLS session. A short read
+                # took all there was: no second read to learn so from an exception (if
+                # more comes meanwhile, arming the connection again reports it).
+                while True:
+                    data = conn.recv_nowait(from_socket=reads < _READS_PER_WAKE and not (
+                        reads and conn.input_drained))
                     if data is None:
                         break
                     reads += 1
@@ -375,7 +389,8 @@ class ParkingLot(ParkedEnds):
                         return self._park_for_rate(parked)
         except BaseException as exc:
             return self._finish(parked, classify_failure(conn, exc))
-        parked.idle_expires_at = conn.clock() + self.config.idle_timeout
+        if reads or resumed:   # only the peer's input, not a timer or a kick, restarts idle
+            parked.idle_expires_at = conn.clock() + self.config.idle_timeout
         self._park(parked)
 
     def _park(self, parked: _Parked) -> None:
@@ -438,6 +453,10 @@ class ParkingLot(ParkedEnds):
         if parked.rate_waiting:
             resume_at = parked.handler.rate_resume_at
             if resume_at is not None and parked.conn.clock() >= resume_at:
+                self._kick(parked)
+        elif parked.handler is not None and parked.ending is None and not parked.serving:
+            timer = parked.handler.next_timer()
+            if timer is not None and parked.conn.clock() >= timer:
                 self._kick(parked)
         return parked.next_deadline(self._stats)
 

@@ -163,6 +163,11 @@ class TLSSession:
         with self.lock:
             return bool(self._unsent) or self._outgoing.pending > 0
 
+    def has_input(self) -> bool:
+        """Whether received ciphertext (or plaintext it gave) waits to be read."""
+        with self.lock:
+            return self._incoming.pending > 0 or self._ssl.pending() > 0
+
     def pending_bytes(self) -> int:
         """Bytes of ciphertext waiting to be sent (a parked connection's bounded queue)."""
         with self.lock:

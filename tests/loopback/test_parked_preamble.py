@@ -95,7 +95,9 @@ def _unread_by_server(server: connserver.Server) -> int:
     """Bytes waiting in the server side's receive queue (FIONREAD) of its one connection."""
     import fcntl
     import termios
-    (conn,) = server._registry.live()   # the socket itself: no public view shows it
+    # The socket itself (no public view shows it); the newest, as the last one may
+    # still be on its way out of the registry.
+    conn = max(server._registry.live(), key=lambda live: live.id)
     return struct.unpack("i", fcntl.ioctl(conn.socket.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 

@@ -277,3 +277,27 @@ def test_watching_again_replaces_the_entry(clock, watchdog):
     watchdog.poke()
     assert target.cancelled.wait(SAFETY_TIMEOUT)
     assert target.cancel_token.reason is CloseReason.LIFETIME
+
+
+def test_a_watch_made_while_on_expiry_runs_is_not_replaced_by_its_result(clock, watchdog):
+    """Another thread watching a target anew while its on_expiry runs (a parked
+    connection rescheduled an earlier deadline) keeps that time: the callback's
+    (stale, later) result does not replace it."""
+    target = Target(watchdog)
+    fresh_called = threading.Event()
+
+    def fresh():
+        fresh_called.set()
+        return None
+
+    def stale():
+        watchdog.watch(target, clock() + 2, fresh)   # as a pool thread would, meanwhile
+        return clock() + 100
+
+    watchdog.watch(target, clock() + 1, stale)
+    clock.advance(1)
+    watchdog.poke()
+    settle(watchdog)
+    clock.advance(2)
+    watchdog.poke()
+    assert fresh_called.wait(SAFETY_TIMEOUT)
