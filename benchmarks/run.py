@@ -3,6 +3,7 @@
     python benchmarks/run.py --quick            # a subset, about 3 minutes
     python benchmarks/run.py --full             # the committed results, about 28 minutes
     python benchmarks/run.py --full --at HEAD   # measure a commit rather than the working tree
+    python benchmarks/run.py --full --cells burst,paced --servers connserver-parked,uvloop   # a part of it
 
 How it measures:
 
@@ -48,12 +49,12 @@ import tarfile
 import tempfile
 import time
 from importlib import metadata
-from typing import Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import render  # noqa: E402
-from servers import (BY_NAME, CHAT, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE, HOSTILE,  # noqa: E402
-                     Server)
+from servers import (BY_NAME, CHAT, CONNSERVER, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE,  # noqa: E402
+                     HOSTILE, Server)
 
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen"
@@ -62,6 +63,10 @@ HOSTILE_PEERS = HERE / "hostile.py"
 FD_LIMIT = 40_000
 INSTALL_HINT = "pip install -e '.[bench]'   (uvloop and gevent, two of the peers)"
 T = TypeVar("T")
+# The kinds of cell, in the order a run measures them (``--cells`` picks some).
+KINDS = ("echo", "burst", "paced", "crosscheck", "hold", "hold-chat", "hostile", "churn", "churn-growth", "fanout")
+# The chat app in each mode counts as named when the echo server in the same mode is.
+CHAT_MODE_OF = {"chat-thread": "connserver-framed", "chat-parked": "connserver-parked"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,9 +263,20 @@ def fleet(servers: Sequence[Server], env: "Environment", prime: bool = True) -> 
 class Environment:
     pythonpath: str
     log_dir: pathlib.Path
-    servers: list[Server]       # the echo peers that are installed
+    names: frozenset[str] | None = None           # --servers: only these (None: every server)
+    cells: frozenset[str] = frozenset(KINDS)      # --cells: only these kinds
     started: float = dataclasses.field(default_factory=time.monotonic)
     priming: list[dict] = dataclasses.field(default_factory=list)
+
+    def pick(self, servers: Iterable[Server]) -> list[Server]:
+        """Those of the servers that are installed and named by --servers (all without it)."""
+        return [server for server in servers if server.available() and
+                (self.names is None or {server.name, CHAT_MODE_OF.get(server.name)} & self.names)]
+
+    @property
+    def servers(self) -> list[Server]:
+        """The echo peers measured: every echo, burst, paced, hold and hostile cell."""
+        return self.pick(ECHO)
 
 
 def measured(env: Environment, proc: ServerProcess, result: dict, **labels: object) -> dict:
@@ -355,7 +371,7 @@ def progress(message: str) -> None:
 
 def echo_cells(plan: Plan, env: Environment, n: int, size: int) -> list[dict]:
     """Every echo server on N connections: burst (barrier), then the steady state."""
-    servers = env.servers + ([CONNSERVER_FAIR] if n >= 1000 else [])
+    servers = env.servers + (env.pick([CONNSERVER_FAIR]) if n >= 1000 else [])
     big = n >= 5000
     runs: dict[str, list[dict]] = {server.name: [] for server in servers}
     with fleet(servers, env) as procs:
@@ -417,7 +433,7 @@ def paced_cells(plan: Plan, env: Environment) -> list[dict]:
 
 def crosscheck_cells(plan: Plan, env: Environment, n: int = 10) -> list[dict]:
     """The same cells with loadgen and with xcheck, alternating, on the same processes (raw echo)."""
-    servers = [BY_NAME[name] for name in plan.crosscheck if BY_NAME[name].available()]
+    servers = env.pick(BY_NAME[name] for name in plan.crosscheck)
     pairs = [(server.name, client) for server in servers for client in ("loadgen", "xcheck")]
     runs: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
     with fleet(servers, env) as procs:
@@ -454,8 +470,9 @@ def chat_hold_cells(plan: Plan, env: Environment) -> list[dict]:
     stays idle; thread per connection and parked, each on a fresh process. Every join is
     announced to every member already in, so the hold lasts until those notices are delivered."""
     cells = []
-    with fleet(CHAT, env, prime=False) as procs:
-        for server in CHAT:
+    servers = env.pick(CHAT)
+    with fleet(servers, env, prime=False) as procs:
+        for server in servers:
             result = loadgen(procs[server.name], "hold", timeout=240, connections=plan.chat_hold,
                              hello="m%d\\n", wait_reply=True, duration=5.0, connect_timeout=30)
             cells.append({"kind": "hold-chat", "server": server.name, "connections": plan.chat_hold,
@@ -520,7 +537,7 @@ def hostile_cells(plan: Plan, env: Environment) -> list[dict]:
 
 
 def churn_cells(plan: Plan, env: Environment) -> list[dict]:
-    servers = [BY_NAME[name] for name in plan.churn if BY_NAME[name].available()]
+    servers = env.pick(BY_NAME[name] for name in plan.churn)
     runs: dict[str, list[dict]] = {server.name: [] for server in servers}
     with fleet(servers, env) as procs:
         for repeat, name in alternate(list(runs), plan.repeats):
@@ -614,16 +631,29 @@ def main() -> int:
     mode.add_argument("--quick", action="store_true", help="a subset, about 3 minutes (default)")
     mode.add_argument("--full", action="store_true", help="the committed results, about 28 minutes")
     parser.add_argument("--at", metavar="REV", help="measure connserver as committed at REV (git archive)")
-    parser.add_argument("--out", help="raw results (default benchmarks/results/MODE.json)")
-    parser.add_argument("--doc", help="the report (default: --full docs/benchmarks.md, "
-                                      "--quick benchmarks/results/quick.md)")
+    parser.add_argument("--cells", metavar="KIND[,KIND...]", type=names_of(KINDS),
+                        help="only these kinds of cell: " + ", ".join(KINDS))
+    parser.add_argument("--servers", metavar="NAME[,NAME...]", type=names_of(BY_NAME),
+                        help="only these servers, in every cell that has them (chat-thread and "
+                             "chat-parked come with connserver-framed and connserver-parked)")
+    parser.add_argument("--out", help="raw results (default benchmarks/results/MODE.json, "
+                                      "MODE-partial.json with --cells or --servers)")
+    parser.add_argument("--doc", help="the report (default: --full docs/benchmarks.md, otherwise "
+                                      "benchmarks/results/MODE.md or MODE-partial.md)")
     args = parser.parse_args()
     plan = FULL if args.full else QUICK
-    out = pathlib.Path(args.out or HERE / "results" / f"{plan.name}.json")
-    doc = pathlib.Path(args.doc or (ROOT / "docs" / "benchmarks.md" if args.full else HERE / "results" / "quick.md"))
+    # A partial run never replaces the committed report or its raw results.
+    partial = bool(args.cells or args.servers)
+    name = plan.name + ("-partial" if partial else "")
+    out = pathlib.Path(args.out or HERE / "results" / f"{name}.json")
+    doc = pathlib.Path(args.doc or (ROOT / "docs" / "benchmarks.md" if args.full and not partial
+                                    else HERE / "results" / f"{name}.md"))
+    if partial and {out.resolve(), doc.resolve()} & {HERE / "results" / "full.json", ROOT / "docs" / "benchmarks.md"}:
+        parser.error("a partial run (--cells, --servers) may not write full.json or docs/benchmarks.md")
     if not shutil.which("taskset") or not shutil.which("cc"):
         sys.exit("benchmarks need taskset (util-linux) and cc (gcc)")
-    missing = [server.name for server in ECHO if not server.available()]
+    missing = [server.name for server in ECHO if not server.available() and
+               (args.servers is None or server.name in args.servers)]
     if missing:
         progress(f"not installed: {', '.join(missing)}; to compare with them: {INSTALL_HINT}")
         if args.full:
@@ -636,12 +666,15 @@ def main() -> int:
         if args.at:
             export(args.at, scratch_path)
             pythonpath = str(scratch_path)
-        log_dir = HERE / "results" / f"logs-{plan.name}"
+        log_dir = HERE / "results" / f"logs-{name}"
         shutil.rmtree(log_dir, ignore_errors=True)
         log_dir.mkdir(parents=True)
-        env = Environment(pythonpath, log_dir, [server for server in ECHO if server.available()])
+        env = Environment(pythonpath, log_dir, names=args.servers, cells=args.cells or frozenset(KINDS))
         commit = commit_of(args.at)   # now: others may commit while it runs
         results = run_plan(plan, env)
+    if partial:
+        results["partial"] = {"cells": [kind for kind in KINDS if kind in env.cells],
+                              "servers": sorted(args.servers or BY_NAME)}
     results.update(missing=missing, commit=commit,
                    command=" ".join(["python", "benchmarks/run.py"] + sys.argv[1:]))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -649,6 +682,18 @@ def main() -> int:
     doc.write_text(render.render(results, results["command"]))
     progress(f"wrote {out} and {doc} in {results['seconds']:.0f} s")
     return 0
+
+
+def names_of(allowed: Iterable[str]):
+    """An argparse type: a comma-separated list of names, each one of ``allowed``."""
+    def parse(text: str) -> frozenset[str]:
+        names = frozenset(name.strip() for name in text.split(",") if name.strip())
+        unknown = sorted(names - set(allowed))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown: {', '.join(unknown) or '(none)'}; "
+                                             f"choose from {', '.join(allowed)}")
+        return names
+    return parse
 
 
 def run_plan(plan: Plan, env: Environment) -> dict:
@@ -662,25 +707,23 @@ def run_plan(plan: Plan, env: Environment) -> dict:
     }
     cells: list[dict] = []
     results["cells"] = cells
-    for n, size in plan.echo:
-        progress(f"echo N={n} S={size} ({time.monotonic() - started:.0f} s)")
-        cells += echo_cells(plan, env, n, size)
-    for n in plan.bursts:
-        progress(f"burst N={n} ({time.monotonic() - started:.0f} s)")
-        cells += burst_cells(plan, env, n)
-    progress(f"paced ({time.monotonic() - started:.0f} s)")
-    cells += paced_cells(plan, env)
-    progress(f"cross-check, idle memory, churn ({time.monotonic() - started:.0f} s)")
-    cells += crosscheck_cells(plan, env)
-    cells += hold_cells(plan, env)
-    cells += chat_hold_cells(plan, env)
-    progress(f"hostile peers ({time.monotonic() - started:.0f} s)")
-    cells += hostile_cells(plan, env)
-    cells += churn_cells(plan, env)
-    if plan.churn_growth:
-        cells.append(churn_growth_cell(plan, env))
-    if plan.fanout:
-        cells += fanout_cells(plan, env)
+    steps = {
+        "echo": lambda: [cell for n, size in plan.echo for cell in echo_cells(plan, env, n, size)],
+        "burst": lambda: [cell for n in plan.bursts for cell in burst_cells(plan, env, n)],
+        "paced": lambda: paced_cells(plan, env),
+        "crosscheck": lambda: crosscheck_cells(plan, env),
+        "hold": lambda: hold_cells(plan, env),
+        "hold-chat": lambda: chat_hold_cells(plan, env),
+        "hostile": lambda: hostile_cells(plan, env),
+        "churn": lambda: churn_cells(plan, env),
+        "churn-growth": lambda: ([churn_growth_cell(plan, env)]
+                                 if plan.churn_growth and env.pick([CONNSERVER]) else []),
+        "fanout": lambda: fanout_cells(plan, env) if plan.fanout and env.pick([CONNSERVER_RELAY]) else [],
+    }
+    for kind in KINDS:
+        if kind in env.cells:
+            progress(f"{kind} ({time.monotonic() - started:.0f} s)")
+            cells += steps[kind]()
     results["priming"] = env.priming
     results["seconds"] = round(time.monotonic() - started, 1)
     results["background"]["after"] = background_load()
