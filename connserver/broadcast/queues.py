@@ -9,7 +9,6 @@ this consumer only, and should end that consumer's connection).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 from typing import Literal
@@ -51,7 +50,15 @@ class QueueStatistics:
 
 
 class ByteBoundedQueue:
-    """FIFO of ``bytes``; at most ``max_items`` items and ``max_bytes`` bytes."""
+    """FIFO of ``bytes``; at most ``max_items`` items and ``max_bytes`` bytes.
+
+    Each hub subscriber has one, so it is kept small: its two conditions (about
+    1.4 KiB each) are made only when a thread first has to wait on one; a hub's
+    writer never waits, so a subscriber's queue usually never makes them.
+    """
+
+    __slots__ = ("max_items", "max_bytes", "policy", "_clock", "_items", "_bytes", "_lock",
+                 "_not_empty", "_not_full", "_closed", "_put", "_got", "_dropped", "_overflows")
 
     def __init__(self, max_items: int, max_bytes: int, policy: OverflowPolicy = "block",
                  *, clock: Clock = monotonic) -> None:
@@ -63,11 +70,13 @@ class ByteBoundedQueue:
         self.max_bytes = max_bytes
         self.policy = policy
         self._clock = clock
-        self._items: collections.deque[bytes] = collections.deque()
+        # A list, not a deque: an empty deque keeps a 760-byte block, a list shrinks back
+        # to 56 bytes once drained (idle subscribers are many; their queues are short).
+        self._items: list[bytes] = []
         self._bytes = 0
         self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
-        self._not_full = threading.Condition(self._lock)
+        self._not_empty: threading.Condition | None = None   # made by the first waiter
+        self._not_full: threading.Condition | None = None
         self._closed = False
         self._put = self._got = self._dropped = self._overflows = 0
 
@@ -92,7 +101,8 @@ class ByteBoundedQueue:
             self._items.append(item)
             self._bytes += size
             self._put += 1
-            self._not_empty.notify()
+            if self._not_empty is not None:
+                self._not_empty.notify()
             return True
 
     def has_room(self, size: int) -> bool:
@@ -116,13 +126,15 @@ class ByteBoundedQueue:
             return False
         if policy == "drop_oldest":
             while self._items and not self._fits(size):
-                self._bytes -= len(self._items.popleft())
+                self._bytes -= len(self._items.pop(0))
                 self._dropped += 1
             return True
         if size > self.max_bytes:
             raise QueueFull(f"an item of {size} bytes can never fit in {self.max_bytes} bytes")
         if timeout is not None and timeout <= 0:
             raise QueueFull("queue full")
+        if self._not_full is None:
+            self._not_full = threading.Condition(self._lock)
         if not self._not_full.wait_for(lambda: self._closed or self._fits(size), timeout):
             raise QueueFull(f"queue still full after {timeout:g} s")
         if self._closed:
@@ -137,6 +149,8 @@ class ByteBoundedQueue:
             if not self._items:
                 if timeout is not None and timeout <= 0:
                     self._raise_empty()
+                if self._not_empty is None:
+                    self._not_empty = threading.Condition(self._lock)
                 self._not_empty.wait_for(lambda: self._items or self._closed, timeout)
                 if not self._items:
                     self._raise_empty()
@@ -152,20 +166,26 @@ class ByteBoundedQueue:
         The default of 1024 items is Linux's IOV_MAX, the most one ``sendmsg`` takes.
         """
         with self._lock:
-            taken: list[bytes] = []
-            total = 0
-            while self._items and len(taken) < max_items and (
-                    not taken or total + len(self._items[0]) <= max_bytes):
-                item = self._pop()
-                taken.append(item)
-                total += len(item)
+            items = self._items
+            limit = min(max_items, len(items))
+            count = total = 0
+            while count < limit and (not count or total + len(items[count]) <= max_bytes):
+                total += len(items[count])
+                count += 1
+            taken = items[:count]
+            del items[:count]
+            self._bytes -= total
+            self._got += count
+            if count and self._not_full is not None:
+                self._not_full.notify(count)
             return taken
 
     def _pop(self) -> bytes:
-        item = self._items.popleft()
+        item = self._items.pop(0)
         self._bytes -= len(item)
         self._got += 1
-        self._not_full.notify()
+        if self._not_full is not None:
+            self._not_full.notify()
         return item
 
     def _raise_empty(self) -> None:
@@ -179,8 +199,9 @@ class ByteBoundedQueue:
         """Refuse further puts and wake every waiter; items already queued can be got."""
         with self._lock:
             self._closed = True
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
+            for waiters in (self._not_empty, self._not_full):
+                if waiters is not None:
+                    waiters.notify_all()
 
     def clear(self) -> int:
         """Drop every queued item (e.g. when its consumer is gone); return how many."""
@@ -188,7 +209,8 @@ class ByteBoundedQueue:
             count = len(self._items)
             self._items.clear()
             self._bytes = 0
-            self._not_full.notify_all()
+            if self._not_full is not None:
+                self._not_full.notify_all()
             return count
 
     @property
