@@ -45,8 +45,11 @@ class Acceptor:
 
     def __init__(self, server: "socketserver.BaseServer", config: Config, limiter: ConnectionLimiter,
                  stats: ServerStats, submit: Callable[[tuple], None], stopping: threading.Event,
-                 *, proxied: bool) -> None:
+                 *, proxied: bool, kernel_timeouts: bool = True) -> None:
         self._server = server
+        # Thread mode: a socket's usual kernel timeouts are set here, once (parked sockets
+        # never block, and set them only if they ever must, at their end).
+        self._kernel_timeouts = kernel_timeouts
         self.config = config
         self._limiter = limiter
         self._stats = stats
@@ -142,7 +145,8 @@ class Acceptor:
                 self.faults.record(exc, "recycle callback")
         try:
             # Here, not on the handler thread: see set_kernel_timeouts.
-            set_kernel_timeouts(sock, self.config.idle_timeout, self.config.write_timeout)
+            if self._kernel_timeouts:
+                set_kernel_timeouts(sock, self.config.idle_timeout, self.config.write_timeout)
         except (OSError, OverflowError, ValueError) as exc:   # e.g. already reset
             self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()

@@ -138,7 +138,8 @@ class Server(socketserver.TCPServer):
         self._acceptor = Acceptor(self, config, self._limiter, self._stats,
                                   self._handler_threads.submit if self._lot is None
                                   else self._lot.admit, self._stopping,
-                                  proxied=self._preamble.proxied)
+                                  proxied=self._preamble.proxied,
+                                  kernel_timeouts=self._lot is None)
         self._resources = Resources()
         self._attached: dict[str, Attachment] = {}
         try:
@@ -482,7 +483,7 @@ class Server(socketserver.TCPServer):
         token = CancelToken()
         conn = Connection(sock, address, id=conn_id, config=self.config, pool=self._pool,
                           cancel_token=token, stats=self._stats, clock=self._clock,
-                          kernel_timeouts_set=True,
+                          kernel_timeouts_set=not parked,
                           run_slot=None if self._run_gate is None else RunSlot(self._run_gate))
         token.on_cancel(functools.partial(self._watchdog.abort_soon, conn))
         self._registry.add(conn)
