@@ -89,12 +89,17 @@ class CancelToken:
     def on_cancel(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when cancelled (at once if already cancelled).
 
-        The server uses it to hand a cancelled connection to its watchdog.
+        The server uses it to hand a cancelled connection to its watchdog. No lock
+        unless the token is cancelled (every connection sets one; the lock is shared):
+        whichever of this and :meth:`cancel` takes the callback under the lock calls it.
         """
+        self._on_cancel = callback
+        if not self.cancelled:
+            return
         with self._lock:
-            if not self.cancelled:
-                self._on_cancel = callback
-                return
+            if self._on_cancel is not callback:
+                return   # cancel() took it, and calls it
+            self._on_cancel = None
         callback()
 
     @property
@@ -103,9 +108,9 @@ class CancelToken:
         return self._on_cancel
 
     def detach(self) -> None:
-        """Drop the callback (and the references it holds) once the connection ended."""
-        with self._lock:
-            self._on_cancel = None
+        """Drop the callback (and the references it holds) once the connection ended
+        (one store: a cancel() racing with it calls the callback or does not, both fine)."""
+        self._on_cancel = None
 
     def __repr__(self) -> str:
         state = f"cancelled={self._reason.value}" if self._reason else "active"
