@@ -24,11 +24,12 @@ import termios
 import time
 from typing import Callable
 
-__all__ = ["linger", "unacked_bytes", "discard_input"]
+__all__ = ["linger", "unacked_bytes", "discard_input", "connection_gone"]
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _FIRST_WAIT_INTERVAL = 0.001
 _MAX_WAIT_INTERVAL = 0.05
+_TCP_CLOSE = 7   # tcpi_state of a closed connection (linux/tcp_states.h)
 
 
 def unacked_bytes(sock: socket.socket) -> int:
@@ -37,6 +38,20 @@ def unacked_bytes(sock: socket.socket) -> int:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except (OSError, ValueError):
         return 0   # closed or not a TCP socket: nothing we can still deliver
+
+
+def connection_gone(sock: socket.socket) -> bool:
+    """The kernel closed the connection (a reset came): nothing unacknowledged ever will be.
+
+    A peer that closed its socket answers data sent after its end of stream (a TLS
+    close_notify, say) with a reset; but once our side saw its end of stream, reads
+    keep returning end of stream and never report that reset, and SIOCOUTQ keeps
+    counting the bytes: the TCP state (``TCP_INFO``) is what tells.
+    """
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except (OSError, ValueError):
+        return True   # closed, or not TCP: nothing to wait for
 
 
 def discard_input(sock: socket.socket) -> str | None:
@@ -79,7 +94,7 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
     poller = None
     while True:
         state = discard_input(sock)
-        if state == "reset" or forced() or unacked_bytes(sock) == 0:
+        if state == "reset" or forced() or unacked_bytes(sock) == 0 or connection_gone(sock):
             return
         ready_always = ready_always or state == "eof"
         remaining = expires_at - time.monotonic()

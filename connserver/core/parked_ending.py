@@ -23,7 +23,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import Cancelled, CloseReason, ConnServerError
 from .cancel import Watchdog
-from .closing import discard_input, unacked_bytes
+from .closing import connection_gone, discard_input, unacked_bytes
 from .faults import Faults
 from .outcome import classify_failure
 
@@ -135,7 +135,7 @@ class ParkedEnds:
                     ending.write_shut = True
                     conn.shut_write()
                 state = discard_input(sock)
-                if state != "reset" and unacked_bytes(sock) > 0:
+                if state != "reset" and unacked_bytes(sock) > 0 and not connection_gone(sock):
                     # After the peer's end of stream the socket always reads as ready:
                     # then only the watchdog looks again.
                     return self._wait_closing(parked, 0 if state == "eof" else READ)
@@ -160,13 +160,17 @@ class ParkedEnds:
                              functools.partial(self._look_closing, parked))
 
     def _look_closing(self, parked: Any) -> float | None:
-        """On the watchdog's thread: once the peer has acknowledged everything (or the
-        linger is over, or forced), hand the connection to the pool to end it."""
+        """On the watchdog's thread: once the peer has acknowledged everything, or reset
+        the connection (what a peer that closed does with data sent after its end of
+        stream: a TLS close_notify, say), or the linger is over, or forced, hand the
+        connection to the pool to end it."""
         conn = parked.conn
         ending = parked.ending
         assert ending is not None
         now = conn.clock()
-        if not (conn.forced or now >= ending.expires_at or unacked_bytes(conn.socket) == 0):
+        sock = conn.socket
+        if not (conn.forced or now >= ending.expires_at or unacked_bytes(sock) == 0
+                or discard_input(sock) == "reset" or connection_gone(sock)):
             return min(now + ending.next_interval(), ending.expires_at)
         self._kick(parked)
         return None

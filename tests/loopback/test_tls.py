@@ -245,3 +245,17 @@ def test_recv_exactly_over_tls_spans_records(serve, ca, certs):
             received += chunk
         assert received == struct.pack("!I", 40000) + b"tail" + b"end"
     wait_closed(server, 1)
+
+
+@pytest.mark.both_modes
+def test_a_closed_peer_does_not_hold_the_lingering_close(serve, ca, certs):
+    """The client closes; our close_notify then gets a reset from its kernel. Reads
+    keep saying end of stream and the 24 bytes stay unacknowledged, but the
+    connection is gone: the close ends at once, not at linger_timeout (30 s)."""
+    server = serve(FramedEchoHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"],
+                   linger_timeout=30.0)
+    with tls_client(server, ca) as client:
+        client.sendall(struct.pack("!I", 2) + b"hi")
+        assert client.recv(100) == struct.pack("!I", 2) + b"hi"
+    stats = wait_closed(server, 1, timeout=3.0)
+    assert stats.close_reasons == {"eof": 1}
