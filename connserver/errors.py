@@ -65,6 +65,7 @@ class CloseReason(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     LIMIT = "limit"                   # rejected by max_connections / max_connections_per_ip
     REJECTED = "rejected"             # the handler refused the peer's request (a WebSocket upgrade)
+    KEEPALIVE = "keepalive_timeout"   # no answer to a keepalive ping within its timeout
     ERROR = "error"                   # the handler raised
 
     def __str__(self) -> str:

@@ -547,7 +547,8 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
             id=self.id, peer=self.peer_label, age=now - self.created_at,
             bytes_in=self.bytes_received, bytes_out=self.bytes_sent,
             operation=self.operation, deadline_remaining=remaining,
-            leases=self.leases.outstanding, queue_bytes=self.queue_bytes)
+            leases=self.leases.outstanding, queue_bytes=self.queue_bytes,
+            latency=getattr(self.handler, "latency", None))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

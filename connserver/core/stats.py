@@ -50,6 +50,7 @@ class ConnectionInfo:
     deadline_remaining: float | None
     leases: int
     queue_bytes: int
+    latency: float | None = None     # the last keepalive ping's round trip, s (WebSocket)
 
 
 class ServerStats:

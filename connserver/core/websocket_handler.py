@@ -68,6 +68,12 @@ class HandshakeRejected(ConnServerError):
         return f"WebSocket upgrade rejected with HTTP {self.status}: {self.why}"
 
 
+class KeepaliveTimeout(ConnServerError):
+    """The peer did not answer a keepalive ping within ``ping_timeout``."""
+
+    close_reason = CloseReason.KEEPALIVE
+
+
 class WebSocketHandler(MessageHandler):
     """WebSocket messages: override :meth:`handle_message`; a returned value is sent back.
 
@@ -96,7 +102,13 @@ class WebSocketHandler(MessageHandler):
     ``subprotocols`` (those spoken, in order of preference), ``max_message_size``
     (bytes; default ``Config.max_frame_size``), ``max_handshake_size`` (bytes of
     the upgrade request's head), ``close_timeout`` (seconds the peer has to
-    answer our close).
+    answer our close), ``ping_interval`` (seconds between keepalive pings; None:
+    no pings) and ``ping_timeout`` (seconds the peer has to answer one, else the
+    connection ends with close code 1011 and reason ``keepalive_timeout``).
+    Pings are kept by the engine's timers (:meth:`next_timer`): no thread and no
+    timer object per connection; a pong is input, so it keeps the connection
+    from idling out. ``latency`` is the last ping's round trip, in seconds
+    (shown in ``/connections``).
 
     Attributes: ``request`` is the Connection, as in every handler; the upgrade
     request is ``upgrade``; ``subprotocol`` the one chosen; ``close_code`` and
@@ -112,6 +124,8 @@ class WebSocketHandler(MessageHandler):
     max_message_size: ClassVar[int | None] = None
     max_handshake_size: ClassVar[int] = 16384
     close_timeout: ClassVar[float] = 10.0
+    ping_interval: ClassVar[float | None] = 20.0
+    ping_timeout: ClassVar[float] = 20.0
 
     upgrade: ws.UpgradeRequest | None = None
     subprotocol: str | None = None
@@ -120,6 +134,11 @@ class WebSocketHandler(MessageHandler):
     _protocol: ws.WebSocketProtocol
     _close_expires_at: float | None = None
     _on_close_called = False
+    latency: float | None = None          # the last keepalive ping's round trip, s
+    _ping_due: float | None = None        # when the next ping goes out
+    _pong_due: float | None = None        # when the ping in flight must be answered by
+    _ping_sent_at = 0.0
+    _pings = 0
 
     # --- the hooks -------------------------------------------------------------------
 
@@ -245,7 +264,7 @@ class WebSocketHandler(MessageHandler):
             if self._protocol.open:
                 self.conn.sendall(self._protocol.pong(event.payload))
         elif isinstance(event, ws.PongReceived):
-            self.on_pong(event.payload)
+            self._pong_received(event.payload)
         elif isinstance(event, ws.CloseReceived):
             self._close_received(event)
         elif isinstance(event, ws.Failure):
@@ -271,7 +290,42 @@ class WebSocketHandler(MessageHandler):
         self.subprotocol = subprotocol
         self._message_expires_at = None
         self.message_phase = "read"
+        if self.ping_interval:
+            self._ping_due = self.conn.clock() + self.ping_interval
         self.on_connect()
+
+    # --- keepalive, on the engine's timers ------------------------------------------
+
+    def next_timer(self) -> float | None:
+        if self._close_expires_at is not None or not self._protocol.open:
+            return None
+        return self._pong_due if self._pong_due is not None else self._ping_due
+
+    def on_timer(self) -> None:
+        """Send the next keepalive ping; or, if the last one went unanswered, end."""
+        now = self.conn.clock()
+        if self._pong_due is not None:
+            if now < self._pong_due:
+                return
+            self._send_last(ws.close_frame(ws.INTERNAL_ERROR, "keepalive ping timeout"))
+            self._closed(ws.INTERNAL_ERROR, "keepalive ping timeout")
+            raise KeepaliveTimeout(f"no pong within {self.ping_timeout:g} s")
+        if self._ping_due is None or now < self._ping_due:
+            return
+        self._pings += 1
+        self.conn.sendall(self._protocol.ping(b"%d" % self._pings))
+        self._ping_sent_at = now
+        self._pong_due = now + self.ping_timeout
+        self._ping_due = None
+
+    def _pong_received(self, payload: bytes) -> None:
+        if self._pong_due is not None and payload == b"%d" % self._pings:
+            now = self.conn.clock()
+            self.latency = now - self._ping_sent_at
+            self._pong_due = None
+            if self.ping_interval:
+                self._ping_due = now + self.ping_interval
+        self.on_pong(payload)
 
     def _serve_http(self, request: ws.HttpRequest) -> None:
         response = self.handle_http(request)
