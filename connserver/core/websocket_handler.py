@@ -104,7 +104,10 @@ class WebSocketHandler(MessageHandler):
     the upgrade request's head), ``close_timeout`` (seconds the peer has to
     answer our close), ``ping_interval`` (seconds between keepalive pings; None:
     no pings) and ``ping_timeout`` (seconds the peer has to answer one, else the
-    connection ends with close code 1011 and reason ``keepalive_timeout``).
+    connection ends with close code 1011 and reason ``keepalive_timeout``),
+    ``compression`` (None: a client's permessage-deflate offer is declined;
+    ``"deflate"``: accepted, with inflated messages held to ``max_message_size``
+    — a decompression bomb gets 1009 — and the messages we send compressed).
     Pings are kept by the engine's timers (:meth:`next_timer`): no thread and no
     timer object per connection; a pong is input, so it keeps the connection
     from idling out. ``latency`` is the last ping's round trip, in seconds
@@ -126,6 +129,7 @@ class WebSocketHandler(MessageHandler):
     close_timeout: ClassVar[float] = 10.0
     ping_interval: ClassVar[float | None] = 20.0
     ping_timeout: ClassVar[float] = 20.0
+    compression: ClassVar[str | None] = None
 
     upgrade: ws.UpgradeRequest | None = None
     subprotocol: str | None = None
@@ -191,7 +195,8 @@ class WebSocketHandler(MessageHandler):
 
     def make_codec(self) -> Codec:
         self._protocol = ws.WebSocketProtocol(
-            self.max_message_size or self.server.config.max_frame_size, self.max_handshake_size)
+            self.max_message_size or self.server.config.max_frame_size, self.max_handshake_size,
+            self.compression)
         return self._protocol
 
     def _prepare(self) -> None:

@@ -18,9 +18,12 @@ peers needs and wsproto leaves to its caller:
   header) has begun, so the caller can hold it to a read deadline from its
   first byte, as the framing codecs do.
 
-permessage-deflate is not offered: wsproto inflates without an output bound,
-so a compressed message could grow past ``max_message_size`` in memory before
-any check. A client's offer is declined (the handshake succeeds without it).
+permessage-deflate is declined unless asked for (``compression="deflate"``):
+wsproto inflates without an output bound, so it is done here by
+:mod:`connserver.protocols.websocket_deflate`, which refuses a message that
+would inflate past ``max_message_size`` (1009) before it costs more than that.
+Negotiated, the messages we send are compressed too; a broadcast's shared frame
+(:func:`message_frame`) is not (an uncompressed message is always allowed).
 
 Frames to the client are built here (server frames are never masked), so a
 binary message goes out as a header and the caller's own buffer, uncopied;
@@ -50,6 +53,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as _WsprotoRemoteError
 
 from ..errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from .websocket_deflate import BoundedDeflate, DeflateTooBig
 
 __all__ = [
     "WebSocketProtocol", "HttpRequest", "UpgradeRequest", "HttpResponse", "PingReceived", "PongReceived", "CloseReceived",
@@ -71,6 +75,8 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 
 _MAX_CONTROL_PAYLOAD = 125
+_RSV1 = 0x40   # a compressed message's first frame (RFC 7692, 6)
+COMPRESSIONS = (None, "deflate")
 _HANDSHAKE, _OPEN, _LOCAL_CLOSING, _CLOSED = "handshake", "open", "closing", "closed"
 
 
@@ -169,9 +175,9 @@ class HandshakeFailed(RemoteProtocolError):
 Event = Union[str, bytes, HttpRequest, UpgradeRequest, PingReceived, PongReceived, CloseReceived, Failure]
 
 
-def frame_header(opcode: int, size: int, fin: bool = True) -> bytes:
+def frame_header(opcode: int, size: int, fin: bool = True, compressed: bool = False) -> bytes:
     """A server frame's header (unmasked) for a payload of ``size`` bytes."""
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | (_RSV1 if compressed else 0) | opcode
     if size <= _MAX_CONTROL_PAYLOAD:
         return struct.pack("!BB", first, size)
     if size <= 0xFFFF:
@@ -282,9 +288,14 @@ class WebSocketProtocol:
     :meth:`reject` close it straight away.
     """
 
-    def __init__(self, max_message_size: int, max_handshake_size: int = 16384) -> None:
+    def __init__(self, max_message_size: int, max_handshake_size: int = 16384,
+                 compression: str | None = None) -> None:
         if max_message_size < 0:
             raise ValueError("max_message_size must not be negative")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+        self.compression = compression
+        self._deflate: BoundedDeflate | None = None   # once negotiated
         self.max_frame_size = max_message_size   # the Codec's name for the bound
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_handshake_size)
         self._handshake: H11Handshake | None = H11Handshake(ConnectionType.SERVER)
@@ -366,9 +377,10 @@ class WebSocketProtocol:
         """Accept the upgrade; return the ``101 Switching Protocols`` response to send."""
         if self.state != _HANDSHAKE or self._handshake is None:
             raise LocalProtocolError(f"cannot accept a WebSocket in state {self.state}")
+        deflate = BoundedDeflate(self.max_frame_size) if self.compression == "deflate" else None
         try:
             response = self._handshake.send(AcceptConnection(
-                subprotocol=subprotocol,
+                subprotocol=subprotocol, extensions=[deflate] if deflate else [],
                 extra_headers=[(name.encode("latin-1"), value.encode("latin-1"))
                                for name, value in extra_headers]))
         except Exception as exc:   # wsproto's LocalProtocolError: a subprotocol not offered
@@ -376,7 +388,12 @@ class WebSocketProtocol:
         self._unread = self._http.trailing_data[0]
         self._http = None   # type: ignore[assignment]   # the request head is not needed again
         self._handshake = None
-        self._frames = _FrameConnection(ConnectionType.SERVER, [self._bounds])
+        # The bounds see each frame as it came (compressed), before it is inflated.
+        extensions: list[Extension] = [self._bounds]
+        if deflate is not None and deflate.enabled():
+            self._deflate = deflate
+            extensions.append(deflate)
+        self._frames = _FrameConnection(ConnectionType.SERVER, extensions)
         self.state = _OPEN
         return response
 
@@ -431,8 +448,11 @@ class WebSocketProtocol:
                 elif isinstance(event, CloseConnection):
                     events.append(self._closed_by(event))
                     break
-        except _TooBig:
-            size, limit = self._bounds.too_big or (0, self._bounds.max_message_size)
+        except (_TooBig, DeflateTooBig) as exc:
+            if isinstance(exc, DeflateTooBig):
+                size, limit = exc.size, exc.limit
+            else:
+                size, limit = self._bounds.too_big or (0, self._bounds.max_message_size)
             events.append(self._fail(MESSAGE_TOO_BIG, f"message of {size} bytes exceeds "
                                      f"the limit of {limit} bytes", size, limit))
         return events
@@ -458,13 +478,24 @@ class WebSocketProtocol:
     def frame_parts(self, payload: bytes) -> tuple[bytes, ...]:
         """A binary message as the buffers to send: its header and ``payload`` itself."""
         self._require_open()
+        if self._deflate is not None:
+            payload = self._deflate.compress(bytes(payload))
+            return (frame_header(Opcode.BINARY, len(payload), compressed=True), payload)
         return (frame_header(Opcode.BINARY, len(payload)), payload)
 
     def text_frame(self, text: str) -> bytes:
         """A text message, framed."""
         self._require_open()
         encoded = text.encode("utf-8")
+        if self._deflate is not None:
+            encoded = self._deflate.compress(encoded)
+            return frame_header(Opcode.TEXT, len(encoded), compressed=True) + encoded
         return frame_header(Opcode.TEXT, len(encoded)) + encoded
+
+    @property
+    def compressed(self) -> bool:
+        """permessage-deflate was negotiated."""
+        return self._deflate is not None
 
     def pong(self, payload: bytes) -> bytes:
         return frame_header(Opcode.PONG, len(payload)) + payload
