@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import socketserver
-from typing import Any, MutableMapping, Protocol
+from typing import Any, Mapping, MutableMapping, Protocol
 
 from .cancel import CancelToken
 from ..config import Config
@@ -51,6 +51,12 @@ class Handler(socketserver.BaseRequestHandler):
     - ``finish()``: after ``handle()``, always (even if it raised).
     - ``connection_closed(reason)``: after the socket is closed, with the
       :class:`~connserver.CloseReason`; for cleanup that must see the outcome.
+    - ``access_log_fields()``: extra ``key=value`` pairs for the connection's
+      access-log line (a WebSocket's ``ws_close=1001``).
+
+    Attributes the server reads when the connection has ended: ``close_code``,
+    the protocol's own close code if it has one (a WebSocket's), counted in
+    ``ServerStatistics.close_codes``; None (the default) counts nothing.
 
     Attributes for the handler:
 
@@ -70,6 +76,7 @@ class Handler(socketserver.BaseRequestHandler):
     conn: Connection
     cancel: CancelToken
     server: HandlerServer
+    close_code: int | None = None
 
     def __init__(self, request: Connection, client_address: Any, server: HandlerServer) -> None:
         self._bind(request, client_address, server)
@@ -109,6 +116,11 @@ class Handler(socketserver.BaseRequestHandler):
 
     def connection_closed(self, reason: CloseReason) -> None:
         """Called once, after the socket was closed, with why it ended."""
+
+    def access_log_fields(self) -> Mapping[str, int | str]:
+        """Extra fields for this connection's access-log line, once it has ended
+        (values without spaces: the line is ``key=value`` pairs)."""
+        return {}
 
 
 class MessageHandler(Handler):

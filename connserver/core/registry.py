@@ -6,13 +6,18 @@ step that counts its close reason and bytes (so ``statistics()`` counts every
 byte exactly once, live or ended), and each end writes one access-log line.
 ``wait_empty`` is what a shutdown's drain waits on. Everything here is bounded
 by the number of live connections.
+
+What the handler says about its end (:class:`EndedWith`: its protocol's close
+code, extra access-log fields) comes in with the removal, so the core needs to
+know nothing of any protocol: a WebSocket's ``ws_close=1001`` is one such field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .deadline import Clock
 from ..errors import CloseReason
@@ -22,9 +27,30 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .run_slots import RunGate
 
-__all__ = ["ConnectionRegistry"]
+__all__ = ["ConnectionRegistry", "EndedWith"]
 
 access_log = logging.getLogger("connserver.access")
+
+
+@dataclasses.dataclass(frozen=True)
+class EndedWith:
+    """What a connection's handler says about its end, for the books."""
+
+    close_code: int | None = None                  # its protocol's close code, counted
+    fields: Mapping[str, int | str] = dataclasses.field(default_factory=dict)   # logged
+
+    @classmethod
+    def of(cls, handler: Any) -> "EndedWith":
+        """Read from a handler that has ended (``close_code``, ``access_log_fields()``)."""
+        code = getattr(handler, "close_code", None)
+        fields = handler.access_log_fields() if hasattr(handler, "access_log_fields") else {}
+        return cls(code if isinstance(code, int) else None, fields)
+
+    def log_text(self) -> str:
+        return "".join(f" {key}={value}" for key, value in self.fields.items())
+
+
+_NOTHING = EndedWith()
 
 
 class ConnectionRegistry:
@@ -44,19 +70,21 @@ class ConnectionRegistry:
                 self._run_gate.connections += 1
         self._stats.opened()
 
-    def remove(self, conn: "Connection", reason: CloseReason) -> None:
+    def remove(self, conn: "Connection", reason: CloseReason, ended: EndedWith = _NOTHING) -> None:
         """``conn`` has closed: log its end, then count it and wake a drain waiting on it
         (in that order, so whoever sees it counted finds its access-log line)."""
         if access_log.isEnabledFor(logging.INFO):
             # bytes_out: what the peer acknowledged; unacked: sent, maybe never delivered.
-            access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s%s",
+            access_log.info("#%d %s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s%s%s",
                             conn.id, conn.peer_label, self._clock() - conn.created_at,
                             conn.bytes_received, conn.bytes_sent - conn.bytes_unacked,
                             reason.value,
-                            f" unacked={conn.bytes_unacked}" if conn.bytes_unacked else "")
+                            f" unacked={conn.bytes_unacked}" if conn.bytes_unacked else "",
+                            ended.log_text())
         with self._cond:
             self._live.pop(conn.id, None)
-            self._stats.closed(reason, conn.bytes_received, conn.bytes_sent, conn.bytes_unacked)
+            self._stats.closed(reason, conn.bytes_received, conn.bytes_sent, conn.bytes_unacked,
+                               ended.close_code)
             if self._run_gate is not None:
                 self._run_gate.connections -= 1
             self._cond.notify_all()

@@ -31,7 +31,7 @@ from .accepting import ACCEPT_BACKOFF_INTERVAL, Acceptor
 from .handler import Handler
 from .outcome import classify_failure
 from .preamble import Preamble, PreambleSteps
-from .registry import ConnectionRegistry
+from .registry import ConnectionRegistry, EndedWith
 from .parking import ParkingLot, why_not_parked
 from .resources import Resources
 from .report import ShutdownReport, StuckThread, describe_thread, stack_of
@@ -520,19 +520,22 @@ class Server(socketserver.TCPServer):
             conn.close(0.0 if reason in _UNDELIVERABLE else linger_timeout, reason)
             conn.cancel_token.detach()
         handler, conn.handler = conn.handler, None
+        ended = EndedWith()
         try:
             self._pool.check_account(conn.leases, f"connection #{conn.id}")
             if handler is not None:
                 try:
                     handler.connection_closed(reason)   # type: ignore[attr-defined]
+                    ended = EndedWith.of(handler)
                 except BaseException:
-                    conn_log.exception("#%d %s connection_closed() raised", conn.id, conn.peer_label)
+                    conn_log.exception("#%d %s connection_closed() or access_log_fields() raised",
+                                       conn.id, conn.peer_label)
         finally:
             self._limiter.release_ip(accounted_ip)
             self._limiter.release_slot()
             self._preamble.release(conn)
             self._stuck.discard(conn.id)
-            self._registry.remove(conn, reason)
+            self._registry.remove(conn, reason, ended)
 
     def _linger_timeout(self) -> float:
         """How long a closing connection may wait for its peer to take what was sent."""

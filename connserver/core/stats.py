@@ -32,6 +32,9 @@ class ServerStatistics:
     stuck_threads: int = 0        # cancelled connections whose handler has not ended in time
     # Unexpected exceptions the server's own threads survived, by thread role (faults.py).
     internal_errors: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # Ended connections by their protocol's close code (a WebSocket's: 1000, 1001, 1009...),
+    # for handlers that have one (Handler.close_code).
+    close_codes: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +72,8 @@ class ServerStats:
         self._reasons: collections.Counter[str] = collections.Counter()
         self._deadlines: collections.Counter[str] = collections.Counter()
         self._internal_errors: collections.Counter[str] = collections.Counter()
+        # Bounded: close codes are 16-bit, and a WebSocket's are checked (1000-4999).
+        self._close_codes: collections.Counter[int] = collections.Counter()
 
     def opened(self) -> None:
         with self._lock:
@@ -76,10 +81,12 @@ class ServerStats:
             self.total += 1
 
     def closed(self, reason: CloseReason, bytes_received: int = 0, bytes_sent: int = 0,
-               bytes_unacked: int = 0) -> None:
+               bytes_unacked: int = 0, close_code: int | None = None) -> None:
         with self._lock:
             self.active -= 1
             self._reasons[reason.value] += 1
+            if close_code is not None and 0 <= close_code <= 0xFFFF:
+                self._close_codes[close_code] += 1
             self.bytes_received += bytes_received
             self.bytes_sent += bytes_sent
             self.bytes_unacked += bytes_unacked
@@ -109,4 +116,4 @@ class ServerStats:
                 spare_threads=spare_threads, uptime=self._clock() - self.started_at,
                 bytes_received=self.bytes_received + live_bytes[0],
                 bytes_sent=self.bytes_sent + live_bytes[1], bytes_unacked=self.bytes_unacked, stuck_threads=stuck_threads,
-                internal_errors=dict(self._internal_errors))
+                internal_errors=dict(self._internal_errors), close_codes=dict(self._close_codes))

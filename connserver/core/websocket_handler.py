@@ -387,6 +387,11 @@ class WebSocketHandler(MessageHandler):
         self.close_code, self.close_reason_text = code, reason.value
         return frame
 
+    def access_log_fields(self) -> dict[str, int | str]:
+        """``ws_close=<code>`` once the WebSocket was open (the close code is counted in
+        ``ServerStatistics.close_codes`` too, as ``close_code``)."""
+        return {} if self.close_code is None else {"ws_close": self.close_code}
+
     def finish(self) -> None:
         """After the last message, however the connection ended: ``on_close`` is owed once."""
         try:

@@ -201,6 +201,7 @@ def stats_document(server: "Server") -> dict[str, Any]:
         "connections_total": stats.connections_total,
         "connections_rejected": stats.connections_rejected,
         "close_reasons": dict(stats.close_reasons),
+        "close_codes": {str(code): count for code, count in stats.close_codes.items()},
         "deadline_hits": dict(stats.deadline_hits),
         "handler_threads": stats.handler_threads,
         "spare_threads": stats.spare_threads,

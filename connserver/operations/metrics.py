@@ -48,6 +48,9 @@ def render_metrics(stats: "ServerStatistics", census: Census, pool: "PoolStatist
     add(_family("connserver_connections_closed_total", "counter",
                 "Connections ended, by close reason.",
                 [({"reason": reason}, count) for reason, count in sorted(reasons.items())]))
+    add(_family("connserver_close_codes_total", "counter",
+                "Connections ended, by their protocol's close code (WebSocket).",
+                [({"code": str(code)}, count) for code, count in sorted(stats.close_codes.items())]))
     add(_family("connserver_deadline_exceeded_total", "counter",
                 "Deadlines that fired, by I/O phase.",
                 [({"phase": phase}, count) for phase, count in sorted(stats.deadline_hits.items())]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import socket
 import struct
@@ -320,8 +321,10 @@ def test_check_request_refuses_with_its_status(serve):
     assert wait_closed(server, 2).close_reasons == {"eof": 1, "rejected": 1}
 
 
-def test_shutdown_says_going_away(serve):
-    """A server shutting down closes open WebSockets with 1001 (reason shutdown)."""
+def test_shutdown_says_going_away(serve, caplog):
+    """A server shutting down closes open WebSockets with 1001 (reason shutdown), counted
+    in close_codes and on the access-log line (ws_close=1001)."""
+    caplog.set_level(logging.INFO, logger="connserver.access")
     server = serve(WebSocketEchoHandler)
     with client(server) as ws:
         ws.send("x")
@@ -330,7 +333,10 @@ def test_shutdown_says_going_away(serve):
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=SAFETY)
         assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1001
-    assert server.stats().close_reasons == {"shutdown": 1}
+    stats = server.stats()
+    assert stats.close_reasons == {"shutdown": 1} and stats.close_codes == {1001: 1}
+    [line] = [r.getMessage() for r in caplog.records if r.name == "connserver.access"]
+    assert "reason=shutdown" in line and line.endswith(" ws_close=1001"), line
 
 
 # --- raw sockets: the rules, and the deadlines --------------------------------------------
