@@ -12,6 +12,11 @@ open (a socket shut both ways answers data with a reset, RFC 1122) and input
 is discarded until everything is acknowledged. There is no readiness event for
 "acknowledged", so that wait polls, backing off from 1 ms to 50 ms. Unread
 input is always discarded, so the close itself sends no reset.
+
+A protocol whose goodbye the peer answers (a WebSocket's close frame) can also
+have the close wait for that answer: an :class:`Answer` is handed the input
+instead of it being dropped, and the close goes on until it says the answer
+came, within its own timeout (and the linger's).
 """
 
 from __future__ import annotations
@@ -24,12 +29,36 @@ import termios
 import time
 from typing import Callable
 
-__all__ = ["linger", "unacked_bytes", "discard_input", "connection_gone"]
+__all__ = ["Answer", "linger", "unacked_bytes", "discard_input", "connection_gone"]
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _FIRST_WAIT_INTERVAL = 0.001
 _MAX_WAIT_INTERVAL = 0.05
 _TCP_CLOSE = 7   # tcpi_state of a closed connection (linux/tcp_states.h)
+
+
+class Answer:
+    """What a closing connection still waits for from its peer: ``take(data)`` is given
+    each chunk of input read while closing and returns True once the answer is complete;
+    the wait lasts at most ``timeout`` seconds (the linger's own bound applies too)."""
+
+    __slots__ = ("take", "timeout", "done")
+
+    def __init__(self, take: Callable[[bytes], bool], timeout: float) -> None:
+        self.take = take
+        self.timeout = timeout
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        if not self.done:
+            try:
+                self.done = bool(self.take(data))
+            except Exception:   # the peer broke its protocol answering: stop waiting
+                self.done = True
+
+    def awaited(self, state: str | None) -> bool:
+        """Still worth waiting for: not complete, and the peer's stream has not ended."""
+        return not self.done and state != "eof"
 
 
 def unacked_bytes(sock: socket.socket) -> int:
@@ -54,16 +83,20 @@ def connection_gone(sock: socket.socket) -> bool:
         return True   # closed, or not TCP: nothing to wait for
 
 
-def discard_input(sock: socket.socket) -> str | None:
-    """Read and drop what the peer sent that nobody will read.
+def discard_input(sock: socket.socket, answer: Answer | None = None) -> str | None:
+    """Read and drop what the peer sent that nobody will read (an ``answer`` still
+    awaited is given it first).
 
     Returns ``"eof"`` at the peer's end of stream (or with the read side shut and
     nothing left), ``"reset"`` if the connection is broken, else None.
     """
     try:
         while True:
-            if not sock.recv(65536, _DONTWAIT):
+            data = sock.recv(65536, _DONTWAIT)
+            if not data:
                 return "eof"
+            if answer is not None:
+                answer.feed(data)
     except BlockingIOError:
         return None
     except OSError:
@@ -71,15 +104,23 @@ def discard_input(sock: socket.socket) -> str | None:
 
 
 def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
-           forced: Callable[[], bool]) -> None:
-    """Wait up to ``timeout`` seconds for the peer to take what was sent (see above).
+           forced: Callable[[], bool], answer: Answer | None = None) -> None:
+    """Wait up to ``timeout`` seconds for the peer to take what was sent (see above),
+    and for its ``answer`` (up to ``answer.timeout``) if one is awaited.
 
     ``sock`` is the raw TCP socket (blocking, no Python timeout); ``read_shut``:
     its read side was shut; ``forced()``: another thread forced the connection
-    shut, so stop now.
+    shut, so stop now. With ``read_shut``, a read cannot say whether input may still
+    come, so an answer is waited for by looking again, 1 to 50 ms apart.
     """
-    if unacked_bytes(sock) == 0:
-        discard_input(sock)
+    answer_expires_at = time.monotonic() + (0.0 if answer is None else min(answer.timeout, timeout))
+
+    def answered(state: str | None) -> bool:
+        # With the read side shut, reads end "eof" whether or not the peer's stream did.
+        return (answer is None or not answer.awaited(None if read_shut else state)
+                or time.monotonic() >= answer_expires_at)
+
+    if unacked_bytes(sock) == 0 and answered(discard_input(sock, answer)):
         return
     # Once the read side is shut, or the peer's end of stream came, the socket
     # always reads as ready: then there is nothing to wait on but time.
@@ -93,8 +134,10 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
     interval = _FIRST_WAIT_INTERVAL
     poller = None
     while True:
-        state = discard_input(sock)
-        if state == "reset" or forced() or unacked_bytes(sock) == 0 or connection_gone(sock):
+        state = discard_input(sock, answer)
+        if state == "reset" or forced() or connection_gone(sock):
+            return
+        if unacked_bytes(sock) == 0 and answered(state):
             return
         ready_always = ready_always or state == "eof"
         remaining = expires_at - time.monotonic()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator, NoReturn
 from .addresses import format_peer
 from .buffers import BufferLease, BufferPool, LeaseAccount
 from .cancel import CancelToken
-from .closing import linger, unacked_bytes
+from .closing import Answer, linger, unacked_bytes
 from ..config import Config
 from .connection_tls import TLSConnectionIO
 from .connection_parked import ParkedIO
@@ -495,13 +495,15 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
                 pass   # already disconnected: the blocked call has returned anyway
         return not force and self.operation == "write"
 
-    def close(self, linger_timeout: float = 0.0, reason: CloseReason | None = None) -> None:
+    def close(self, linger_timeout: float = 0.0, reason: CloseReason | None = None,
+              answer: Answer | None = None) -> None:
         """Close the socket (owner thread only; idempotent), recording ``reason``.
 
         With ``linger_timeout`` (seconds), first wait up to that long for the peer
         to acknowledge what was sent (:func:`connserver.closing.linger`). Whatever it
         has not acknowledged by then is counted in ``bytes_unacked``: it may never
-        arrive.
+        arrive. ``answer``: the peer's answer to our goodbye, waited for too (not over
+        TLS, whose input is not plaintext here).
         """
         slot = self.run_slot
         if slot is not None:
@@ -514,7 +516,8 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
                 self.operation = "linger"
                 try:
                     linger(self._sock, linger_timeout, read_shut=self._read_shut,
-                           forced=lambda: self._forced)
+                           forced=lambda: self._forced,
+                           answer=None if self.tls else answer)
                 finally:
                     self.operation = None
             with self._close_lock:
@@ -533,6 +536,11 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def read_shut(self) -> bool:
+        """``abort()`` shut the read side: a read's end of stream is not the peer's."""
+        return self._read_shut
 
     @property
     def socket(self) -> socket.socket:

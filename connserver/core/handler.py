@@ -9,6 +9,7 @@ from typing import Any, Mapping, MutableMapping, Protocol
 
 from .cancel import CancelToken
 from ..config import Config
+from .closing import Answer
 from .connection import Connection
 from ..errors import Cancelled, CloseReason, RemoteProtocolError
 from ..protocols.framing import Codec, LengthPrefixed, Lines, LineTooLong
@@ -53,6 +54,8 @@ class Handler(socketserver.BaseRequestHandler):
       :class:`~connserver.CloseReason`; for cleanup that must see the outcome.
     - ``access_log_fields()``: extra ``key=value`` pairs for the connection's
       access-log line (a WebSocket's ``ws_close=1001``).
+    - ``closing_answer()``: after ``finish()``, what the peer still owes in answer
+      to a goodbye (a WebSocket's close frame), for the close to wait for.
 
     Attributes the server reads when the connection has ended: ``close_code``,
     the protocol's own close code if it has one (a WebSocket's), counted in
@@ -116,6 +119,11 @@ class Handler(socketserver.BaseRequestHandler):
 
     def connection_closed(self, reason: CloseReason) -> None:
         """Called once, after the socket was closed, with why it ended."""
+
+    def closing_answer(self) -> Answer | None:
+        """The peer's answer to our goodbye, for the lingering close to wait for (its
+        input is handed to it instead of being dropped), or None: nothing is owed."""
+        return None
 
     def access_log_fields(self) -> Mapping[str, int | str]:
         """Extra fields for this connection's access-log line, once it has ended

@@ -8,6 +8,8 @@ Parked, the same steps wait parked: what the socket does not take goes out as it
 becomes writable; the lingering close discards input as it arrives, and the
 watchdog looks at the acknowledgements (1 to 50 ms apart, doubling, as a
 lingering thread would), then kicks the connection back to the pool to end it.
+A handler's ``closing_answer()`` (a WebSocket's awaited close frame) is handed
+the input instead, and the linger also lasts until it is complete.
 Only a hub subscriber's end, which must take its queue back from the hub's
 writer (which may wait), goes to a handler thread.
 """
@@ -23,7 +25,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import Cancelled, CloseReason, ConnServerError
 from .cancel import Watchdog
-from .closing import connection_gone, discard_input, unacked_bytes
+from .closing import Answer, connection_gone, discard_input, unacked_bytes
 from .faults import Faults
 from .outcome import classify_failure
 
@@ -53,13 +55,28 @@ class Ending:
     would replace the linger's looks, and nothing would end the connection.
     """
 
-    __slots__ = ("reason", "expires_at", "write_shut", "_interval")
+    __slots__ = ("reason", "expires_at", "write_shut", "answer", "answer_expires_at", "_interval")
 
     def __init__(self, reason: CloseReason, expires_at: float) -> None:
         self.reason = reason
         self.expires_at = expires_at
         self.write_shut = False
+        self.answer: Answer | None = None   # the peer's answer to our goodbye, awaited
+        self.answer_expires_at = expires_at
         self._interval = _FIRST_LOOK / 2
+
+    def await_answer(self, answer: Answer | None, now: float) -> None:
+        """Wait for ``answer`` too (not beyond the linger), from ``now``."""
+        self.answer = answer
+        if answer is not None:
+            self.answer_expires_at = min(self.expires_at, now + answer.timeout)
+
+    def awaiting(self, conn: Any, state: str | None) -> bool:
+        """The peer's answer is still owed, and worth waiting for (after a read that
+        ended in ``state``; with the read side shut, that says nothing of the peer)."""
+        answer = self.answer
+        return (answer is not None and conn.clock() < self.answer_expires_at
+                and answer.awaited(None if conn.read_shut else state))
 
     def next_interval(self) -> float:
         """How long until the watchdog looks at the acknowledgements again (1 -> 50 ms,
@@ -112,6 +129,8 @@ class ParkedEnds:
                     conn.queue_goodbye(message)
             if parked.started:
                 handler.finish()
+            if handler is not None and reason not in UNDELIVERABLE and conn.tls is None:
+                parked.ending.await_answer(handler.closing_answer(), conn.clock())
         except BaseException as exc:
             parked.ending.reason = classify_failure(conn, exc)
         self._close(parked)
@@ -134,8 +153,9 @@ class ParkedEnds:
                 if not ending.write_shut:
                     ending.write_shut = True
                     conn.shut_write()
-                state = discard_input(sock)
-                if state != "reset" and unacked_bytes(sock) > 0 and not connection_gone(sock):
+                state = discard_input(sock, ending.answer)
+                if state != "reset" and (unacked_bytes(sock) > 0 or ending.awaiting(conn, state)) \
+                        and not connection_gone(sock):
                     # After the peer's end of stream the socket always reads as ready:
                     # then only the watchdog looks again.
                     return self._wait_closing(parked, 0 if state == "eof" else READ)
@@ -169,8 +189,10 @@ class ParkedEnds:
         assert ending is not None
         now = conn.clock()
         sock = conn.socket
-        if not (conn.forced or now >= ending.expires_at or unacked_bytes(sock) == 0
-                or discard_input(sock) == "reset" or connection_gone(sock)):
+        state = discard_input(sock, ending.answer)
+        if not (conn.forced or now >= ending.expires_at or state == "reset"
+                or (unacked_bytes(sock) == 0 and not ending.awaiting(conn, state))
+                or connection_gone(sock)):
             return min(now + ending.next_interval(), ending.expires_at)
         self._kick(parked)
         return None

@@ -510,6 +510,13 @@ class Server(socketserver.TCPServer):
         """After the handler: close (lingering, unless a parked end did that already),
         clean up, count. Every path ends here."""
         linger_timeout = 0.0 if lingered else self._linger_timeout()
+        answer = None
+        closing_answer = getattr(conn.handler, "closing_answer", None)
+        if not lingered and reason not in _UNDELIVERABLE and closing_answer is not None:
+            try:
+                answer = closing_answer()
+            except Exception:
+                conn_log.exception("#%d %s closing_answer() raised", conn.id, conn.peer_label)
         try:
             self._watchdog.unwatch(conn)
             if conn.write_sink_attached:   # before close(): the hub's writer uses the fd
@@ -517,7 +524,7 @@ class Server(socketserver.TCPServer):
                 # for this peer, and deliver that too, unless nothing more can reach it.
                 conn.send_goodbye(b"", timeout=0.0 if reason in _UNDELIVERABLE else linger_timeout)
         finally:
-            conn.close(0.0 if reason in _UNDELIVERABLE else linger_timeout, reason)
+            conn.close(0.0 if reason in _UNDELIVERABLE else linger_timeout, reason, answer)
             conn.cancel_token.detach()
         handler, conn.handler = conn.handler, None
         ended = EndedWith()

@@ -16,7 +16,9 @@ same deadlines:
 - every send is bounded by ``write_timeout`` (parked: queued, bounded by
   ``max_write_buffer``), as every write of a connection is;
 - after :meth:`WebSocketHandler.close`, the peer has ``close_timeout`` to answer
-  with its close frame before the socket is shut.
+  with its close frame before the socket is shut; after a shutdown's or a
+  lifetime's 1001, the lingering close waits for that answer the same way
+  (:meth:`WebSocketHandler.closing_answer`), within the linger's bound.
 
 How each way of ending is counted (close reason in stats, and the close code):
 
@@ -46,6 +48,7 @@ from typing import ClassVar, Collection, Sequence
 from ..errors import CloseReason, ConnServerError, LocalProtocolError, RemoteProtocolError
 from ..protocols.framing import Codec
 from ..protocols import websocket as ws
+from .closing import Answer
 from .handler import MessageHandler
 
 __all__ = ["WebSocketHandler", "HandshakeRejected"]
@@ -386,6 +389,26 @@ class WebSocketHandler(MessageHandler):
         frame = self._protocol.close(code, reason.value)
         self.close_code, self.close_reason_text = code, reason.value
         return frame
+
+    def closing_answer(self) -> Answer | None:
+        """Our close frame went unanswered so far (a shutdown's 1001, or ``close()``):
+        the lingering close waits for the peer's, within what is left of
+        ``close_timeout`` (and of the linger, which a drain's grace bounds)."""
+        protocol = self._protocol
+        if protocol.state != "closing":
+            return None
+        remaining = self.close_timeout
+        if self._close_expires_at is not None:
+            remaining = self._close_expires_at - self.conn.clock()
+        if remaining <= 0:
+            return None
+        return Answer(self._take_closing_input, remaining)
+
+    def _take_closing_input(self, data: bytes) -> bool:
+        """While closing: whether ``data`` completed the peer's close frame (or broke the
+        protocol, which ends the wait too). Messages in it are dropped, as after close()."""
+        return any(isinstance(event, (ws.CloseReceived, ws.Failure))
+                   for event in self._protocol.feed(data))
 
     def access_log_fields(self) -> dict[str, int | str]:
         """``ws_close=<code>`` once the WebSocket was open (the close code is counted in

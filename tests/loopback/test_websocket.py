@@ -18,7 +18,8 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect as async_connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
+from websockets.exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
+                                   InvalidStatus)
 from websockets.sync.client import connect
 
 import connserver
@@ -322,17 +323,19 @@ def test_check_request_refuses_with_its_status(serve):
 
 
 def test_shutdown_says_going_away(serve, caplog):
-    """A server shutting down closes open WebSockets with 1001 (reason shutdown), counted
-    in close_codes and on the access-log line (ws_close=1001)."""
+    """A server shutting down closes open WebSockets with 1001 (reason shutdown), a clean
+    close handshake for the client (ConnectionClosedOK: 1001 received, its answer sent),
+    counted in close_codes and on the access-log line (ws_close=1001)."""
     caplog.set_level(logging.INFO, logger="connserver.access")
     server = serve(WebSocketEchoHandler)
     with client(server) as ws:
         ws.send("x")
         assert ws.recv(timeout=SAFETY) == "x"
         server.shutdown(grace=SAFETY)
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ConnectionClosedOK):
             ws.recv(timeout=SAFETY)
         assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1001
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == 1001
     stats = server.stats()
     assert stats.close_reasons == {"shutdown": 1} and stats.close_codes == {1001: 1}
     [line] = [r.getMessage() for r in caplog.records if r.name == "connserver.access"]

@@ -1,11 +1,15 @@
-"""The WebSocket close code in the books, both modes: the access-log line carries
-``ws_close=<code>`` (a handler's extra access-log field) and the stats and /metrics
-count connections by it (``close_codes``)."""
+"""How a WebSocket's end is recorded and waited for, both modes: the access-log line
+carries ``ws_close=<code>`` (a handler's extra access-log field), the stats and /metrics
+count connections by it (``close_codes``), and a shutdown waits for the client's
+answer to its 1001 (the close handshake) within close_timeout and the drain's grace."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
+import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -14,7 +18,8 @@ import connserver
 from connserver.apps.ws_echo import WebSocketEchoHandler
 from tests.conftest import connect as tcp_connect, wait_closed
 from tests.loopback.test_admin import get
-from tests.loopback.test_websocket import SAFETY, client
+from tests.loopback.test_websocket import SAFETY, Raw, client
+from tests.unit.test_websocket_protocol import CLOSE, TEXT, client_frame, close_payload
 
 pytestmark = pytest.mark.both_modes
 
@@ -82,3 +87,59 @@ def test_handlers_without_a_close_code_log_no_extra_field(serve, caplog):
     assert wait_closed(server, 1).close_codes == {}
     [line] = access_lines(caplog)
     assert line.endswith("reason=eof"), line
+
+
+# --- a shutdown waits for the close handshake ---------------------------------------------
+
+def test_shutdown_waits_for_the_clients_close_frame(serve):
+    """After a shutdown's 1001 the server keeps the TCP connection until the client's
+    answering close frame (here 0.3 s later), then closes at once; the drain counts it
+    once the handshake is done."""
+    server = serve(WebSocketEchoHandler)
+    with Raw(server) as raw:
+        raw.sendall(client_frame(TEXT, b"x"))
+        assert raw.frame() == (TEXT, b"x")
+        done = threading.Event()
+        stopper = threading.Thread(target=lambda: (server.shutdown(grace=SAFETY), done.set()),
+                                   name="test-shutdown")
+        stopper.start()
+        try:
+            opcode, payload = raw.frame()
+            assert opcode == CLOSE and payload[:2] == b"\x03\xe9"   # 1001
+            raw.sock.settimeout(0.3)   # meant to fire: the server must still be waiting
+            with pytest.raises(socket.timeout):
+                raw.sock.recv(1)
+            assert server.stats().connections_active == 1 and not done.is_set()
+            raw.sock.settimeout(SAFETY)
+            raw.sendall(client_frame(CLOSE, close_payload(1001)))
+            assert raw.at_end()   # the server closed right after the answer
+        finally:
+            stopper.join(SAFETY)
+        assert not stopper.is_alive()
+    stats = server.stats()
+    assert stats.close_reasons == {"shutdown": 1} and stats.close_codes == {1001: 1}
+
+
+def test_shutdown_stops_waiting_at_close_timeout(serve):
+    """A client that never answers the 1001 is closed after close_timeout (small here),
+    well within the drain's grace."""
+    class Quick(WebSocketEchoHandler):
+        close_timeout = 0.2
+
+    server = serve(Quick)
+    with Raw(server) as raw:
+        raw.sendall(client_frame(TEXT, b"x"))
+        assert raw.frame() == (TEXT, b"x")
+        started = time.monotonic()
+        stopper = threading.Thread(target=server.shutdown, kwargs={"grace": SAFETY},
+                                   name="test-shutdown")
+        stopper.start()
+        try:
+            assert raw.frame()[0] == CLOSE
+            assert raw.at_end()
+            assert time.monotonic() - started < SAFETY / 2
+        finally:
+            stopper.join(SAFETY)
+        assert not stopper.is_alive()
+    assert server.stats().close_reasons == {"shutdown": 1}
+

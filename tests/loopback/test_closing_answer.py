@@ -1,0 +1,95 @@
+"""The lingering close waiting for the peer's answer to a goodbye (closing.Answer), on a
+real TCP pair: it ends when the answer is complete, at the answer's timeout, or at the
+peer's end of stream, with the read side shut or not."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from connserver.core.closing import Answer, linger
+
+SAFETY = 10.0
+
+
+@pytest.fixture
+def tcp_pair():
+    """(ours, theirs): a connected TCP pair on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname(), timeout=SAFETY)
+        ours, _ = listener.accept()
+    with ours, theirs:
+        yield ours, theirs
+
+
+def wait_for_bytes(sock: socket.socket, size: int = 1) -> None:
+    """Until ``sock`` has ``size`` bytes of input queued (the peer's bytes arrived)."""
+    deadline = time.monotonic() + SAFETY
+    while len(sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)) < size:
+        assert time.monotonic() < deadline
+
+
+class Collect:
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.seen = b""
+
+    def __call__(self, data: bytes) -> bool:
+        self.seen += data
+        return self.marker in self.seen
+
+
+@pytest.mark.parametrize("read_shut", [False, True])
+def test_linger_ends_once_the_answer_is_complete(tcp_pair, read_shut):
+    """The answer, already there in two pieces, is handed over and ends the wait at once."""
+    ours, theirs = tcp_pair
+    if read_shut:
+        ours.shutdown(socket.SHUT_RD)   # what follows still arrives, and is read (Linux)
+    theirs.sendall(b"noise, then CLO")
+    theirs.sendall(b"SE")
+    wait_for_bytes(ours, len(b"noise, then CLOSE"))
+    collect = Collect(b"CLOSE")
+    answer = Answer(collect, timeout=SAFETY)
+    started = time.monotonic()
+    linger(ours, SAFETY, read_shut=read_shut, forced=lambda: False, answer=answer)
+    assert answer.done
+    assert collect.seen == b"noise, then CLOSE" and time.monotonic() - started < SAFETY / 2
+
+
+@pytest.mark.parametrize("read_shut", [False, True])
+def test_linger_stops_waiting_at_the_answers_timeout(tcp_pair, read_shut):
+    """No answer: the wait ends at answer.timeout (0.2 s), not at the linger's 10 s."""
+    ours, _theirs = tcp_pair
+    if read_shut:
+        ours.shutdown(socket.SHUT_RD)
+    answer = Answer(Collect(b"CLOSE"), timeout=0.2)
+    started = time.monotonic()
+    linger(ours, SAFETY, read_shut=read_shut, forced=lambda: False, answer=answer)
+    elapsed = time.monotonic() - started
+    assert not answer.done and 0.15 < elapsed < SAFETY / 2, elapsed
+
+
+def test_the_peers_end_of_stream_ends_the_wait(tcp_pair):
+    """The peer closed without answering: no answer can come, so no waiting."""
+    ours, theirs = tcp_pair
+    theirs.shutdown(socket.SHUT_WR)
+    answer = Answer(Collect(b"CLOSE"), timeout=SAFETY)
+    started = time.monotonic()
+    linger(ours, SAFETY, read_shut=False, forced=lambda: False, answer=answer)
+    assert not answer.done and time.monotonic() - started < SAFETY / 2
+
+
+def test_an_answer_that_raises_ends_the_wait(tcp_pair):
+    """A peer that breaks its protocol while answering (take() raises): the wait ends."""
+    ours, theirs = tcp_pair
+    theirs.sendall(b"garbage")
+    wait_for_bytes(ours)
+
+    def broken(data: bytes) -> bool:
+        raise ValueError("not a close frame")
+
+    answer = Answer(broken, timeout=SAFETY)
+    linger(ours, SAFETY, read_shut=False, forced=lambda: False, answer=answer)
+    assert answer.done
