@@ -73,6 +73,7 @@ static struct {
     int wait_reply;
     int barrier;
     int framed;
+    int websocket;
     double barrier_timeout;
     long server_pid;
     double slice;
@@ -692,6 +693,55 @@ static void build_request(unsigned char *m, uint64_t idx, uint64_t seq)
     for (size_t i = 0; i < tn; i++) m[off + i] ^= tag[i];
 }
 
+/* --websocket: each connection first does the HTTP/1.1 upgrade (RFC 6455 section 4, with the
+ * RFC's sample key, so the expected Sec-WebSocket-Accept is fixed); then every request is one
+ * binary frame, masked as a client must, and the echo one unmasked binary frame with the same
+ * payload. Payloads up to 65,535 bytes (7- or 16-bit length). */
+static int g_ws;
+static const char WS_UPGRADE[] =
+    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+static const char WS_ACCEPT[] = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+#define WS_HS_CAP 1024u
+
+static size_t ws_header_len(size_t size) { return size < 126 ? 2 : 4; }
+
+/* The request frame (masked) into req, the frame the server must send back into exp. */
+static void build_ws(unsigned char *req, unsigned char *exp, uint64_t idx, uint64_t seq)
+{
+    size_t s = (size_t)O.size, h = ws_header_len(s);
+    exp[0] = 0x82;   /* FIN, binary */
+    if (h == 2) exp[1] = (unsigned char)s;
+    else { exp[1] = 126; exp[2] = (unsigned char)(s >> 8); exp[3] = (unsigned char)s; }
+    int saved = g_framed;
+    g_framed = 0;
+    build_request(exp + h, idx, seq);
+    g_framed = saved;
+    memcpy(req, exp, h);
+    req[1] |= 0x80;  /* MASK */
+    uint32_t key = (uint32_t)(seq * 2654435761u) ^ (uint32_t)(idx * 40503u) ^ 0x5bd1e995u;
+    unsigned char mk[4] = {(unsigned char)key, (unsigned char)(key >> 8), (unsigned char)(key >> 16),
+                           (unsigned char)(key >> 24)};
+    memcpy(req + h, mk, 4);
+    for (size_t i = 0; i < s; i++) req[h + 4 + i] = exp[h + i] ^ mk[i & 3];
+}
+
+/* Whether a complete upgrade response (through the blank line, nothing after it) is a 101
+ * with the expected accept key; NULL if so, otherwise what is wrong. */
+static const char *ws_check_response(const char *hs, size_t len)
+{
+    const char *end = strstr(hs, "\r\n\r\n");
+    if (!end) return "no end of headers";
+    if ((size_t)(end + 4 - hs) != len) return "data after the 101 response";
+    if (strncmp(hs, "HTTP/1.1 101", 12) != 0) return "not a 101 response";
+    const char *a = strcasestr(hs, "\r\nsec-websocket-accept:");
+    if (!a || a > end) return "no Sec-WebSocket-Accept";
+    a += 24;
+    while (*a == ' ' || *a == '\t') a++;
+    if (strncmp(a, WS_ACCEPT, sizeof WS_ACCEPT - 1) != 0) return "wrong Sec-WebSocket-Accept";
+    return NULL;
+}
+
 static void describe_mismatch(const char *what, const char *unit, long idx, const char *req, uint64_t seq,
                               const unsigned char *expect, const unsigned char *got, size_t n, size_t base,
                               size_t total)
@@ -710,6 +760,7 @@ static void jparams_common(void)
     jint("port", O.port);
     jint("source_addrs", g_nsrc);
     jbool("framed", g_framed);
+    jbool("websocket", g_ws);
 }
 
 static void cpu_list(char *out, size_t cap)
@@ -752,15 +803,17 @@ static void jfairness(const uint64_t *counts, long n, const uint64_t *total_coun
 
 typedef struct {
     int fd;
-    uint8_t state, wout, busy, established;
+    uint8_t state, wout, busy, established, upgrading;
     uint32_t sent, rcvd;
     uint64_t seq, t_conn, t_req;
-    unsigned char *msg;
+    unsigned char *msg, *exp;     /* the request, and the reply expected (the same bytes unless --websocket) */
+    char *hs;                     /* --websocket: the upgrade response while it arrives */
+    uint32_t hslen;
 } econn_t;
 
 typedef struct {
     int ep;
-    size_t msglen;
+    size_t msglen, replen;       /* request and reply on the wire */
     uint64_t ws, we;
     int running;
     uint64_t issued, outstanding, total_rt, win_rt, verified;
@@ -813,7 +866,8 @@ static int echo_may_issue(echo_t *E, const econn_t *k, uint64_t t)
 
 static void echo_start(echo_t *E, econn_t *k, long idx, uint64_t t)
 {
-    build_request(k->msg, (uint64_t)idx, k->seq);
+    if (g_ws) build_ws(k->msg, k->exp, (uint64_t)idx, k->seq);
+    else build_request(k->msg, (uint64_t)idx, k->seq);
     k->sent = k->rcvd = 0;
     k->t_req = t;
     k->busy = 1;
@@ -822,9 +876,40 @@ static void echo_start(echo_t *E, econn_t *k, long idx, uint64_t t)
     echo_send(E, k, idx);
 }
 
+/* --websocket: the upgrade response; once it is complete and right, the first request goes. */
+static void echo_upgrade_read(echo_t *E, econn_t *k, long idx)
+{
+    ssize_t r = recv(k->fd, k->hs + k->hslen, WS_HS_CAP - 1 - k->hslen, 0);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EINTR) return;
+        echo_close(E, k, errno);
+        return;
+    }
+    if (r == 0) { echo_close(E, k, ERR_EARLY_EOF); return; }
+    k->hslen += (uint32_t)r;
+    k->hs[k->hslen] = 0;
+    if (!strstr(k->hs, "\r\n\r\n")) {
+        if (k->hslen >= WS_HS_CAP - 1) fail("%s: connection %ld: upgrade response over %u bytes", MODE_NAMES[O.mode], idx, WS_HS_CAP);
+        return;
+    }
+    const char *wrong = ws_check_response(k->hs, k->hslen);
+    if (wrong) {
+        char *eol = strstr(k->hs, "\r\n");
+        if (eol) *eol = 0;
+        fail("%s: connection %ld: upgrade refused (%s): %.120s", MODE_NAMES[O.mode], idx, wrong, k->hs);
+        return;
+    }
+    free(k->hs);
+    k->hs = NULL;
+    k->upgrading = 0;
+    uint64_t t = now_ns();
+    if (echo_may_issue(E, k, t)) echo_start(E, k, idx, t);
+}
+
 static void echo_read(echo_t *E, econn_t *k, long idx)
 {
-    size_t rem = k->busy ? E->msglen - k->rcvd : 0;
+    if (k->upgrading) { echo_upgrade_read(E, k, idx); return; }
+    size_t rem = k->busy ? E->replen - k->rcvd : 0;
     size_t want = rem + 1 < SCRATCH_SIZE ? rem + 1 : SCRATCH_SIZE;
     ssize_t r = recv(k->fd, g_scratch, want, 0);
     if (r < 0) {
@@ -838,14 +923,14 @@ static void echo_read(echo_t *E, econn_t *k, long idx)
              MODE_NAMES[O.mode], idx, r, rem, (unsigned long long)k->seq);
         return;
     }
-    if (memcmp(g_scratch, k->msg + k->rcvd, (size_t)r) != 0) {
-        describe_mismatch(MODE_NAMES[O.mode], "connection", idx, "request", k->seq, k->msg + k->rcvd, g_scratch, (size_t)r,
-                          k->rcvd, E->msglen);
+    if (memcmp(g_scratch, k->exp + k->rcvd, (size_t)r) != 0) {
+        describe_mismatch(MODE_NAMES[O.mode], "connection", idx, "request", k->seq, k->exp + k->rcvd, g_scratch, (size_t)r,
+                          k->rcvd, E->replen);
         return;
     }
     k->rcvd += (uint32_t)r;
     E->verified += (uint64_t)r;
-    if (k->rcvd < E->msglen) return;
+    if (k->rcvd < E->replen) return;
 
     uint64_t t = now_ns();
     if (k->seq == 0) {
@@ -956,8 +1041,11 @@ static int run_echo(void)
     echo_t E;
     memset(&E, 0, sizeof E);
     E.msglen = (size_t)O.size + (g_framed ? 4 : 0);
+    E.replen = E.msglen;
+    if (g_ws) { E.replen = (size_t)O.size + ws_header_len((size_t)O.size); E.msglen = E.replen + 4; }
+    size_t slot = E.msglen + (g_ws ? E.replen : 0);
     econn_t *c = calloc((size_t)N, sizeof *c);
-    unsigned char *arena = malloc((size_t)(N + 1) * E.msglen);   /* +1: the probe */
+    unsigned char *arena = malloc((size_t)(N + 1) * slot);   /* +1: the probe */
     E.win = calloc((size_t)N, sizeof *E.win);
     E.all = calloc((size_t)N, sizeof *E.all);
     if (!c || !arena || !E.win || !E.all) { perror("malloc"); exit(3); }
@@ -968,7 +1056,11 @@ static int run_echo(void)
     memset(&cerr, 0, sizeof cerr);
     E.ep = epoll_create1(EPOLL_CLOEXEC);
     if (E.ep < 0) { perror("epoll_create1"); exit(3); }
-    for (long i = 0; i < N; i++) { c[i].fd = -1; c[i].msg = arena + (size_t)i * E.msglen; }
+    for (long i = 0; i < N; i++) {
+        c[i].fd = -1;
+        c[i].msg = arena + (size_t)i * slot;
+        c[i].exp = g_ws ? c[i].msg + E.msglen : c[i].msg;
+    }
 
     struct epoll_event evs[MAX_EVENTS];
     cpuwin_t cw;
@@ -988,7 +1080,7 @@ static int run_echo(void)
     probe_t pr;
     memset(&pr, 0, sizeof pr);
     pr.fd = -1;
-    pr.msg = arena + (size_t)N * E.msglen;
+    pr.msg = arena + (size_t)N * slot;
     pr.h = hist_new();
     pr.next = E.ws;
     if (O.server_pid > 0) g_srv.next_tick = t0 + SRV_TICK_NS;
@@ -1023,7 +1115,7 @@ static int run_echo(void)
                 E.we = E.ws + sec_ns(O.duration);
                 pr.next = E.ws;
                 for (long i = 0; i < opened; i++)
-                    if (c[i].state == ST_ACTIVE && !c[i].busy && echo_may_issue(&E, &c[i], now))
+                    if (c[i].state == ST_ACTIVE && !c[i].busy && !c[i].upgrading && echo_may_issue(&E, &c[i], now))
                         echo_start(&E, &c[i], i, now);
             }
         }
@@ -1094,7 +1186,13 @@ static int run_echo(void)
                 if (opened == N && connecting == 0) t_all_connected = t;
                 ep_ctl(E.ep, EPOLL_CTL_MOD, k->fd, EPOLLIN, (uint64_t)idx);
                 E.waiting_first++;
-                if (echo_may_issue(&E, k, t)) echo_start(&E, k, idx, t);
+                if (g_ws) {
+                    k->hs = malloc(WS_HS_CAP);
+                    if (!k->hs) { perror("malloc"); exit(3); }
+                    k->hslen = 0;
+                    k->upgrading = 1;
+                    send_small(k->fd, WS_UPGRADE, sizeof WS_UPGRADE - 1);
+                } else if (echo_may_issue(&E, k, t)) echo_start(&E, k, idx, t);
                 continue;
             }
             if (k->state != ST_ACTIVE) continue;
@@ -1102,6 +1200,7 @@ static int run_echo(void)
             if (k->state == ST_ACTIVE && (ev & EPOLLOUT) && k->busy && k->sent < E.msglen) echo_send(&E, k, idx);
         }
     }
+    for (long i = 0; i < N; i++) free(c[i].hs);
     cpuwin_end(&cw);
     if (pr.fd >= 0) close(pr.fd);
     uint64_t t_stop = now_ns();
@@ -1226,7 +1325,7 @@ static int run_hold(void)
 
     for (;;) {
         uint64_t now = now_ns();
-        if (g_stop) break;
+        if (g_stop || g_failed) break;
         if (!t_hold) {
             int all = opened == N && connecting == 0 && (!O.wait_reply || served_open == open_now);
             int late = opened == N && since(now, t_last_open) >= sec_ns(O.connect_timeout);
@@ -1285,7 +1384,8 @@ static int run_hold(void)
                 k->established = 1;
                 established++;
                 open_now++;
-                if (g_hello_t[0] || O.framed) {
+                if (g_ws) send_small(k->fd, WS_UPGRADE, sizeof WS_UPGRADE - 1);
+                else if (g_hello_t[0] || O.framed) {
                     /* --framed: the greeting goes as one frame ("h" if no --hello), so a framed
                        echo server answers it too */
                     size_t hl = g_hello_t[0] ? format_hello(hello + 4, sizeof hello - 4, idx) : 1;
@@ -1302,6 +1402,10 @@ static int run_hold(void)
             ssize_t r = recv(k->fd, g_scratch, SCRATCH_SIZE, 0);
             if (r > 0) {
                 bytes_rx += (uint64_t)r;
+                if (!k->served && g_ws && (r < 12 || memcmp(g_scratch, "HTTP/1.1 101", 12) != 0)) {
+                    fail("hold: connection %ld: the upgrade was refused: %.60s", idx, (const char *)g_scratch);
+                    break;
+                }
                 if (!k->served) { k->served = 1; served++; served_open++; }
                 continue;
             }
@@ -2517,6 +2621,10 @@ static void usage(FILE *f)
           "  --framed             echo/hold/churn/paced: send every message (hold: the greeting, \"h\"\n"
           "                       by default) as a frame, 4-byte big-endian length + payload; any echo\n"
           "                       server echoes it unchanged, a framed echo server parses it\n"
+          "  --websocket          echo/hold: upgrade each connection to a WebSocket (HTTP/1.1, fixed key)\n"
+          "                       first; echo: every request is one masked binary frame, every reply\n"
+          "                       must be the same payload in one unmasked binary frame; hold: served\n"
+          "                       once the 101 response has arrived\n"
           "  --barrier            echo/framed: no connection sends its second request until every\n"
           "                       connection has had its first reply; the warm-up and the window start\n"
           "                       then (reports the burst: time until all were served)\n"
@@ -2602,6 +2710,7 @@ int main(int argc, char **argv)
         {"wait-reply", no_argument, 0, 'W'},
         {"barrier", no_argument, 0, 'b'},
         {"framed", no_argument, 0, 'f'},
+        {"websocket", no_argument, 0, 'K'},
         {"barrier-timeout", required_argument, 0, 'B'},
         {"server-pid", required_argument, 0, 'z'},
         {"slice", required_argument, 0, 'L'},
@@ -2662,6 +2771,7 @@ int main(int argc, char **argv)
         case 'W': O.wait_reply = 1; break;
         case 'b': O.barrier = 1; break;
         case 'f': O.framed = 1; break;
+        case 'K': O.websocket = 1; break;
         case 'B': bad = parse_double(optarg, 0.001, 3600, &O.barrier_timeout); break;
         case 'z': bad = parse_long(optarg, 1, INT_MAX, &O.server_pid); break;
         case 'L': bad = parse_double(optarg, 0, 86400, &O.slice); break;
@@ -2690,6 +2800,11 @@ int main(int argc, char **argv)
     if (O.barrier && O.mode != M_ECHO && O.mode != M_FRAMED) emit_and_exit_usage("--barrier is for echo and framed");
     if (O.framed && O.mode == M_FANOUT) emit_and_exit_usage("--framed is for echo, hold, churn and paced");
     g_framed = O.mode == M_FRAMED || O.framed;
+    if (O.websocket && O.mode != M_ECHO && O.mode != M_HOLD) emit_and_exit_usage("--websocket is for echo and hold");
+    if (O.websocket && (O.framed || O.hello || O.probe_interval > 0))
+        emit_and_exit_usage("--websocket goes without --framed, --hello and --probe-interval");
+    if (O.websocket && O.size > 65535) emit_and_exit_usage("--websocket needs --size <= 65535");
+    g_ws = O.websocket;
     if (O.publisher_port < 0) O.publisher_port = O.port;
     if (O.mode == M_FANOUT && O.size < 17) emit_and_exit_usage("fanout needs --size >= 17 (16-byte header and '\\n')");
     if (O.mode == M_FANOUT && O.size > 65536) emit_and_exit_usage("fanout needs --size <= 65536 (one line per message)");

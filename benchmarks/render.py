@@ -694,6 +694,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
         rows.append(("Fan-out: a stalled subscriber does not slow the others (p99 with ÷ without ≤ 1.5)",
                      verdict.text(), verdict.word))
     rows += issue13_targets(results)
+    rows += issue14_targets(results)
     return rows
 
 
@@ -822,6 +823,117 @@ def parked_section(results: dict) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------- WebSocket
+
+WS_OURS = ("connserver-ws", "connserver-ws-parked")
+WS_SYNC, WS_ASYNC = "websockets-sync", "websockets-asyncio"
+
+
+def ws_echo_section(results: dict) -> list[str]:
+    cells = cells_of(results, "ws-echo")
+    if not cells:
+        return []
+    lines = ["## WebSocket echo", "",
+             "`loadgen --websocket`: each connection upgrades (HTTP/1.1), then keeps one 64-byte "
+             "binary message outstanding, masked as a client must; the echo must be the same payload "
+             "in one binary frame. The same limits on every server: messages up to 1 MiB, no "
+             "compression, keepalive pings off. `vs connserver-ws`: the server's CPU per round trip "
+             "÷ connserver-ws's.", ""]
+    for n in sorted({cell["connections"] for cell in cells}):
+        row_cells = [cell for cell in cells if cell["connections"] == n]
+        base = measure(next((c for c in row_cells if c["server"] == "connserver-ws"), None), cpu_per_rt)
+        rows = []
+        for cell in row_cells:
+            cpu = measure(cell, cpu_per_rt)
+            jain = measure(cell, lambda r: dig(r, "results", "fairness", "jain"))
+            rows.append([
+                cell["server"] + failures(cell), show(cpu, 2),
+                "—" if cell["server"] == "connserver-ws" else claim(base, cpu, "connserver-ws", cell["server"]).text(),
+                show(measure(cell, lambda r: dig(r, "results", "round_trips_per_s"))),
+                show(measure(cell, lambda r: dig(r, "server", "util")), 2),
+                show(measure(cell, lambda r: dig(r, "results", "latency", "p50_us"))),
+                show(measure(cell, lambda r: dig(r, "results", "latency", "p99_us"))),
+                show(measure(cell, lambda r: dig(r, "results", "fairness", "starved"))),
+                show(jain, 3) if jain else "—",
+                show(measure(cell, lambda r: dig(r, "results", "burst", "all_served_s")), 3),
+                show(measure(cell, lambda r: dig(r, "loadgen_cpu", "util")), 2),
+                others(cell),
+            ])
+        lines += [f"### N={n:,}", ""]
+        lines += table(["server", "CPU µs/round trip", "vs connserver-ws", "round trips/s", "server CPU",
+                        "p50 µs", "p99 µs", "starved", "Jain", "upgrade + burst s", "loadgen CPU",
+                        "others % CPU 0 / 1"], rows)
+    return lines
+
+
+def ws_state(results: dict) -> dict:
+    cell = next(iter(cells_of(results, "ws-state")), None)
+    return cell["runs"][0] if cell and cell["runs"] and cell["runs"][0].get("ok") else {}
+
+
+def ws_memory_section(results: dict) -> list[str]:
+    cells = cells_of(results, "ws-hold")
+    if not cells:
+        return []
+    lines = ["## Idle WebSockets: memory", "",
+             "N connections upgraded (each has had its 101 response) and held idle; server RSS at "
+             "the end of the hold minus before connecting, divided by N; one run per server, each on "
+             "a fresh process. `connserver-parked` is the reference: a parked framed echo connection "
+             "(one round trip each), not a WebSocket. `websockets-sync` holds fewer: four descriptors "
+             "per connection (socket, wake-up socketpair, its reader's epoll set) against the hard "
+             "limit of 20,000.", ""]
+    rows = [[f"{cell['connections']:,}", cell["server"] + failures(cell),
+             "WebSocket" if cell.get("websocket") else "framed",
+             num(hold_per_conn(cell["runs"][0], cell["connections"]), 2),
+             num(dig(cell["runs"][0], "results", "still_open")),
+             num(dig(cell["runs"][0], "server", "threads_end"))] for cell in cells]
+    lines += table(["N", "server", "connection", "KiB per connection", "held", "threads"], rows)
+    state = ws_state(results)
+    if state:
+        lines += [f"One connection's protocol state on the Python heap (`ws_state.py`, tracemalloc, "
+                  f"after the upgrade and one message): wsproto's frame connection "
+                  f"{state['wsproto_frames_bytes'] / 1024:.2f} KiB, connserver's whole "
+                  f"`WebSocketProtocol` (wsproto's connection and the message bounds) "
+                  f"{state['connserver_protocol_bytes'] / 1024:.2f} KiB.", ""]
+    return lines
+
+
+def issue14_targets(results: dict) -> list[tuple[str, str, str]]:
+    """Issue 14's WebSocket targets: idle memory and echo throughput at N=100."""
+    rows: list[tuple[str, str, str]] = []
+    held = {cell["server"]: cell for cell in cells_of(results, "ws-hold")}
+
+    def per_conn(server: str) -> float | None:
+        cell = held.get(server)
+        return hold_per_conn(cell["runs"][0], cell["connections"]) if cell and cell["runs"][0].get("ok") else None
+
+    state, parked, framed = ws_state(results), per_conn("connserver-ws-parked"), per_conn("connserver-parked")
+    if parked is not None and framed is not None and state:
+        wsproto = state["wsproto_frames_bytes"] / 1024
+        whole = state["connserver_protocol_bytes"] / 1024
+        rows.append(("(issue 14) Idle WebSocket (connserver-ws-parked) ≤ a parked framed connection + "
+                     "wsproto's state (one run each)",
+                     f"{parked:.2f} KiB vs {framed:.2f} + {wsproto:.2f} = {framed + wsproto:.2f} KiB "
+                     f"(with connserver's whole protocol object: {framed + whole:.2f} KiB)",
+                     "met" if parked <= framed + wsproto else "missed"))
+    sync = per_conn(WS_SYNC)
+    for name in WS_OURS:
+        ours = per_conn(name)
+        if ours is not None and sync is not None and ours > 0:
+            rows.append((f"(issue 14) Idle WebSocket ({name}): ≥ 10× less memory than websockets' sync "
+                         "server (one run each)", f"{sync:.2f} vs {ours:.2f} KiB ({sync / ours:.1f}×)",
+                         "met" if sync / ours >= 10 else "missed"))
+    for name in WS_OURS:
+        for peer in (WS_SYNC, WS_ASYNC):
+            rate = lambda server: measure(find(results, "ws-echo", server, connections=100),  # noqa: E731
+                                          lambda r: dig(r, "results", "round_trips_per_s"))
+            verdict = against(rate(peer), rate(name), 1.0, at_least=True)
+            if verdict.median is not None:
+                rows.append((f"(issue 14) WebSocket echo N=100 ({name}): round trips/s ≥ 1.0× {peer}'s",
+                             verdict.text(), verdict.word))
+    return rows
+
+
 def targets_section(results: dict) -> list[str]:
     rows = [[target, measured, f"**{word}**" if word != "met" else word]
             for target, measured, word in targets(results)]
@@ -836,7 +948,7 @@ def render(results: dict, command: str) -> str:
     lines = header(results, command)
     for section in (targets_section, parked_section, echo_section, priming_section, burst_section, paced_section,
                     crosscheck_section, memory_section, chat_memory_section, hostile_section,
-                    churn_section, fanout_section):
+                    churn_section, fanout_section, ws_echo_section, ws_memory_section):
         lines += section(results)
     lines += ["Raw results, every run: `benchmarks/results/`.", ""]
     return "\n".join(lines)

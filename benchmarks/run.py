@@ -1,7 +1,7 @@
 """The benchmark suite: connserver beside its alternatives, measured so that a skeptic can check it.
 
     python benchmarks/run.py --quick            # a subset, about 3 minutes
-    python benchmarks/run.py --full             # the committed results, about 28 minutes
+    python benchmarks/run.py --full             # the committed results, about 31 minutes
     python benchmarks/run.py --full --at HEAD   # measure a commit rather than the working tree
     python benchmarks/run.py --full --cells burst,paced --servers connserver-parked,uvloop   # a part of it
 
@@ -54,17 +54,23 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import render  # noqa: E402
 from servers import (BY_NAME, CHAT, CONNSERVER, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE,  # noqa: E402
-                     HOSTILE, Server)
+                     HOSTILE, WS, Server)
 
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen"
 XCHECK = HERE / "xcheck.py"
 HOSTILE_PEERS = HERE / "hostile.py"
+WS_STATE = HERE / "ws_state.py"
+# websockets' sync server holds four descriptors per connection (the socket, a socketpair to
+# wake its reader, the reader's epoll set): under the 20,000 hard descriptor limit it cannot
+# hold 10,000 (it fails with EMFILE near 5,000), so its idle cell holds at most this many.
+WS_HOLD_CAP = {"websockets-sync": 4_500}
 FD_LIMIT = 40_000
-INSTALL_HINT = "pip install -e '.[bench]'   (uvloop and gevent, two of the peers)"
+INSTALL_HINT = "pip install -e '.[bench]'   (uvloop, gevent and websockets, peers; wsproto for connserver's WebSocket)"
 T = TypeVar("T")
 # The kinds of cell, in the order a run measures them (``--cells`` picks some).
-KINDS = ("echo", "burst", "paced", "crosscheck", "hold", "hold-chat", "hostile", "churn", "churn-growth", "fanout")
+KINDS = ("echo", "burst", "paced", "crosscheck", "hold", "hold-chat", "hostile", "churn", "churn-growth", "fanout",
+         "ws-echo", "ws-hold")
 # The chat app in each mode counts as named when the echo server in the same mode is.
 CHAT_MODE_OF = {"chat-thread": "connserver-framed", "chat-parked": "connserver-parked"}
 
@@ -91,19 +97,22 @@ class Plan:
     hostile: tuple[int, int]                    # (tricklers, non-readers) beside one honest client
     hostile_window: float                       # seconds the honest client is measured
     chat_hold: int                              # idle joined chat members per server (thread, parked)
+    ws_echo: tuple[int, ...] = ()               # WebSocket echo cells (connections; 64-byte binary messages)
+    ws_hold: int = 0                            # idle WebSocket connections per server
 
 
 QUICK = Plan("quick", repeats=2, warmup=0.2, window=0.8, echo=((10, 64), (1000, 64)), bursts=(),
              paced=((5000, 2.0), (1000, 10.0)), paced_warmup=0.5, paced_window=1.5, paced_slice=0.5,
              crosscheck=("connserver", "stdlib-threading"), hold=1000,
              churn=("connserver", "stdlib-threading"), churn_growth=0, fanout=False,
-             hostile=(100, 100), hostile_window=1.0, chat_hold=500)
+             hostile=(100, 100), hostile_window=1.0, chat_hold=500, ws_echo=(10, 100), ws_hold=1000)
 FULL = Plan("full", repeats=5, warmup=0.5, window=1.5,
             echo=((1, 64), (10, 64), (100, 64), (1000, 64)), bursts=(10_000,),
             paced=((10_000, 1.0), (1000, 10.0)), paced_warmup=2.0, paced_window=30.0, paced_slice=5.0,
             crosscheck=("connserver", "stdlib-threading", "asyncio-protocol"), hold=10_000,
             churn=("connserver", "stdlib-threading", "asyncio-streams"), churn_growth=100_000,
-            fanout=True, hostile=(500, 500), hostile_window=2.0, chat_hold=2000)
+            fanout=True, hostile=(500, 500), hostile_window=2.0, chat_hold=2000, ws_echo=(10, 100, 1000),
+            ws_hold=10_000)
 
 
 def alternate(items: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
@@ -228,7 +237,8 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def fleet(servers: Sequence[Server], env: "Environment", prime: bool = True) -> Iterator[dict[str, ServerProcess]]:
+def fleet(servers: Sequence[Server], env: "Environment", prime: bool = True,
+          websocket: bool = False) -> Iterator[dict[str, ServerProcess]]:
     """The servers of one group, started together and all up until the group ends.
 
     Each is primed first: 10 connections for 0.2 s, recorded apart and not counted. A fresh
@@ -249,8 +259,8 @@ def fleet(servers: Sequence[Server], env: "Environment", prime: bool = True) -> 
         if prime:
             for proc in procs.values():
                 at = round(time.monotonic() - env.started, 1)
-                result = loadgen(proc, "echo", timeout=60, framed=True, connections=10, size=64, warmup=0,
-                                 duration=0.2)
+                result = loadgen(proc, "echo", timeout=60, framed=not websocket, websocket=websocket,
+                                 connections=10, size=64, warmup=0, duration=0.2)
                 env.priming.append({"server": proc.name, "at_s": at, "result": result})
                 proc.settle(timeout=10)
         yield procs
@@ -277,6 +287,11 @@ class Environment:
     def servers(self) -> list[Server]:
         """The echo peers measured: every echo, burst, paced, hold and hostile cell."""
         return self.pick(ECHO)
+
+    @property
+    def ws_servers(self) -> list[Server]:
+        """The WebSocket echo servers measured: every ws-echo and ws-hold cell."""
+        return self.pick(WS)
 
 
 def measured(env: Environment, proc: ServerProcess, result: dict, **labels: object) -> dict:
@@ -465,6 +480,57 @@ def hold_cells(plan: Plan, env: Environment) -> list[dict]:
     return cells
 
 
+def ws_echo_cells(plan: Plan, env: Environment, n: int) -> list[dict]:
+    """Every WebSocket echo server on N connections, one 64-byte binary message outstanding on
+    each (``loadgen --websocket``): the upgrade and a burst (barrier), then the steady state."""
+    servers = env.ws_servers
+    runs: dict[str, list[dict]] = {server.name: [] for server in servers}
+    with fleet(servers, env, websocket=True) as procs:
+        for repeat, name in alternate(list(runs), plan.repeats):
+            proc = procs[name]
+            at = round(time.monotonic() - env.started, 1)
+            result = loadgen(proc, "echo", timeout=plan.warmup + plan.window + 150, websocket=True,
+                             barrier=True, connections=n, size=64, warmup=plan.warmup,
+                             duration=plan.window, connect_timeout=30, barrier_timeout=60)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[name].append(result)
+            progress(f"  ws-echo N={n} {name} #{repeat + 1}: "
+                     f"{render.num(render.cpu_per_rt(result), 2)} µs/rt, "
+                     f"{render.num(render.dig(result, 'results', 'round_trips_per_s'))} rt/s, loadgen CPU "
+                     f"{render.num(render.dig(result, 'loadgen_cpu', 'util'), 2)}")
+    return [{"kind": "ws-echo", "server": name, "connections": n, "size": 64, "runs": r}
+            for name, r in runs.items()]
+
+
+def ws_hold_cells(plan: Plan, env: Environment) -> list[dict]:
+    """Idle WebSockets: N connections upgraded (each has had its 101 response) and held idle,
+    each server on a fresh process; beside them the parked framed echo server's idle framed
+    connection (one round trip each, as in ``hold``) and the heap of one connection's protocol
+    state (``ws_state.py``), the two parts of issue 14's memory target."""
+    cells = []
+    reference = env.pick([BY_NAME["connserver-parked"]]) if env.ws_servers else []
+    with fleet(env.ws_servers + reference, env, prime=False) as procs:
+        for server in env.ws_servers + reference:
+            ws = server in env.ws_servers
+            n = min(plan.ws_hold, WS_HOLD_CAP.get(server.name, plan.ws_hold))
+            result = loadgen(procs[server.name], "hold", timeout=240, websocket=ws, framed=not ws,
+                             connections=n, wait_reply=True, duration=0.5, connect_timeout=30,
+                             source_addrs=4 if n >= 5000 else None)
+            cells.append({"kind": "ws-hold", "server": server.name, "connections": n,
+                          "websocket": ws, "runs": [result]})
+            progress(f"  ws-hold N={n} {server.name}: "
+                     f"{render.num(render.hold_per_conn(result, n), 2)} KiB/connection, "
+                     f"{render.num(render.dig(result, 'results', 'still_open'))} held")
+            procs[server.name].stop()
+    if env.ws_servers:
+        done = subprocess.run([sys.executable, str(WS_STATE)], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=env.pythonpath))
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        state = json.loads(lines[-1]) if lines else {"error": done.stderr.strip()[-300:]}
+        cells.append({"kind": "ws-state", "server": "wsproto", "runs": [dict(state, ok=bool(lines))]})
+    return cells
+
+
 def chat_hold_cells(plan: Plan, env: Environment) -> list[dict]:
     """Idle chat members: each sends its nickname (joining the room: a hub subscriber), then
     stays idle; thread per connection and parked, each on a fresh process. Every join is
@@ -617,7 +683,7 @@ def export(rev: str, into: pathlib.Path) -> None:
 
 def versions() -> dict[str, str]:
     out = {}
-    for package in ("uvloop", "gevent"):
+    for package in ("uvloop", "gevent", "websockets", "wsproto"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[package] = metadata.version(package)
     return out
@@ -629,7 +695,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a subset, about 3 minutes (default)")
-    mode.add_argument("--full", action="store_true", help="the committed results, about 28 minutes")
+    mode.add_argument("--full", action="store_true", help="the committed results, about 31 minutes")
     parser.add_argument("--at", metavar="REV", help="measure connserver as committed at REV (git archive)")
     parser.add_argument("--cells", metavar="KIND[,KIND...]", type=names_of(KINDS),
                         help="only these kinds of cell: " + ", ".join(KINDS))
@@ -652,7 +718,7 @@ def main() -> int:
         parser.error("a partial run (--cells, --servers) may not write full.json or docs/benchmarks.md")
     if not shutil.which("taskset") or not shutil.which("cc"):
         sys.exit("benchmarks need taskset (util-linux) and cc (gcc)")
-    missing = [server.name for server in ECHO if not server.available() and
+    missing = [server.name for server in ECHO + WS if not server.available() and
                (args.servers is None or server.name in args.servers)]
     if missing:
         progress(f"not installed: {', '.join(missing)}; to compare with them: {INSTALL_HINT}")
@@ -719,6 +785,8 @@ def run_plan(plan: Plan, env: Environment) -> dict:
         "churn-growth": lambda: ([churn_growth_cell(plan, env)]
                                  if plan.churn_growth and env.pick([CONNSERVER]) else []),
         "fanout": lambda: fanout_cells(plan, env) if plan.fanout and env.pick([CONNSERVER_RELAY]) else [],
+        "ws-echo": lambda: [cell for n in plan.ws_echo for cell in ws_echo_cells(plan, env, n)],
+        "ws-hold": lambda: ws_hold_cells(plan, env) if plan.ws_hold else [],
     }
     for kind in KINDS:
         if kind in env.cells:

@@ -15,6 +15,9 @@ order; a new server is one more line there. ``connserver-parked`` is
 its connections wait in one epoll set served by a small pool of threads.
 ``HOSTILE`` are the framed-capable servers the hostile-peer cell measures, and
 ``CHAT`` connserver's chat app in both modes, for the idle-member memory cell.
+``WS`` are the WebSocket echo servers (issue 14): connserver's ``ws-echo`` in
+thread mode and parked, and the ``websockets`` library's sync and asyncio
+servers, with the same limits.
 """
 
 from __future__ import annotations
@@ -181,3 +184,80 @@ CHAT = [
 ]
 
 BY_NAME = {server.name: server for server in ECHO + CHAT + [CONNSERVER_FAIR, CONNSERVER_RELAY]}
+
+# ------------------------------------------------------------------ WebSocket (issue 14)
+#
+# The same limits on every WebSocket server: messages up to 1 MiB, no compression, and no
+# keepalive pings (connserver's WebSocketHandler and both ``websockets`` servers ping every
+# 20 s by default; a benchmark window is shorter, so pings are switched off on all of them:
+# ``ping_interval = None`` / ``ping_interval=None``). permessage-deflate is declined by all:
+# connserver's default (``compression = None``, set explicitly), ``compression=None`` for
+# ``websockets``. The ``websockets`` sync server then runs two threads per connection (the
+# handler and the reader; its keepalive thread only exists with pings).
+WS_MAX_MESSAGE = 1 << 20
+
+
+def connserver_ws_program(options: str = "") -> str:
+    """connserver's ``ws-echo`` app (``WebSocketEchoHandler``), default Config but the limits."""
+    return f"""
+import connserver
+from connserver.apps.ws_echo import WebSocketEchoHandler
+
+class Echo(WebSocketEchoHandler):
+    max_message_size = {WS_MAX_MESSAGE}
+    ping_interval = None
+    compression = None
+
+config = connserver.Config(max_connections=30000, backlog={BACKLOG}{', ' + options if options else ''})
+server = connserver.Server(("127.0.0.1", 0), Echo, config)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+WEBSOCKETS_SYNC = f"""
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.server import serve
+
+def echo(websocket):
+    try:
+        for message in websocket:
+            websocket.send(message)
+    except ConnectionClosed:
+        pass
+
+with serve(echo, "127.0.0.1", 0, max_size={WS_MAX_MESSAGE}, compression=None, ping_interval=None,
+           backlog={BACKLOG}) as server:
+    print(server.socket.getsockname()[1], flush=True)
+    server.serve_forever()
+"""
+
+WEBSOCKETS_ASYNCIO = f"""
+import asyncio
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+async def echo(websocket):
+    try:
+        async for message in websocket:
+            await websocket.send(message)
+    except ConnectionClosed:
+        pass
+
+async def main():
+    async with serve(echo, "127.0.0.1", 0, max_size={WS_MAX_MESSAGE}, compression=None, ping_interval=None,
+                     backlog={BACKLOG}) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+# The WebSocket echo servers, in the order the alternation runs them (cells ``ws-echo``, ``ws-hold``).
+WS = [
+    Server("connserver-ws", connserver_ws_program(), requires="wsproto"),
+    Server("connserver-ws-parked", connserver_ws_program("park=True"), requires="wsproto"),
+    Server("websockets-sync", WEBSOCKETS_SYNC, requires="websockets"),
+    Server("websockets-asyncio", WEBSOCKETS_ASYNCIO, requires="websockets"),
+]
+BY_NAME.update({server.name: server for server in WS})
