@@ -34,6 +34,8 @@ from .faults import Faults
 
 __all__ = ["HandlerThreadPool", "block_async_signals"]
 
+_SURPLUS_WAIT = 0.05   # seconds a thread beyond max_spare waits for a job before it exits
+
 Job = TypeVar("Job")
 
 _STACK_SIZE_LOCK = threading.Lock()
@@ -280,8 +282,12 @@ class HandlerThreadPool(Generic[Job]):
     def _next_job(self) -> Job | None:
         """Wait for a job; None to exit. The caller has counted itself in ``surplus``."""
         while True:
+            # More threads waiting than max_spare allows (one started for a job another
+            # thread took first): wait only a moment, then go, rather than spare_timeout.
+            timeout = (self._spare_timeout if self._surplus <= self._max_spare
+                       else min(self._spare_timeout, _SURPLUS_WAIT))
             try:
-                return self._jobs.get(timeout=self._spare_timeout)
+                return self._jobs.get(timeout=timeout)
             except queue.Empty:
                 with self._cond:
                     # A job may have been queued for us as the wait timed out: run it

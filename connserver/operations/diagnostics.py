@@ -96,17 +96,22 @@ class MemoryTracker:
     """Which types grew, by count and size, since a baseline (pympler summaries)."""
 
     def __init__(self) -> None:
-        from pympler import tracker   # imported lazily: only diagnostics need it
-
-        # SummaryTracker leaves its own summaries out of each count, so the
-        # bookkeeping of the comparison does not show up as growth.
-        self._tracker = tracker.SummaryTracker()
+        # Made at the first question, not here: a SummaryTracker walks every object in
+        # the process when it is made, and an admin endpoint must not cost a server's
+        # start-up that walk (seconds with a large heap) when nobody asks for memory.
+        self._tracker: Any = None
         self._baseline: str | None = None
         self._previous: str | None = None
 
     def _summary(self) -> str:
         """A pympler summary, frozen into one string: a kept list of rows would itself
         show up as thousands of lists and strings in the next comparison."""
+        if self._tracker is None:
+            from pympler import tracker   # imported lazily: only diagnostics need it
+
+            # SummaryTracker leaves its own summaries out of each count, so the
+            # bookkeeping of the comparison does not show up as growth.
+            self._tracker = tracker.SummaryTracker()
         gc.collect()
         return json.dumps(self._tracker.create_summary())
 

@@ -75,3 +75,22 @@ def test_a_handler_that_ignores_cancellation_is_reported_stuck(serve, caplog, st
         stubborn.release.set()
     wait_closed(server, 1)
     assert server.stats().stuck_threads == 0
+
+
+def test_an_admin_endpoint_does_not_walk_the_heap_until_memory_is_asked(serve, monkeypatch):
+    """Starting the admin endpoint makes no pympler tracker (it walks every object in the
+    process: minutes with a test session's heap); the first memory question does."""
+    from pympler import tracker
+
+    made = []
+    real = tracker.SummaryTracker
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "SummaryTracker", counting)
+    server = serve(EchoHandler, admin_address="127.0.0.1:0")
+    assert made == []
+    server.attachment("admin").memory.top(limit=1)
+    assert made == [1]

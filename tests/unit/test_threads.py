@@ -43,3 +43,4 @@ def test_queued_jobs_get_threads_even_at_the_limit():
         assert done.acquire(timeout=10) and done.acquire(timeout=10)
     finally:
         assert pool.shutdown(timeout=10.0) == []
+
