@@ -61,6 +61,7 @@ class ParkedIO:
     _adapt_hint: Any
     _saw_eof: Any
     _tls_send_alert: Any
+    _tls_handshake_step: Any
     input_drained: bool   # the last socket read was short: it took all there was
     _tls_close_notify: Any
     _read_shut: bool
@@ -168,11 +169,7 @@ class ParkedIO:
         self.operation = "handshake"
         self._op_expires_at = expires_at
         while True:
-            try:
-                done = session.handshake()
-            except ssl.SSLError as exc:
-                self._tls_send_alert()
-                self._io_failed(exc, "handshake")
+            done = self._tls_handshake_step()
             if session.output_ready:
                 self.flush_parked()
             if done:
@@ -282,26 +279,25 @@ class ParkedIO:
         session = self.tls
         assert session is not None
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
-        try:   # encrypted now, behind what waits, and left in the session for the flush
-            session.put_back(session.seal(data))
+        try:
+            chunks = session.seal(data)   # after any ciphertext still waiting, in order
         except ssl.SSLError as exc:
             self._io_failed(exc, "write")
         self.bytes_sent += len(data)   # TLS counts plaintext, as blocking writes do
-        self.flush_parked()
+        self._send_ciphertext_nowait(chunks)
         if session.pending_bytes() > self._max_parked_out:
             self.cancel_token.cancel(CloseReason.SLOW_CONSUMER)
             self._raise_cancelled()
 
-    def _flush_parked_tls(self) -> bool:
-        session = self.tls
-        assert session is not None
-        chunks = session.seal()
+    def _send_ciphertext_nowait(self, chunks: list) -> bool:
+        """Send what the socket takes of ``chunks``; the rest goes back to the session
+        (ahead of anything newer) under the write deadline. True once none wait."""
         try:
             done = not chunks or self.send_nowait(chunks)
         except OSError as exc:
             self._io_failed(exc, "write")
         finally:
-            session.put_back(chunks)   # what the socket did not take, ahead of anything newer
+            self.tls.put_back(chunks)   # type: ignore[union-attr]
         if done:
             self.out_expires_at = None
         elif self.out_expires_at is None:
@@ -313,7 +309,7 @@ class ParkedIO:
         if self._write_sink is not None:
             return True   # a hub's writer owns the write side
         if self.tls is not None:
-            return self._flush_parked_tls()
+            return self._send_ciphertext_nowait(self.tls.seal())
         out = self._parked_out
         if not out:
             return True

@@ -77,11 +77,7 @@ class TLSConnectionIO:
         sock = self._sock
         try:
             while True:
-                try:
-                    done = session.handshake()
-                except ssl.SSLError as exc:
-                    self._tls_send_alert()
-                    self._io_failed(exc, "handshake")
+                done = self._tls_handshake_step()
                 if session.output_ready:
                     self._tls_send(session.seal(), expires_at, "handshake")
                 if done:
@@ -97,6 +93,15 @@ class TLSConnectionIO:
                     session.receive_eof()   # the next step fails as OpenSSL sees fit
         finally:
             self.operation = None
+
+    def _tls_handshake_step(self) -> bool:
+        """One step of the handshake with what was received (both modes); True once
+        done. Bad input fails it, after OpenSSL's alert if the socket takes it."""
+        try:
+            return self.tls.handshake()   # type: ignore[union-attr]
+        except ssl.SSLError as exc:
+            self._tls_send_alert()
+            self._io_failed(exc, "handshake")
 
     def _tls_recv(self, limit: int, message_expires_at: float | None, phase: str) -> bytes:
         """TLS's blocking read: plaintext already received, else wait for ciphertext.

@@ -398,12 +398,14 @@ class ParkingLot(ParkedEnds):
         conn = parked.conn
         # Deadlines move later lazily (the watchdog looks, finds a later one, looks again
         # then); one that moved earlier (a message begun, a reply queued) is rescheduled.
-        _, at = parked.waiting_for()
-        due = min(filter(None, (at, parked.lifetime_expires_at)), default=None)
-        if due is not None and (parked.scheduled_at is None or due < parked.scheduled_at):
+        _, due = parked.waiting_for()
+        lifetime = parked.lifetime_expires_at
+        if lifetime is not None and lifetime < due:
+            due = lifetime
+        if parked.scheduled_at is None or due < parked.scheduled_at:
             parked.scheduled_at = due
             self._watch(parked, due)
-        conn.mark_parked(min(filter(None, (due, parked.idle_expires_at)), default=None),
+        conn.mark_parked(min(due, parked.idle_expires_at),
                          "parked" if parked.preamble is None else "handshake")
         events = READ | (select.EPOLLOUT if conn.parked_output_waiting else 0)
         try:

@@ -6,34 +6,15 @@ input, it never stretches the idle or message deadline, and it stops at the end.
 
 from __future__ import annotations
 
-import socket
-import struct
-import threading
 
 import pytest
 
 from connserver.apps.echo import FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
+from tests.loopback.test_parking import frame, read_frame
 
 pytestmark = pytest.mark.both_modes
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack("!I", len(payload)) + payload
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    header = b""
-    while len(header) < 4:
-        chunk = sock.recv(4 - len(header))
-        assert chunk, "closed"
-        header += chunk
-    (size,) = struct.unpack("!I", header)
-    body = b""
-    while len(body) < size:
-        body += sock.recv(size - len(body))
-    return body
 
 
 class Ticking(FramedEchoHandler):

@@ -25,14 +25,18 @@ def frame(payload: bytes) -> bytes:
 
 
 def read_frame(sock: socket.socket) -> bytes:
-    header = b""
-    while len(header) < 4:
-        header += sock.recv(4 - len(header))
+    header = _read(sock, 4)
     (size,) = struct.unpack("!I", header)
-    body = b""
-    while len(body) < size:
-        body += sock.recv(size - len(body))
-    return body
+    return _read(sock, size)
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "closed"
+        data += chunk
+    return data
 
 
 def connserver_threads() -> int:

@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import functools
 import socket
-import struct
 
 from connserver import CloseReason
 from connserver.apps.echo import FramedEchoHandler
 from connserver.testing import wait_for
 from tests.conftest import connect, wait_closed
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack("!I", len(payload)) + payload
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    header = b""
-    while len(header) < 4:
-        header += sock.recv(4 - len(header))
-    (size,) = struct.unpack("!I", header)
-    body = b""
-    while len(body) < size:
-        body += sock.recv(size - len(body))
-    return body
+from tests.loopback.test_parking import frame, read_frame
 
 
 def half_closed_in_a_rate_wait(server) -> socket.socket:
