@@ -183,6 +183,8 @@ class ParkedIO:
                 self._io_failed(exc, "handshake")
             if data:
                 session.receive(data, self.clock())
+            elif self.cancel_token.cancelled:
+                self._raise_cancelled()   # our own cancel shut the read side: no alert
             else:
                 session.receive_eof()   # the next step fails as OpenSSL sees fit
 

@@ -47,6 +47,7 @@ class TLSConnectionIO:
     _pending_error: OSError | None
     _unit_expires_at: float | None
     _write_sink: Any
+    cancel_token: Any
     operation: str | None
     _op_expires_at: float | None
     bytes_received: int
@@ -220,8 +221,10 @@ class TLSConnectionIO:
             self._tls_send_buffers([], self.clock() + self._write_timeout)
 
     def _tls_send_alert(self) -> None:
-        """Before failing on bad TLS input, send OpenSSL's alert if the socket takes it now."""
-        if self._write_sink is not None:
+        """Before failing on bad TLS input, send OpenSSL's alert if the socket takes it now.
+        Not once cancelled: the end of stream OpenSSL then complains of is our own
+        (the cancel shut the read side), not the peer's fault."""
+        if self._write_sink is not None or self.cancel_token.cancelled:
             return   # the hub's writer may be half-way through a record
         self._send_now_or_never(self.tls.seal())   # type: ignore[union-attr]
 
@@ -230,6 +233,8 @@ class TLSConnectionIO:
         now (best effort), so the client can tell our end from a truncation."""
         if self._write_sink is not None:
             return   # the hub's writer still owns the write side
+        if self.cancel_token.cancelled and not self.tls.established:   # type: ignore[union-attr]
+            return   # a handshake cut short by us: no alert of OpenSSL's blaming the peer
         self._send_now_or_never(self.tls.close_notify())   # type: ignore[union-attr]
 
     def _send_now_or_never(self, chunks: list) -> None:
