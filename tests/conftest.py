@@ -12,6 +12,9 @@ import pytest
 import connserver
 from connserver.testing import wait_for
 
+# A real redis-server per test, for the backplane's tests anywhere in the suite.
+from tests.redis_support import redis_server  # noqa: F401  (a fixture, registered by import)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # connserver's own suite holds itself to the plugin's leak check, every test.
