@@ -39,6 +39,7 @@ from .broadcast.queues import ByteBoundedQueue, QueueClosed, QueueEmpty, QueueFu
 from .core.rate_limits import TokenBucket
 from .core.server import Server, ShutdownReport, StuckThread
 from .core.stats import ServerStatistics
+from .broadcast import backplane as _backplane   # attaches the Redis backplane to Server
 from .operations import admin as _admin   # attaches the admin endpoint to Server
 
 # Module paths from before the layers, kept working: ``import connserver.framing``

@@ -46,6 +46,7 @@ MAX_THREAD_STACK_SIZE = 256 * 1024 * 1024
 #: bounds how long a connection can wait for tokens (``burst / rate``, kept within
 #: ``MAX_TIMEOUT``); a tinier rate would make that wait overflow a lock's timeout.
 MIN_RATE = 1e-5
+_BACKPLANE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,16 @@ class Config:
         "pushes back on the client; 'close' ends the connection (rate_limited).",
         str, choices=("wait", "close"))
 
+    # --- broadcast ----------------------------------------------------------
+    backplane: str | None = _field(
+        None, "redis://HOST:PORT/DB (or rediss://, unix://) of a Redis that joins this "
+        "process's hubs to every other process's of the same name: one chat room across "
+        "workers and machines; at-most-once delivery, losses counted (needs connserver[redis]). "
+        "None: hubs are per process.", str, nullable=True, metavar="URL")
+    backplane_sharded: bool = _field(
+        False, "Use sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7) on the backplane, for a "
+        "Redis Cluster.", bool)
+
     # --- administration ---------------------------------------------------
     admin_address: str | None = _field(
         None, "HOST:PORT (or PORT, meaning 127.0.0.1:PORT) for the admin HTTP endpoint: "
@@ -258,6 +269,9 @@ class Config:
             raise ConfigError("tls_cert", "tls_key and tls_client_ca need tls_cert")
         if self.admin_address is not None:
             parse_address(self.admin_address, "admin_address", default_host="127.0.0.1")
+        if self.backplane is not None and not self.backplane.startswith(_BACKPLANE_SCHEMES):
+            raise ConfigError("backplane", f"{self.backplane!r}: expected a redis://, rediss:// "
+                              "or unix:// URL")
         if self.max_spare_threads < self.min_spare_threads:
             raise ConfigError("max_spare_threads", "must not be less than min_spare_threads")
         if self.thread_stack_size and self.thread_stack_size < 32768:

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar
 from ..errors import CloseReason
 from ..core.handler import LineHandler
 from ..broadcast.hub import Hub, Subscription
+from ..broadcast.sequence import Gap
 
 __all__ = ["ChatHandler", "ChatMember", "ChatRoom", "encode_line"]
 
@@ -34,6 +35,14 @@ class ChatRoom:
         self.encode = encode or encode_line
         self._lock = threading.Lock()
         self._nicks: dict[str, str] = {}   # lower-case -> as chosen; one entry per member
+        if hub.backplane is not None and hub.on_gap is None:
+            hub.on_gap = self._messages_lost
+
+    def _messages_lost(self, gap: Gap) -> None:
+        """The backplane lost messages from another server: the members here are told
+        (at-most-once delivery is the contract; silence about a loss is not)."""
+        self.hub.publish_local(self.encode(
+            f"* {gap.missing} message(s) from elsewhere in the room were lost"))
 
     def claim(self, nick: str, previous: str | None = None) -> bool:
         """Take ``nick`` (giving up ``previous``); False if someone else has it."""
@@ -49,6 +58,11 @@ class ChatRoom:
     def release(self, nick: str) -> None:
         with self._lock:
             self._nicks.pop(nick.lower(), None)
+
+    @property
+    def where(self) -> str:
+        """Nicknames are kept per process: with a backplane, say whose are listed."""
+        return " on this server" if self.hub.backplane is not None else ""
 
     def nicks(self) -> list[str]:
         with self._lock:
@@ -122,14 +136,14 @@ class ChatMember:
         self.nick = nick
         self.subscription = room.hub.subscribe(self.conn, name=nick)
         room.announce(f"* {nick} joined", exclude=self.subscription)
-        return f"* You are {nick}; {len(room.nicks())} online. {HELP}"
+        return f"* You are {nick}; {len(room.nicks())} online{room.where}. {HELP}"
 
     def _command(self, command: str, argument: str) -> str | None:
         if command == "/quit":
             self.quit_chat()
             return None
         if command == "/who":
-            return "* Online: " + ", ".join(self.room.nicks())
+            return f"* Online{self.room.where}: " + ", ".join(self.room.nicks())
         if command == "/nick":
             if not NICK_PATTERN.fullmatch(argument):
                 return "* Usage: /nick NAME (1-24 letters, digits, '_', '-' or '.')"

@@ -46,6 +46,8 @@ from ..core.threads import block_async_signals
 
 if TYPE_CHECKING:
     from ..core.connection import Connection
+    from .backplane import RedisBackplane
+    from .sequence import Gap
 
 __all__ = ["Hub", "Subscription", "HubStatistics"]
 
@@ -64,6 +66,7 @@ class HubStatistics:
     slow_consumers: int      # subscribers cancelled by the disconnect policy
     write_deadlines: int     # subscribers cancelled for a socket that took nothing
     queued_bytes: int        # bytes waiting in all queues now
+    received: int = 0        # messages from other processes (backplane) delivered here
 
 
 class Subscription:
@@ -125,7 +128,9 @@ class Hub:
     def __init__(self, *, name: str = "hub", policy: OverflowPolicy = "disconnect",
                  max_queue_bytes: int = 1024 * 1024, max_queue_items: int = 4096,
                  write_timeout: float = 30.0, clock: Clock = monotonic,
-                 on_fault: Callable[[str], None] | None = None) -> None:
+                 on_fault: Callable[[str], None] | None = None,
+                 backplane: "RedisBackplane | None" = None,
+                 on_gap: "Callable[[Gap], None] | None" = None) -> None:
         if policy not in HUB_POLICIES:
             raise ValueError(f"hub policy must be one of {', '.join(HUB_POLICIES)} "
                              f"(publishing never blocks), not {policy!r}")
@@ -150,6 +155,11 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._published = self._queued = self._dropped = 0
         self._slow = self._write_deadlines = 0
+        self._received = 0   # from other processes, through the backplane
+        self.on_gap = on_gap
+        self.backplane = backplane
+        if backplane is not None:
+            backplane.attach(self)
 
     # --- subscribing -------------------------------------------------------------
 
@@ -201,13 +211,34 @@ class Hub:
     def publish(self, message: bytes, exclude: "Subscription | Connection | None" = None) -> int:
         """Queue ``message`` for every subscriber but ``exclude``; return how many took it.
 
-        Never blocks on a subscriber and never copies the message.
+        Never blocks on a subscriber and never copies the message. With a backplane,
+        the message also goes to this hub's namesakes in every other process (queued
+        for Redis; the count returned is this process's).
         """
         with self._lock:
             self._published += 1
             targets = [sub for sub in self._subs.values()
                        if sub is not exclude and sub.conn is not exclude]
+        if self.backplane is not None:
+            self.backplane.publish(self.name, message)
         return self._deliver(targets, message, broadcast=True)
+
+    def publish_local(self, message: bytes) -> int:
+        """Queue ``message`` for this process's subscribers only (the backplane's
+        deliveries from other processes; a notice about this process's room)."""
+        with self._lock:
+            self._received += 1
+            targets = list(self._subs.values())
+        return self._deliver(targets, message, broadcast=True)
+
+    def gap_seen(self, gap: "Gap") -> None:
+        """The backplane found messages from another process missing: tell ``on_gap``
+        (called on the backplane's thread: it must not block)."""
+        if self.on_gap is not None:
+            try:
+                self.on_gap(gap)
+            except Exception as exc:
+                self.faults.record(exc, "on_gap")
 
     def _deliver(self, targets: Iterable[Subscription], message: bytes, broadcast: bool = False) -> int:
         taken: list[Subscription] = []
@@ -420,6 +451,8 @@ class Hub:
                 return self._thread is None or not self._thread.is_alive()
             self._closed = True
             subs = list(self._subs.values())
+        if self.backplane is not None:
+            self.backplane.detach(self)
         for sub in subs:
             sub.close()
         if self._thread is None:
@@ -436,11 +469,12 @@ class Hub:
     def statistics(self) -> HubStatistics:
         with self._lock:
             subs = list(self._subs.values())
-            stats = (self._published, self._queued, self._dropped, self._slow, self._write_deadlines)
+            stats = (self._published, self._queued, self._dropped, self._slow, self._write_deadlines,
+                     self._received)
         return HubStatistics(subscribers=len(subs), published=stats[0], queued=stats[1],
                              dropped=stats[2] + sum(s.queue.statistics().dropped for s in subs),
                              slow_consumers=stats[3], write_deadlines=stats[4],
-                             queued_bytes=sum(s.queue.bytes for s in subs))
+                             queued_bytes=sum(s.queue.bytes for s in subs), received=stats[5])
 
 
 # Server.hub(name) makes hubs with this factory; registered here so the core never

@@ -99,6 +99,7 @@ class Server(socketserver.TCPServer):
             self.address_family = socket.AF_INET6
         self._clock = clock
         self._stats = ServerStats(clock)
+        self.count_internal_error = self._stats.internal_error   # for threads of layers above
         self._pool = BufferPool(self.config.buffer_size, self.config.pool_max_free)
         self._limiter = ConnectionLimiter(self.config.max_connections,
                                           self.config.max_connections_per_ip)
@@ -372,6 +373,8 @@ class Server(socketserver.TCPServer):
             raise RuntimeError("no hub factory registered: import connserver.hub first")
         options.setdefault("write_timeout", self.config.write_timeout)
         options.setdefault("on_fault", self._stats.internal_error)
+        if "backplane" in self._attached:
+            options.setdefault("backplane", self._attached["backplane"])
         return self.resource(("hub", name), lambda: factory(name=name, clock=self._clock, **options))
 
     @property

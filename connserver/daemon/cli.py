@@ -14,6 +14,7 @@ from ..config import Config, config_fields, parse_address
 from .listeners import check_inherited_fd, systemd_listen_fds
 from .logging_setup import configure_logging
 from ..errors import ConfigError
+from ..broadcast.backplane import require_redis_client
 from ..core.handler import Handler
 from ..soak.runner import add_soak_parser, run_from_args as soak
 
@@ -229,6 +230,13 @@ def serve(args: argparse.Namespace) -> int:
                 check_inherited_fd(fd)
             except OSError as exc:
                 raise UsageError(f"--fd: {exc.strerror or exc}") from exc
+        if config.backplane is not None:
+            require_redis_client()   # a clear error now, not one per worker later
+        elif args.workers is not None and args.workers > 1:
+            logging.getLogger("connserver.daemon").warning(
+                "hubs are per process: with --workers %d, a broadcast (a chat room) reaches only "
+                "the connections of its own worker; --backplane redis://HOST:PORT/0 makes one "
+                "room of them", args.workers)
     except (ConfigError, UsageError) as exc:
         print(f"connserver: error: {exc}", file=sys.stderr)
         return 2

@@ -196,6 +196,7 @@ def stats_document(server: "Server") -> dict[str, Any]:
     stats = server.stats()
     pool = server.buffer_pool.statistics()
     look = census(server)
+    backplane: Any = server.attachment("backplane")
     return {
         "connections_active": stats.connections_active,
         "connections_total": stats.connections_total,
@@ -220,6 +221,7 @@ def stats_document(server: "Server") -> dict[str, Any]:
                       else dataclasses.asdict(server.run_gate.statistics())),
         "accepting": server.accepting,
         "uptime_s": round(stats.uptime, 3),
+        "backplane": None if backplane is None else dataclasses.asdict(backplane.statistics()),
     }
 
 
@@ -345,8 +347,10 @@ def _connections(admin: AdminServer) -> tuple[int, str, str]:
 
 def _metrics(admin: AdminServer) -> tuple[int, str, str]:
     target = admin.target
+    backplane = target.attachment("backplane")
     return 200, METRICS_CONTENT_TYPE, render_metrics(
-        target.stats(), census(target), target.buffer_pool.statistics())
+        target.stats(), census(target), target.buffer_pool.statistics(),
+        None if backplane is None else backplane.statistics())   # type: ignore[attr-defined]
 
 
 def _threads(admin: AdminServer) -> tuple[int, str, str]:

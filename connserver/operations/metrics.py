@@ -12,6 +12,7 @@ from .diagnostics import Census
 from ..errors import CloseReason
 
 if TYPE_CHECKING:
+    from ..broadcast.backplane import BackplaneStatistics
     from ..core.buffers import PoolStatistics
     from ..core.stats import ServerStatistics
 
@@ -33,8 +34,9 @@ def _family(name: str, kind: str, help_text: str,
     return lines
 
 
-def render_metrics(stats: "ServerStatistics", census: Census, pool: "PoolStatistics") -> str:
-    """The exposition text for one server and its process."""
+def render_metrics(stats: "ServerStatistics", census: Census, pool: "PoolStatistics",
+                   backplane: "BackplaneStatistics | None" = None) -> str:
+    """The exposition text for one server and its process (and its backplane, if any)."""
     reasons = {reason.value: 0 for reason in CloseReason}
     reasons.update(stats.close_reasons)
     lines: list[str] = []
@@ -82,4 +84,32 @@ def render_metrics(stats: "ServerStatistics", census: Census, pool: "PoolStatist
                 [({"result": "hit"}, pool.hits), ({"result": "miss"}, pool.misses)]))
     add(_family("connserver_uptime_seconds", "gauge", "Seconds since the server started.",
                 [({}, stats.uptime)]))
+    if backplane is not None:
+        add(_backplane_families(backplane))
     return "\n".join(lines) + "\n"
+
+
+def _backplane_families(bp: "BackplaneStatistics") -> list[str]:
+    """The Redis backplane's delivery books: what went, what came, what was lost."""
+    lines: list[str] = []
+    add = lines.extend
+    add(_family("connserver_backplane_up", "gauge",
+                "1 while both backplane connections to Redis are up.", [({}, int(bp.connected))]))
+    add(_family("connserver_backplane_messages_total", "counter",
+                "Backplane messages, by what became of them: published (by this process's "
+                "hubs), sent (accepted by Redis), received (from other processes).",
+                [({"event": "published"}, bp.published), ({"event": "sent"}, bp.sent),
+                 ({"event": "received"}, bp.received)]))
+    add(_family("connserver_backplane_lost_total", "counter",
+                "Backplane messages known not delivered, by where: outbound_dropped (queue full "
+                "while Redis was slow or away), unconfirmed (in flight when a connection broke), "
+                "gap (missing from another process's sequence when it reached this one).",
+                [({"where": "outbound_dropped"}, bp.outbound_dropped),
+                 ({"where": "unconfirmed"}, bp.unconfirmed), ({"where": "gap"}, bp.lost)]))
+    add(_family("connserver_backplane_gaps_total", "counter",
+                "Times another process's sequence jumped ahead here.", [({}, bp.gaps)]))
+    add(_family("connserver_backplane_reconnects_total", "counter",
+                "Backplane connections made again after a loss.", [({}, bp.reconnects)]))
+    add(_family("connserver_backplane_outbound_bytes", "gauge",
+                "Bytes waiting to be published to Redis.", [({}, bp.outbound_bytes)]))
+    return lines
