@@ -159,6 +159,7 @@ class RedisBackplane:
         self._hubs: dict[str, _Hub] = {}          # Redis channel -> hub
         self._unsubscribed: set[str] = set()       # channels the subscriber has yet to join
         self._confirmed: set[str] = set()          # channels Redis confirmed (this connection)
+        self._joined = threading.Condition(self._lock)   # notified as channels are confirmed
         self._next_seq: dict[str, int] = {}        # hub name -> last sequence number used
         self._outbound = ByteBoundedQueue(max_outbound_items, max_outbound_bytes, policy="drop_oldest")
         self._tracker = SequenceTracker()          # owned by the subscriber thread
@@ -180,8 +181,12 @@ class RedisBackplane:
     def channel(self, hub_name: str) -> str:
         return f"{self.prefix}:{hub_name}"
 
-    def attach(self, hub: _Hub) -> None:
-        """Carry ``hub``'s messages (its name is the channel: no whitespace)."""
+    def attach(self, hub: _Hub, timeout: float = 1.0) -> None:
+        """Carry ``hub``'s messages (its name is the channel: no whitespace).
+
+        While Redis is up, waits (at most ``timeout``) until it confirms the
+        subscription: the first member of a room is in it when this returns, so
+        what the others say next reaches it."""
         check_token("hub name", hub.name)
         channel = self.channel(hub.name)
         with self._lock:
@@ -189,6 +194,9 @@ class RedisBackplane:
                 raise ValueError(f"a hub named {hub.name!r} is already on this backplane")
             self._hubs[channel] = hub
             self._unsubscribed.add(channel)
+            if self._connected["subscribe"]:
+                self._joined.wait_for(lambda: channel in self._confirmed
+                                      or not self._connected["subscribe"], timeout)
 
     def detach(self, hub: _Hub) -> None:
         with self._lock:
@@ -302,6 +310,7 @@ class RedisBackplane:
                 self._disconnects += 1
             if role == "subscribe":
                 self._confirmed = set()
+                self._joined.notify_all()
         self._clients[role].close()
         if was_connected:
             log.warning("backplane %s connection to %s lost (%s); reconnecting with back-off",
@@ -374,6 +383,7 @@ class RedisBackplane:
                 if message.get("type") in ("subscribe", "ssubscribe"):
                     with self._lock:
                         self._confirmed.add(message["channel"].decode())
+                        self._joined.notify_all()
                 else:
                     self._receive(message)
         finally:

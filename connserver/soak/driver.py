@@ -242,6 +242,12 @@ class _Client:
         if self.long_lived and not self.driver.stopping:
             self.later(_RECONNECT_INTERVAL, self.start)
 
+    def greet(self) -> None:
+        """``--hello``, if given (a nickname: the client joins the room)."""
+        hello = self.driver.plan.hello
+        if hello is not None:
+            self.send((hello.replace("%d", str(next(self.driver.hello_numbers)))).encode())
+
     # behaviour hooks
     def prepare(self, sock: socket.socket) -> None:
         """Socket options before connecting."""
@@ -261,6 +267,7 @@ class _Echo(_Client):
 
     def connected(self) -> None:
         self.watch(selectors.EVENT_READ)
+        self.greet()
         self.rounds = itertools.count()
         self.round_trip()
 
@@ -354,6 +361,7 @@ class _Idle(_Client):
 
     def connected(self) -> None:
         self.watch(selectors.EVENT_READ)
+        self.greet()
 
 
 class _Slowloris(_Client):
@@ -456,6 +464,7 @@ class Driver:
         self.cycle = 0                  # which load cycle is running (see SoakPlan.cycle)
         self._started: collections.Counter[type] = collections.Counter()   # in this cycle
         self.wire = _Wire(plan.protocol)
+        self.hello_numbers = itertools.count(1)   # --hello's %d
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

@@ -89,6 +89,11 @@ class SoakPlan:
                         "then read and discarded)", "bool", "run")
     seed: int | None = _opt(None, "random seed for sizes and payloads; the report records the "
                             "one used", "int", "run", "N")
+    hello: str | None = _opt(None, "sent by every echo and idle client first, once connected "
+                             "(\\n escapes; %d becomes a number unique in the run): a chat "
+                             "nickname, so the clients join the room and the load is broadcast "
+                             "('soak%d\\n' for the chat apps); needs --no-verify", "text", "run",
+                             "TEXT")
     echo_clients: int = _opt(20, "echo clients: long-lived, round trips of random size", "count",
                              "behaviours", "N")
     echo_rate: float = _opt(100.0, "round trips per second, all echo clients together (0: as fast "
@@ -148,6 +153,8 @@ class SoakPlan:
         if self.cycle < self.interval:
             raise SoakError(f"--cycle {self.cycle:g}s needs a sample in every cycle: use an "
                             f"--interval of at most {self.cycle:g}s, or a longer cycle")
+        if self.hello is not None and self.verify:
+            raise SoakError("--hello needs --no-verify: the replies to a greeting are not an echo")
         long_lived = self.echo_clients + self.idle + self.slowloris + self.zero_window
         if long_lived > self.max_client_connections:
             raise SoakError(f"{long_lived} long-lived clients asked for, more than "

@@ -317,11 +317,16 @@ def _number_arg(minimum: float, maximum: float | None, kind: type) -> Callable[[
     return parse
 
 
+def _text_arg(text: str) -> str:
+    """Text with backslash escapes (``\\n``) decoded, as a shell cannot easily type them."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 _ARG_TYPES: dict[str, Callable[[str], Any]] = {
     "duration": _duration_arg, "count": _number_arg(0, 100_000, int),
     "positive": _number_arg(1, None, int), "rate": _number_arg(0, 100_000, float),
     "fraction": _number_arg(0, 0.9, float), "number": _number_arg(0, None, float),
-    "int": _number_arg(0, 2 ** 63, int),
+    "int": _number_arg(0, 2 ** 63, int), "text": _text_arg,
 }
 _GROUPS = {"run": "the run", "behaviours": "client behaviours (0 turns one off)",
            "verdict": "verdict thresholds"}

@@ -328,3 +328,19 @@ def test_refuses_a_target_that_is_not_loopback(target, capsys):
     assert cli.main(["soak", target, "--admin", "127.0.0.1:9", "--progress", "none"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
     assert cli.main(["soak", "127.0.0.1:9", "--admin", "10.0.0.1:9", "--progress", "none"]) == 2
+
+
+def test_hello_needs_no_verify_and_its_escapes_and_numbers_are_applied():
+    """--hello is refused with --verify; its \\n escape is decoded and %d numbers clients."""
+    with pytest.raises(SoakError, match="--hello needs --no-verify"):
+        SoakPlan(target="127.0.0.1:1", admin="127.0.0.1:2", hello="nick%d\n")
+    args = cli.build_parser().parse_args(["soak", "127.0.0.1:1", "--admin", "127.0.0.1:2",
+                                          "--no-verify", "--hello", r"nick%d\n"])
+    assert args.hello == "nick%d\n"
+    sent: list[bytes] = []
+    driver = types.SimpleNamespace(plan=types.SimpleNamespace(hello="nick%d\n"),
+                                   hello_numbers=iter(range(1, 10)))
+    client = types.SimpleNamespace(driver=driver, send=sent.append)
+    _Echo.greet(client)
+    _Echo.greet(client)
+    assert sent == [b"nick1\n", b"nick2\n"]
