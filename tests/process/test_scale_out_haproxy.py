@@ -1,8 +1,11 @@
-"""Three daemons behind a real HAProxy (examples/haproxy): spread, real addresses, draining."""
+"""Three daemons behind a real HAProxy (examples/haproxy): spread, real addresses, draining,
+and one chat room across them through a real redis-server (--backplane)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 
 from connserver.testing import wait_for
 from tests.process.scale_out_support import (  # noqa: F401  (fixtures)
@@ -150,6 +153,67 @@ def test_an_instance_draining_slowly_is_taken_out_by_its_503(daemon, balancer, t
         worker.expect_eof()
         assert drained.process.wait(20) == 0
         assert "stopped: 1 drained, 0 forced" in drained.process.output()
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_one_room_across_instances_through_redis_while_one_drains(daemon, balancer, redis_server):
+    """With --backplane, members on three instances are one room; one instance drains,
+    the others' members keep hearing each other, and its members rejoin elsewhere."""
+    instances = [start_instance(daemon, f"app{n}", "--backplane", redis_server.url)
+                 for n in (1, 2, 3)]
+    proxy = balancer(instances)
+    clients: list[ChatClient] = []
+    try:
+        for n in range(6):
+            clients.append(ChatClient(proxy.port, f"member{n}"))
+        home = where(instances, clients)
+        assert sorted(len([c for c in clients if home[c.address] is i]) for i in instances) == [2, 2, 2]
+        # Every process's hub subscribed: from here on nothing is published into the void.
+        redis = redis_server.client()
+        assert wait_for(lambda: dict(redis.pubsub_numsub("connserver:chat"))[b"connserver:chat"] == 3, 10)
+        for speaker in clients:
+            speaker.send(f"hello from {home[speaker.address].name}")
+            for listener in clients:
+                if listener is not speaker:
+                    listener.expect(f"<{speaker.nick}> hello from {home[speaker.address].name}")
+
+        drained, others = instances[0], instances[1:]
+        leaving = [client for client in clients if home[client.address] is drained]
+        staying = [client for client in clients if home[client.address] is not drained]
+        drained.process.signal(signal.SIGTERM)
+        # The room goes on while app1 drains and HAProxy takes it out: every line said on
+        # app2 or app3 reaches the members on both.
+        said, deadline = 0, time.monotonic() + 20
+        while drained.process.proc.poll() is None or proxy.servers()["app1"]["status"] != "DOWN":
+            assert time.monotonic() < deadline, f"app1 never left: {proxy.servers()['app1']}"
+            speaker = staying[said % len(staying)]
+            speaker.send(f"line {said}")
+            for listener in staying:
+                if listener is not speaker:
+                    listener.expect(f"<{speaker.nick}> line {said}")
+            said += 1
+        assert drained.process.wait(20) == 0
+        assert "stopped: 2 drained, 0 forced" in drained.process.output()
+        for client in leaving:
+            client.expect("* Disconnected: shutdown. Bye!")
+            client.expect_eof()
+            client.close()
+
+        # Its members come back through HAProxy, land on the others, and are in the room.
+        back = [ChatClient(proxy.port, client.nick) for client in leaving]
+        clients.extend(back)
+        where(others, back)
+        for speaker in back:
+            speaker.send("back again")
+            for listener in staying + back:
+                if listener is not speaker:
+                    listener.expect(f"<{speaker.nick}> back again")
+        for instance in others:
+            status, body = instance.admin_get("/stats")
+            stats = json.loads(body)["backplane"]
+            assert (stats["lost"], stats["outbound_dropped"]) == (0, 0), stats
     finally:
         for client in clients:
             client.close()
