@@ -104,7 +104,8 @@ def discard_input(sock: socket.socket, answer: Answer | None = None) -> str | No
 
 
 def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
-           forced: Callable[[], bool], answer: Answer | None = None) -> None:
+           forced: Callable[[], bool], answer: Answer | None = None,
+           end_stream: Callable[[], None] | None = None) -> None:
     """Wait up to ``timeout`` seconds for the peer to take what was sent (see above),
     and for its ``answer`` (up to ``answer.timeout``) if one is awaited.
 
@@ -112,6 +113,9 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
     its read side was shut; ``forced()``: another thread forced the connection
     shut, so stop now. With ``read_shut``, a read cannot say whether input may still
     come, so an answer is waited for by looking again, 1 to 50 ms apart.
+    ``end_stream``: our end of a stream above TCP (TLS's close_notify), sent once the
+    answer is no longer awaited, just before our TCP end of stream: a TLS peer that
+    sees the end of ours first may never answer.
     """
     answer_expires_at = time.monotonic() + (0.0 if answer is None else min(answer.timeout, timeout))
 
@@ -120,16 +124,31 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
         return (answer is None or not answer.awaited(None if read_shut else state)
                 or time.monotonic() >= answer_expires_at)
 
-    if unacked_bytes(sock) == 0 and answered(discard_input(sock, answer)):
+    state = discard_input(sock, answer)
+    if end_stream is None and unacked_bytes(sock) == 0 and answered(state):
         return
     # Once the read side is shut, or the peer's end of stream came, the socket
     # always reads as ready: then there is nothing to wait on but time.
     ready_always = read_shut
-    if not ready_always and not forced():
+    stream_open = True
+
+    def end_our_stream() -> bool:
+        nonlocal stream_open
+        stream_open = False
+        if forced():
+            return True
+        if end_stream is not None:
+            end_stream()
+        if read_shut:
+            return True
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            return
+            return False
+        return True
+
+    if (end_stream is None or answered(state)) and not end_our_stream():
+        return
     expires_at = time.monotonic() + timeout   # real time: clocks in tests may stand still
     interval = _FIRST_WAIT_INTERVAL
     poller = None
@@ -137,7 +156,11 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
         state = discard_input(sock, answer)
         if state == "reset" or forced() or connection_gone(sock):
             return
-        if unacked_bytes(sock) == 0 and answered(state):
+        if stream_open and answered(state):
+            if not end_our_stream():
+                return
+            continue
+        if not stream_open and unacked_bytes(sock) == 0 and answered(state):
             return
         ready_always = ready_always or state == "eof"
         remaining = expires_at - time.monotonic()

@@ -502,22 +502,22 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
         With ``linger_timeout`` (seconds), first wait up to that long for the peer
         to acknowledge what was sent (:func:`connserver.closing.linger`). Whatever it
         has not acknowledged by then is counted in ``bytes_unacked``: it may never
-        arrive. ``answer``: the peer's answer to our goodbye, waited for too (not over
-        TLS, whose input is not plaintext here).
+        arrive. ``answer``: the peer's answer to our goodbye, waited for too (over TLS,
+        given the plaintext: :meth:`plaintext_answer`).
         """
         slot = self.run_slot
         if slot is not None:
             slot.leave()
         if not self._closed:
-            if self.tls:
-                self._tls_close_notify()
             tcp = self._sock.family in (socket.AF_INET, socket.AF_INET6)
+            if self.tls and not tcp:
+                self._tls_close_notify()
             if tcp:
                 self.operation = "linger"
-                try:
+                try:   # over TLS, close_notify goes once the peer's answer came
                     linger(self._sock, linger_timeout, read_shut=self._read_shut,
-                           forced=lambda: self._forced,
-                           answer=None if self.tls else answer)
+                           forced=lambda: self._forced, answer=self.plaintext_answer(answer),
+                           end_stream=self._tls_close_notify if self.tls else None)
                 finally:
                     self.operation = None
             with self._close_lock:

@@ -17,6 +17,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteProtocolError
+from .closing import Answer
 from .send_buffers import IOV_MAX, SEND_FLAGS, skip_sent, take_up_to
 from ..protocols.tls import TLSSession
 
@@ -29,6 +30,7 @@ __all__ = ["TLSConnectionIO"]
 # what one handshake read asks for (a flight of records, client certificates included).
 _TLS_WRITE_MAX = 256 * 1024
 _TLS_HANDSHAKE_READ = 32 * 1024
+_ANSWER_READ = 64 * 1024   # plaintext decrypted per step while a closing answer is awaited
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
@@ -236,6 +238,24 @@ class TLSConnectionIO:
         if self.cancel_token.cancelled and not self.tls.established:   # type: ignore[union-attr]
             return   # a handshake cut short by us: no alert of OpenSSL's blaming the peer
         self._send_now_or_never(self.tls.close_notify())   # type: ignore[union-attr]
+
+    def plaintext_answer(self, answer: Answer | None) -> Answer | None:
+        """The lingering close reads ciphertext: over TLS, an awaited answer (a WebSocket's
+        close frame) is given what that decrypts to, and the peer's close_notify ends
+        the wait (nothing more can come). In clear, ``answer`` itself."""
+        session = self.tls
+        if answer is None or session is None:
+            return answer
+
+        def take(ciphertext: bytes) -> bool:
+            session.receive(ciphertext, self.clock())
+            while plaintext := session.read(_ANSWER_READ):   # ssl.SSLError ends the wait too
+                answer.feed(plaintext)
+                if answer.done:
+                    return True
+            return plaintext == b""
+
+        return Answer(take, answer.timeout)
 
     def _send_now_or_never(self, chunks: list) -> None:
         try:

@@ -129,8 +129,9 @@ class ParkedEnds:
                     conn.queue_goodbye(message)
             if parked.started:
                 handler.finish()
-            if handler is not None and reason not in UNDELIVERABLE and conn.tls is None:
-                parked.ending.await_answer(handler.closing_answer(), conn.clock())
+            if handler is not None and reason not in UNDELIVERABLE:
+                parked.ending.await_answer(conn.plaintext_answer(handler.closing_answer()),
+                                           conn.clock())
         except BaseException as exc:
             parked.ending.reason = classify_failure(conn, exc)
         self._close(parked)
@@ -150,12 +151,14 @@ class ParkedEnds:
             if deliverable and conn.parked_output_waiting and not conn.flush_parked():
                 return self._wait_closing(parked, WRITE)
             if deliverable and sock.family in (socket.AF_INET, socket.AF_INET6):
-                if not ending.write_shut:
+                state = discard_input(sock, ending.answer)
+                # Over TLS our close_notify waits for the peer's answer: a TLS peer
+                # that sees the end of our stream first may never answer.
+                if not ending.write_shut and (conn.tls is None or not ending.awaiting(conn, state)):
                     ending.write_shut = True
                     conn.shut_write()
-                state = discard_input(sock, ending.answer)
-                if state != "reset" and (unacked_bytes(sock) > 0 or ending.awaiting(conn, state)) \
-                        and not connection_gone(sock):
+                if state != "reset" and (unacked_bytes(sock) > 0 or ending.awaiting(conn, state)
+                                         or not ending.write_shut) and not connection_gone(sock):
                     # After the peer's end of stream the socket always reads as ready:
                     # then only the watchdog looks again.
                     return self._wait_closing(parked, 0 if state == "eof" else READ)

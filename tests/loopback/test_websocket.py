@@ -57,8 +57,9 @@ def upgrade_request(path: str = "/", extra: bytes = b"") -> bytes:
 class Raw:
     """A raw-socket WebSocket client: it sends what it is told, and reads server frames."""
 
-    def __init__(self, server: connserver.Server, upgrade: bool = True) -> None:
-        self.sock = tcp_connect(server, timeout=SAFETY)
+    def __init__(self, server: connserver.Server, upgrade: bool = True,
+                 sock: socket.socket | None = None) -> None:
+        self.sock = sock or tcp_connect(server, timeout=SAFETY)   # sock: a TLS client, say
         self.buffer = b""
         if upgrade:
             self.sock.sendall(upgrade_request())

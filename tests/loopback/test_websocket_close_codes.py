@@ -19,6 +19,7 @@ from connserver.apps.ws_echo import WebSocketEchoHandler
 from tests.conftest import connect as tcp_connect, wait_closed
 from tests.loopback.test_admin import get
 from tests.loopback.test_websocket import SAFETY, Raw, client
+from tests.tls_support import ca, certs, tls_client  # noqa: F401 (fixtures)
 from tests.unit.test_websocket_protocol import CLOSE, TEXT, client_frame, close_payload
 
 pytestmark = pytest.mark.both_modes
@@ -91,12 +92,18 @@ def test_handlers_without_a_close_code_log_no_extra_field(serve, caplog):
 
 # --- a shutdown waits for the close handshake ---------------------------------------------
 
-def test_shutdown_waits_for_the_clients_close_frame(serve):
+@pytest.mark.parametrize("tls", [False, True])
+def test_shutdown_waits_for_the_clients_close_frame(serve, tls, ca, certs):
     """After a shutdown's 1001 the server keeps the TCP connection until the client's
     answering close frame (here 0.3 s later), then closes at once; the drain counts it
-    once the handshake is done."""
-    server = serve(WebSocketEchoHandler)
-    with Raw(server) as raw:
+    once the handshake is done. Over TLS too (the answer is decrypted while lingering)."""
+    if tls:
+        server = serve(WebSocketEchoHandler, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"])
+        sock = tls_client(server, ca)
+    else:
+        server = serve(WebSocketEchoHandler)
+        sock = None
+    with Raw(server, sock=sock) as raw:
         raw.sendall(client_frame(TEXT, b"x"))
         assert raw.frame() == (TEXT, b"x")
         done = threading.Event()
