@@ -67,7 +67,7 @@ def test_a_drained_instance_leaves_rotation_while_the_others_keep_serving(daemon
         early: list[LineClient] = []
         while len(early) < 30 and proxy.servers()["app1"]["status"] != "DOWN":
             early.append(ChatClient(proxy.port, f"early{len(early)}"))
-        clients.extend(early)
+            clients.append(early[-1])
         assert wait_for(lambda: proxy.servers()["app1"]["status"] == "DOWN", 10), \
             proxy.servers()["app1"]
         app1 = proxy.servers()["app1"]
@@ -78,8 +78,10 @@ def test_a_drained_instance_leaves_rotation_while_the_others_keep_serving(daemon
             client.expect_eof()
             client.close()
 
-        later = [ChatClient(proxy.port, f"late{n}") for n in range(4)]
-        clients.extend(later)
+        later: list[LineClient] = []
+        for n in range(4):
+            later.append(ChatClient(proxy.port, f"late{n}"))
+            clients.append(later[-1])
         where(others, later)
         assert drained.process.wait(20) == 0
         assert "stopped: 2 drained, 0 forced" in drained.process.output()
@@ -141,8 +143,10 @@ def test_an_instance_draining_slowly_is_taken_out_by_its_503(daemon, balancer, t
         assert drained.admin_get("/healthz") == (503, "draining\n")
         assert drained.process.proc.poll() is None
 
-        newcomers = [LineClient(proxy.port, f"new{n}") for n in range(4)]
-        clients.extend(newcomers)
+        newcomers: list[LineClient] = []
+        for n in range(4):
+            newcomers.append(LineClient(proxy.port, f"new{n}"))
+            clients.append(newcomers[-1])
         for client in newcomers:
             client.send("hello")
             client.expect("?")
@@ -202,8 +206,10 @@ def test_one_room_across_instances_through_redis_while_one_drains(daemon, balanc
             client.close()
 
         # Its members come back through HAProxy, land on the others, and are in the room.
-        back = [ChatClient(proxy.port, client.nick) for client in leaving]
-        clients.extend(back)
+        back: list[ChatClient] = []
+        for client in leaving:
+            back.append(ChatClient(proxy.port, client.nick))
+            clients.append(back[-1])
         where(others, back)
         for speaker in back:
             speaker.send("back again")
