@@ -35,7 +35,8 @@ class ChatRoom:
         self.encode = encode or encode_line
         self._lock = threading.Lock()
         self._nicks: dict[str, str] = {}   # lower-case -> as chosen; one entry per member
-        if hub.backplane is not None and hub.on_gap is None:
+        self.spread = getattr(hub, "backplane", None) is not None   # over several processes
+        if self.spread and hub.on_gap is None:
             hub.on_gap = self._messages_lost
 
     def _messages_lost(self, gap: Gap) -> None:
@@ -62,7 +63,7 @@ class ChatRoom:
     @property
     def where(self) -> str:
         """Nicknames are kept per process: with a backplane, say whose are listed."""
-        return " on this server" if self.hub.backplane is not None else ""
+        return " on this server" if self.spread else ""
 
     def nicks(self) -> list[str]:
         with self._lock:
