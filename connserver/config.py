@@ -204,8 +204,9 @@ class Config:
         "workers and machines; at-most-once delivery, losses counted (needs connserver[redis]). "
         "None: hubs are per process.", str, nullable=True, metavar="URL")
     backplane_sharded: bool = _field(
-        False, "Use sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7) on the backplane, for a "
-        "Redis Cluster.", bool)
+        False, "Use sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7) on the backplane: with a "
+        "Redis Cluster (any node's URL), each hub's messages stay on the node owning its "
+        "channel.", bool)
 
     # --- administration ---------------------------------------------------
     admin_address: str | None = _field(

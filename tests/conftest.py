@@ -13,7 +13,7 @@ import connserver
 from connserver.testing import wait_for
 
 # A real redis-server per test, for the backplane's tests anywhere in the suite.
-from tests.redis_support import redis_server  # noqa: F401  (a fixture, registered by import)
+from tests.redis_support import redis_cluster, redis_server  # noqa: F401  (fixtures, registered by import)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -230,3 +230,62 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         server.close()
 
+
+
+REDIS_CLI = shutil.which("redis-cli") or (
+    "/usr/bin/redis-cli" if os.path.exists("/usr/bin/redis-cli") else None)
+
+
+class RedisClusterNodes:
+    """Three redis-server nodes made one Redis Cluster (no replicas) on loopback ports.
+
+    ``url`` names the first node, as a client configured with one seed node would.
+    """
+
+    def __init__(self, count: int = 3) -> None:
+        self.nodes = [RedisServer(REDIS_SERVER, "--cluster-enabled", "yes",  # type: ignore[arg-type]
+                                  "--cluster-config-file", "nodes.conf",
+                                  "--cluster-node-timeout", "2000") for _ in range(count)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run([REDIS_CLI, "--cluster", "create",  # type: ignore[list-item]
+                        *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=timeout, check=True)
+        if not wait_for(lambda: all(
+                node.client().execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                for node in self.nodes), timeout):
+            raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def node_of(self, key: str) -> RedisServer:
+        """The node that owns ``key``'s slot (a sharded channel lives there)."""
+        slot = int(self.nodes[0].client().execute_command("CLUSTER KEYSLOT", key))
+        for start, end, (host, port, *_), *_ in self.nodes[0].client().execute_command("CLUSTER SLOTS"):
+            if start <= slot <= end:
+                return next(node for node in self.nodes if node.port == port)
+        raise LookupError(key)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A three-node Redis Cluster on loopback, gone at teardown."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        from tests.conftest import unavailable
+        unavailable("redis-server and redis-cli are not installed (apt-get install redis-server)")
+    cluster = RedisClusterNodes()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

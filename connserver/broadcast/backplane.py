@@ -24,7 +24,8 @@ sequence on the receiving side (``/stats``, ``/metrics``, and the hub's
 
 ``sharded=True`` uses ``SPUBLISH``/``SSUBSCRIBE`` (Redis 7), whose messages stay
 on the shard that owns the channel instead of going to every node of a Redis
-Cluster.
+Cluster; given a cluster node's URL, redis-py's cluster client follows each
+channel to its node (one subscribed connection per such node).
 
 Both threads are needed for the room to be one: each catches whatever reaches
 its loop (counted as an internal error, then it reconnects), and
@@ -68,6 +69,7 @@ _BATCH_ITEMS = 512            # most messages in one pipeline
 _BATCH_BYTES = 1024 * 1024    # most bytes in one pipeline
 _POLL = 0.1                   # the subscriber's longest wait before it looks for new channels
 _IDLE_PING = 1.0              # an idle publishing connection is pinged this often
+_CLUSTER_POLL = 0.01          # a Redis Cluster's node connections are read in turn, this long each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,7 @@ class RedisBackplane:
         self._published = self._sent = self._unconfirmed = 0
         self._received = self._malformed = self._disconnects = self._reconnects = 0
         self._closed = False
+        self._in_use: dict[str, Any] = {}   # the client each role uses now (cluster or not)
         # The clients are made (not connected) here so a malformed URL fails at start-up.
         try:
             self._clients = {role: self._client() for role in ("publish", "subscribe")}
@@ -248,8 +251,8 @@ class RedisBackplane:
         self._stopping.set()
         for thread in threads:
             thread.join(max(0.1, deadline - self._clock()))
-        for client in self._clients.values():
-            client.close()
+        for client in [*self._clients.values(), *self._in_use.values()]:
+            _close_client(client)
         left = self._outbound.bytes
         if left:
             log.warning("backplane closed with %d bytes not sent to Redis", left)
@@ -286,6 +289,23 @@ class RedisBackplane:
             socket_keepalive=True, health_check_interval=5, retry=Retry(NoBackoff(), 0),
             client_name=f"connserver-{self.origin}")
 
+    def _connect(self, role: str) -> Any:
+        """The client for ``role``, once Redis answered. Sharded, against a Redis Cluster:
+        a cluster client, made afresh (it follows the slots to each channel's node; its
+        own retries after a broken connection may repeat a publish, which the receivers
+        drop as a duplicate)."""
+        plain = self._clients[role]
+        plain.ping()
+        client = plain
+        if self.sharded and str(plain.info("cluster").get("cluster_enabled", 0)) == "1":
+            from redis.cluster import RedisCluster
+            client = RedisCluster.from_url(
+                self.url, socket_connect_timeout=self.connect_timeout,
+                socket_timeout=self.connect_timeout, socket_keepalive=True,
+                client_name=f"connserver-{self.origin}")
+        self._in_use[role] = client
+        return client
+
     def _run(self, role: str, loop: Callable[[Backoff], None]) -> None:
         """One thread: its loop, reconnecting after every failure until close()."""
         block_async_signals()
@@ -311,7 +331,8 @@ class RedisBackplane:
             if role == "subscribe":
                 self._confirmed = set()
                 self._joined.notify_all()
-        self._clients[role].close()
+        for client in {id(c): c for c in (self._clients[role], self._in_use.pop(role, None)) if c}.values():
+            _close_client(client)
         if was_connected:
             log.warning("backplane %s connection to %s lost (%s); reconnecting with back-off",
                         role, redact(self.url), exc)
@@ -329,8 +350,7 @@ class RedisBackplane:
             log.info("backplane %s connection to %s restored", role, redact(self.url))
 
     def _publish_loop(self, backoff: Backoff) -> None:
-        client = self._clients["publish"]
-        client.ping()
+        client = self._connect("publish")
         self._up("publish", backoff)
         outbound = self._outbound
         last_heard = self._clock()
@@ -366,9 +386,9 @@ class RedisBackplane:
         pipe.execute()
 
     def _subscribe_loop(self, backoff: Backoff) -> None:
-        client = self._clients["subscribe"]
-        client.ping()
+        client = self._connect("subscribe")
         pubsub = client.pubsub()
+        cluster = client is not self._clients["subscribe"]
         try:
             with self._lock:
                 self._unsubscribed = set(self._hubs)   # a new connection joins them all again
@@ -377,16 +397,25 @@ class RedisBackplane:
             self._up("subscribe", backoff)
             while not self._stopping.is_set():
                 self._join_new_channels(pubsub)
-                message = pubsub.get_message(timeout=_POLL)   # sharded messages come here too
+                if not cluster:
+                    message = pubsub.get_message(timeout=_POLL)   # sharded messages too
+                elif self._hubs:
+                    # One connection per node, looked at in turn: a short wait on each.
+                    message = pubsub.get_sharded_message(timeout=_CLUSTER_POLL)
+                else:
+                    self._stopping.wait(_POLL)
+                    continue
                 if message is None:
                     continue
                 if message.get("type") in ("subscribe", "ssubscribe"):
                     with self._lock:
-                        self._confirmed.add(message["channel"].decode())
+                        self._confirmed.add(_text(message["channel"]))
                         self._joined.notify_all()
                 else:
                     self._receive(message)
         finally:
+            if cluster:
+                pubsub.disconnect()   # its per-node connections (close() leaves one open)
             pubsub.close()
 
     def _join_new_channels(self, pubsub: Any) -> None:
@@ -412,7 +441,7 @@ class RedisBackplane:
         if envelope.origin == self.origin:
             return   # ours: delivered locally when it was published
         channel = self.channel(envelope.channel)
-        if message.get("channel") != channel.encode():
+        if _text(message.get("channel", b"")) != channel:
             self._count_malformed(MalformedEnvelope(f"hub {envelope.channel!r} on another channel"))
             return
         deliver, gap = self._tracker.check(envelope)
@@ -434,6 +463,18 @@ class RedisBackplane:
             self._malformed += 1
             first = self._malformed == 1
         (log.warning if first else log.debug)("backplane: dropped a message: %s", exc)
+
+
+def _close_client(client: Any) -> None:
+    client.close()
+    # A cluster client's close() leaves the connections its commands used open.
+    disconnect = getattr(client, "disconnect_connection_pools", None)
+    if disconnect is not None:
+        disconnect()
+
+
+def _text(channel: bytes | str) -> str:
+    return channel.decode() if isinstance(channel, bytes) else channel
 
 
 def attach_backplane(server: Server) -> RedisBackplane | None:

@@ -242,3 +242,53 @@ def test_threads_are_named_and_end_with_the_server(connserver_server, redis_serv
     names = {thread.name for thread in threading.enumerate()}
     assert not names & {"connserver-backplane-publish", "connserver-backplane-subscribe"}
 
+
+
+class RoomRelay(Relay):
+    """Relay in the room the client names first (several hubs on one server)."""
+
+    room: str | None = None
+
+    def setup(self) -> None:
+        self.send_line("ready")
+
+    def handle_line(self, line: str) -> None:
+        if self.room is None:
+            self.room = line
+            self.subscription = self.server.hub(line).subscribe(self.conn)
+            self.send_line("joined")
+        else:
+            self.server.hub(self.room).publish(f"{line}\n".encode(), exclude=self.subscription)
+
+    def finish(self) -> None:
+        if self.room is not None:
+            self.subscription.close()
+
+
+def test_sharded_on_a_redis_cluster_follows_each_channel_to_its_node(redis_cluster, connserver_server):
+    """Sharded pub/sub on a three-node Redis Cluster, given one node's URL: two hubs whose
+    channels live on different nodes both carry their room across servers."""
+    rooms = ["room", "ws-chat"]
+    owners = {redis_cluster.node_of(f"connserver:{room}").port for room in rooms}
+    assert len(owners) == 2   # the test means something only if the nodes differ
+    servers = [connserver_server(RoomRelay, backplane=redis_cluster.url, backplane_sharded=True)
+               for _ in range(2)]
+    readers = []
+    try:
+        for room in rooms:
+            pair = [Reader(server) for server in servers]
+            readers += pair
+            for reader in pair:
+                reader.say(room)
+                assert reader.line() == "joined"
+        assert wait_for(lambda: all(server.attachment("backplane").statistics().subscribed == 2
+                                    for server in servers), 10)
+        for index, room in enumerate(rooms):
+            first, second = readers[2 * index], readers[2 * index + 1]
+            first.say(f"hello {room}")
+            assert second.line() == f"hello {room}"
+            second.say(f"back in {room}")
+            assert first.line() == f"back in {room}"
+    finally:
+        for reader in readers:
+            reader.close()
