@@ -118,6 +118,12 @@ class Config:
     graceful_timeout: float = _timeout(
         30.0, "Seconds a shutdown waits for connections to finish after cancelling them, "
         "before forcing their sockets shut.")
+    drain_delay: float = _field(
+        0.0, "Seconds between SIGTERM and the drain, while the server still accepts but "
+        "/healthz already answers 503: a load balancer's health checks take the instance out "
+        "of rotation before it refuses anyone (set it above the balancer's check interval × "
+        "fall count). A second signal cuts it short. Daemon only.", float, minimum=0.0,
+        maximum=MAX_TIMEOUT, unit="s")
     linger_timeout: float = _timeout(
         5.0, "Seconds a close may wait for the peer to take what was sent: the write side "
         "is shut, input is read and discarded until the peer's end of stream, then the "

@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from ..config import Config, parse_address
@@ -77,9 +78,15 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
     server = Server.from_listeners(listeners, options.handler, config)
     notifier = Notifier()
     stop_requested = threading.Event()
+    delay_over = threading.Event()   # the drain delay (if any) is over
     reason: list[str] = []
 
     def request_stop(why: str) -> None:
+        if stop_requested.is_set() and config.drain_delay > 0 and not delay_over.is_set():
+            log.warning("%s again: no more drain delay, draining now", why)
+            delay_over.set()
+            wakeup.notify()
+            return
         if stop_requested.is_set():
             log.warning("%s again: forcing shutdown now", why)
             server.force()
@@ -123,6 +130,7 @@ def run_daemon(options: DaemonOptions, listeners: list[socket.socket]) -> int:
                 pinger.start()
             wakeup.wait_until(stop_requested)
             notifier.notify("STOPPING=1", f"STATUS=draining: {reason[0] if reason else 'stop'}")
+            _drain_delay(server, config.drain_delay, delay_over, wakeup)
             report = _drain(server, config.graceful_timeout, wakeup)
     finally:
         stop_requested.set()
@@ -191,10 +199,15 @@ class _MainThreadWakeup:
         except BlockingIOError:
             pass   # a full pipe wakes it anyway
 
-    def wait_until(self, event: threading.Event) -> None:
-        """Sleep until ``event`` is set (its setter calls ``notify()``), running signal handlers."""
+    def wait_until(self, event: threading.Event, timeout: float | None = None) -> None:
+        """Sleep until ``event`` is set (its setter calls ``notify()``) or ``timeout`` passed,
+        running signal handlers."""
+        expires_at = None if timeout is None else time.monotonic() + timeout
         while not event.is_set():
-            select.select([self._read], [], [])   # handlers run as this returns
+            remaining = None if expires_at is None else expires_at - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            select.select([self._read], [], [], remaining)   # handlers run as this returns
             try:
                 while os.read(self._read, 4096):
                     pass
@@ -205,6 +218,19 @@ class _MainThreadWakeup:
         signal.set_wakeup_fd(self._previous)
         os.close(self._read)
         os.close(self._write)
+
+
+def _drain_delay(server: Any, delay: float, over: threading.Event,
+                 wakeup: _MainThreadWakeup) -> None:
+    """``drain_delay``: /healthz says 503 while the server still accepts, so a balancer
+    stops sending it new connections before its listener closes."""
+    if delay > 0:
+        admin = server.attachment("admin")
+        if admin is not None:
+            admin.draining = True
+        log.info("drain delay: /healthz answers 503, still accepting for %.1f s", delay)
+        wakeup.wait_until(over, delay)
+    over.set()
 
 
 def _drain(server: Any, grace: float, wakeup: _MainThreadWakeup) -> Any:

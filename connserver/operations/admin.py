@@ -9,7 +9,8 @@ connections open without asking anything: :class:`AdminAdmission` closes the
 connection that has waited longest to make room for a new one, instead of
 refusing the newcomer (see there for why).
 
-    GET /healthz          200 "ok" while accepting, 503 "draining" while shutting down
+    GET /healthz          200 "ok" while accepting, 503 "draining" once a shutdown (or the
+                          daemon's drain_delay before it) began
     GET /stats            JSON counters, threads, fds, RSS, pool, run slots, uptime
     GET /connections      JSON list, one object per live connection
     GET /metrics          Prometheus text exposition
@@ -236,6 +237,7 @@ class AdminServer:
     def __init__(self, target: Server, address: str) -> None:
         host, port = parse_address(address, "admin_address", default_host="127.0.0.1")
         self.target = target
+        self.draining = False   # set by the daemon's drain_delay: /healthz says 503 already
         self.memory = MemoryTracker()
         self.memory_lock = threading.Lock()   # one pympler walk at a time
         self.admission = AdminAdmission(MAX_WAITING, MAX_WAITING_PER_ADDRESS, PROTECTED_INTERVAL)
@@ -336,7 +338,7 @@ def _json(document: Any) -> tuple[int, str, str]:
 
 
 def _healthz(admin: AdminServer) -> tuple[int, str, str]:
-    if admin.target.accepting:
+    if admin.target.accepting and not admin.draining:
         return 200, "text/plain", "ok\n"
     return 503, "text/plain", "draining\n"
 

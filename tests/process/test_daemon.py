@@ -47,6 +47,48 @@ def test_unix_socket_and_tcp_together(daemon, tmp_path):
     assert process.wait() == 0
 
 
+def healthz(admin_port: int) -> int:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+def _admin_and_port(process) -> tuple[int, int]:
+    admin = int(process.read_until(r"admin endpoint on http://127\.0\.0\.1:(\d+)/").group(1))
+    return admin, int(process.read_until(r"accepting on 127\.0\.0\.1:(\d+)").group(1))
+
+
+def test_drain_delay_says_503_while_still_accepting(daemon):
+    """--drain-delay: after SIGTERM /healthz answers 503 at once while new connections are
+    still served; when the delay is over the listener closes and the daemon exits 0."""
+    process = daemon("echo", "--bind", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-delay", "1.5")
+    admin, port = _admin_and_port(process)
+    assert healthz(admin) == 200
+    process.signal(signal.SIGTERM)
+    process.read_until(r"drain delay: /healthz answers 503")
+    assert healthz(admin) == 503
+    assert echo_once(("127.0.0.1", port)) == b"ping"   # a newcomer is still served
+    assert process.wait() == 0
+    with pytest.raises(ConnectionRefusedError):
+        echo_once(("127.0.0.1", port))
+
+
+def test_a_second_signal_cuts_the_drain_delay_short(daemon):
+    """A second SIGTERM during a long drain delay ends the delay: the daemon drains and
+    exits well before the delay would have."""
+    process = daemon("echo", "--bind", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-delay", "60")
+    _admin_and_port(process)
+    process.signal(signal.SIGTERM)
+    process.read_until(r"drain delay: /healthz answers 503")
+    process.signal(signal.SIGTERM)
+    process.read_until(r"no more drain delay")
+    assert process.wait(timeout=20) == 0
+
+
 def test_inherited_fd_and_json_logs(daemon):
     """--fd N serves a socket made by the parent; --log-format json writes JSON lines."""
     listener = socket.socket()

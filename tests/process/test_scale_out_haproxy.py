@@ -98,6 +98,35 @@ def test_a_drained_instance_leaves_rotation_while_the_others_keep_serving(daemon
             client.close()
 
 
+def test_with_a_drain_delay_haproxy_takes_it_out_before_it_refuses_anyone(daemon, balancer):
+    """--drain-delay longer than HAProxy's checks need (0.6 s here): after SIGTERM the
+    instance answers /healthz with 503 while it still accepts, HAProxy marks it down on
+    that 503 with its listener still open, and no newcomer ever needs a redispatch."""
+    instances = [start_instance(daemon, "app1", "--drain-delay", "3")] + \
+        [start_instance(daemon, f"app{n}") for n in (2, 3)]
+    proxy = balancer(instances)
+    clients: list[LineClient] = []
+    try:
+        drained = instances[0]
+        drained.process.signal(signal.SIGTERM)
+        drained.process.read_until(r"drain delay: /healthz answers 503")
+        while proxy.servers()["app1"]["status"] != "DOWN":
+            assert listening(drained.port)
+            clients.append(ChatClient(proxy.port, f"early{len(clients)}"))   # served, anywhere
+            assert len(clients) < 200, proxy.servers()["app1"]
+        row = proxy.servers()["app1"]
+        assert (row["check_status"], row["check_code"]) == ("L7STS", "503"), row
+        assert listening(drained.port)   # down in HAProxy's eyes before it closed its door
+        assert int(row["wredis"]) == 0, row   # nobody was refused and sent elsewhere
+        later = [ChatClient(proxy.port, f"late{n}") for n in range(4)]
+        clients += later
+        where(instances[1:], later)
+        assert drained.process.wait(20) == 0
+    finally:
+        for client in clients:
+            client.close()
+
+
 # A handler with work in hand when the drain begins: it says "working", works
 # until the test creates the file "release" (at most 20 s), then answers "done",
 # which a shutdown lets it send. Its drain lasts as long as the test wants.
