@@ -29,12 +29,13 @@ import termios
 import time
 from typing import Callable
 
-__all__ = ["Answer", "linger", "unacked_bytes", "discard_input", "connection_gone"]
+__all__ = ["Answer", "linger", "unacked_bytes", "unacked_payload", "discard_input", "connection_gone"]
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _FIRST_WAIT_INTERVAL = 0.001
 _MAX_WAIT_INTERVAL = 0.05
 _TCP_CLOSE = 7   # tcpi_state of a closed connection (linux/tcp_states.h)
+_FIN_UNACKED_STATES = (4, 9, 11)   # FIN_WAIT1, LAST_ACK, CLOSING: our FIN not acknowledged yet
 
 
 class Answer:
@@ -67,6 +68,21 @@ def unacked_bytes(sock: socket.socket) -> int:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except (OSError, ValueError):
         return 0   # closed or not a TCP socket: nothing we can still deliver
+
+
+def unacked_payload(sock: socket.socket) -> int:
+    """Bytes of data sent and not acknowledged: :func:`unacked_bytes` without our FIN,
+    which the kernel counts as one more byte until it is acknowledged (after
+    ``shutdown(SHUT_WR)``: states FIN_WAIT1, CLOSING, LAST_ACK)."""
+    queued = unacked_bytes(sock)
+    if queued:
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (OSError, ValueError):
+            return queued
+        if state in _FIN_UNACKED_STATES:
+            queued -= 1
+    return queued
 
 
 def connection_gone(sock: socket.socket) -> bool:

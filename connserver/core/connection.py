@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator, NoReturn
 from .addresses import format_peer
 from .buffers import BufferLease, BufferPool, LeaseAccount
 from .cancel import CancelToken
-from .closing import Answer, linger, unacked_bytes
+from .closing import Answer, linger, unacked_payload
 from ..config import Config
 from .connection_tls import TLSConnectionIO
 from .connection_parked import ParkedIO
@@ -524,7 +524,7 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
                 if not self._closed:
                     self._closed = True
                     if tcp and not self._forced:
-                        self.bytes_unacked = unacked_bytes(self._sock)
+                        self.bytes_unacked = unacked_payload(self._sock)
                     try:
                         self._sock.shutdown(socket.SHUT_RDWR)
                     except OSError:

@@ -5,6 +5,7 @@ peer's end of stream, with the read side shut or not."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import pytest
@@ -93,3 +94,35 @@ def test_an_answer_that_raises_ends_the_wait(tcp_pair):
     answer = Answer(broken, timeout=SAFETY)
     linger(ours, SAFETY, read_shut=False, forced=lambda: False, answer=answer)
     assert answer.done
+
+
+def test_unacked_payload_does_not_count_our_fin(tcp_pair):
+    """After shutdown(SHUT_WR) the kernel counts our FIN as one more unacknowledged byte
+    until it is acknowledged; the access log's bytes_unacked counts data only."""
+    import fcntl
+    import termios
+
+    from connserver.core.closing import unacked_bytes, unacked_payload
+
+    ours, theirs = tcp_pair
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # fills fast: zero window
+    ours.setblocking(False)
+    written = 0
+    deadline = time.monotonic() + SAFETY
+    while time.monotonic() < deadline:
+        try:
+            written += ours.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+    ours.shutdown(socket.SHUT_WR)   # the FIN waits behind the data the window refuses
+
+    def received() -> int:
+        return struct.unpack("i", fcntl.ioctl(theirs.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+    last = -1
+    while received() != last:   # until the transfer stands still at the zero window
+        last = received()
+        time.sleep(0.05)
+        assert time.monotonic() < deadline
+    assert unacked_payload(ours) == written - received()
+    assert unacked_bytes(ours) == written - received() + 1
