@@ -209,6 +209,14 @@ class Config:
         "process's hubs to every other process's of the same name: one chat room across "
         "workers and machines; at-most-once delivery, losses counted (needs connserver[redis]). "
         "None: hubs are per process.", str, nullable=True, metavar="URL")
+    backplane_queue_bytes: int = _field(
+        8 * 1024 * 1024, "Most bytes of messages waiting to be published to Redis (while it is "
+        "slow or away); past it, backplane_overflow decides. Counted as outbound_dropped.", int,
+        minimum=1024, unit="bytes")
+    backplane_overflow: str = _field(
+        "drop_oldest", "What a full backplane queue drops: drop_oldest (the room hears the "
+        "latest, as a live feed wants) or drop_newest (what was said first goes out first).",
+        str, choices=("drop_oldest", "drop_newest"))
     backplane_sharded: bool = _field(
         False, "Use sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7) on the backplane: with a "
         "Redis Cluster (any node's URL), each hub's messages stay on the node owning its "

@@ -137,12 +137,14 @@ class RedisBackplane:
     """The process's link to Redis for every hub (see the module docstring).
 
     ``max_outbound_bytes``/``max_outbound_items`` bound what waits for Redis
-    (while it is slow or away); ``prefix`` namespaces the channels (several
-    unrelated deployments may share one Redis).
+    (while it is slow or away), and ``overflow`` says what goes when it is full
+    (``drop_oldest`` or ``drop_newest``); ``prefix`` namespaces the channels
+    (several unrelated deployments may share one Redis).
     """
 
     def __init__(self, url: str, *, sharded: bool = False, prefix: str = "connserver",
                  max_outbound_bytes: int = 8 * 1024 * 1024, max_outbound_items: int = 65536,
+                 overflow: str = "drop_oldest",
                  connect_timeout: float = 2.0, backoff_base: float = 0.05, backoff_cap: float = 5.0,
                  flush_timeout: float = 2.0, clock: Clock = monotonic,
                  on_fault: Callable[[str], None] | None = None) -> None:
@@ -163,7 +165,9 @@ class RedisBackplane:
         self._confirmed: set[str] = set()          # channels Redis confirmed (this connection)
         self._joined = threading.Condition(self._lock)   # notified as channels are confirmed
         self._next_seq: dict[str, int] = {}        # hub name -> last sequence number used
-        self._outbound = ByteBoundedQueue(max_outbound_items, max_outbound_bytes, policy="drop_oldest")
+        if overflow not in ("drop_oldest", "drop_newest"):
+            raise ValueError(f"overflow must be drop_oldest or drop_newest, not {overflow!r}")
+        self._outbound = ByteBoundedQueue(max_outbound_items, max_outbound_bytes, policy=overflow)
         self._tracker = SequenceTracker()          # owned by the subscriber thread
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -484,6 +488,8 @@ def attach_backplane(server: Server) -> RedisBackplane | None:
     if config.backplane is None:
         return None
     return RedisBackplane(config.backplane, sharded=config.backplane_sharded,
+                          max_outbound_bytes=config.backplane_queue_bytes,
+                          overflow=config.backplane_overflow,
                           clock=server.clock, on_fault=server.count_internal_error)
 
 

@@ -191,6 +191,26 @@ def test_outbound_queue_is_bounded_while_redis_is_away(redis_server):
         assert backplane.close(timeout=2.0)
 
 
+def test_drop_newest_keeps_the_first_messages_and_config_reaches_the_backplane(connserver_server,
+                                                                              redis_server):
+    """backplane_queue_bytes and backplane_overflow=drop_newest: with Redis away, what
+    was queued first stays, what does not fit is refused (counted)."""
+    server = connserver_server(Relay, backplane=redis_server.url, backplane_queue_bytes=10_000,
+                               backplane_overflow="drop_newest")
+    hub = server.hub("bounded")
+    backplane = server.attachment("backplane")
+    assert wait_for(lambda: backplane.statistics().connected, 10)
+    redis_server.kill()
+    # Both connections found Redis gone (the idle publisher by its ping, within ~1 s), so
+    # none takes a message off the queue to try it.
+    assert wait_for(lambda: backplane.statistics().disconnects == 2, 10)
+    for number in range(100):
+        hub.publish(b"%03d" % number + b"x" * 897)
+    stats = backplane.statistics()
+    assert stats.outbound_bytes <= 10_000 and stats.outbound_dropped >= 89
+    assert backplane._outbound.get_nowait().endswith(b"\n000" + b"x" * 897)   # the first stayed
+
+
 def test_admin_stats_and_metrics_show_the_backplane(connserver_server, redis_server):
     """/stats carries the backplane's books; /metrics its families."""
     import json
