@@ -1665,7 +1665,13 @@ static int run_churn(void)
  * spaces, '/' or control characters (line servers such as connserver's chat
  * pass it through, even with a "<nick> " prefix), then a filler that depends
  * on the sequence number, then '\n'. A subscriber takes the last size-1 bytes
- * of each line as the message, so a relay may prefix lines. */
+ * of each line as the message, so a relay may prefix lines.
+ *
+ * --websocket: every connection (subscribers, stalled ones, the publisher)
+ * upgrades first; the publisher sends each message (all size bytes, '\n'
+ * included) as one masked text frame, and a subscriber takes each text or
+ * binary message it receives as one line (its trailing '\n' optional: a chat
+ * strips it), so the same bytes are checked as without. */
 
 static const char ALPHA[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
 static signed char DEC[256];
@@ -1706,12 +1712,31 @@ static void write_message(char *m, uint64_t seq, uint64_t ts)
     m[s - 1] = '\n';
 }
 
+/* --websocket: the same message (all size bytes) as one masked text frame, the mask moving with seq. */
+static void write_ws_message(unsigned char *f, uint64_t seq, uint64_t ts)
+{
+    size_t s = (size_t)O.size, h = ws_header_len(s);
+    f[0] = 0x81;   /* FIN, text: the message is printable ASCII */
+    if (h == 2) f[1] = (unsigned char)(0x80 | s);
+    else { f[1] = 0x80 | 126; f[2] = (unsigned char)(s >> 8); f[3] = (unsigned char)s; }
+    uint32_t key = (uint32_t)(seq * 2654435761u) ^ 0x5bd1e995u;
+    unsigned char mk[4] = {(unsigned char)key, (unsigned char)(key >> 8), (unsigned char)(key >> 16),
+                           (unsigned char)(key >> 24)};
+    memcpy(f + h, mk, 4);
+    unsigned char *m = f + h + 4;
+    write_message((char *)m, seq, ts);
+    for (size_t i = 0; i < s; i++) m[i] ^= mk[i & 3];
+}
+
 typedef struct {
     int fd;
-    uint8_t state, established, stalled, discard, registered;
+    uint8_t state, established, stalled, discard, registered, upgraded;
     uint32_t carry_len;
     char *carry;
     uint64_t t_conn, count, next, ooo, gaps, missing, other, overlong, bytes;
+    uint64_t skip;              /* --websocket: payload bytes of an overlong frame still to pass over */
+    uint64_t control;           /* --websocket: ping and pong frames received (not answered) */
+    int ws_close;               /* --websocket: the close code of a close frame received (1005: none given) */
     /* stalled subscribers: what happened, seen without reading */
     int how;                    /* 0 none, 1 fin, 2 rst */
     uint64_t t_event;
@@ -1730,7 +1755,49 @@ typedef struct {
     hist_t *lat;
     uint64_t delivered, corrupt;
     int publishing;
+    long upgraded;              /* --websocket: subscribers (stalled ones too) that have their 101 */
 } fan_t;
+
+/* --websocket: a message the handler sends (the hello) as one masked text frame. */
+static void ws_send_text(int fd, const char *text, size_t len, uint32_t key)
+{
+    unsigned char f[700];
+    size_t h = ws_header_len(len);
+    if (len + h + 4 > sizeof f) return;
+    f[0] = 0x81;   /* FIN, text */
+    if (h == 2) f[1] = (unsigned char)(0x80 | len);
+    else { f[1] = 0x80 | 126; f[2] = (unsigned char)(len >> 8); f[3] = (unsigned char)len; }
+    unsigned char mk[4] = {(unsigned char)key, (unsigned char)(key >> 8), (unsigned char)(key >> 16),
+                           (unsigned char)(key >> 24)};
+    memcpy(f + h, mk, 4);
+    for (size_t i = 0; i < len; i++) f[h + 4 + i] = (unsigned char)text[i] ^ mk[i & 3];
+    send_small(fd, (const char *)f, h + 4 + len);
+}
+
+/* --websocket: the length of the upgrade response at the start of p (through the blank line),
+ * once it is complete and right (101, the expected accept key); 0 while it is incomplete, or
+ * after a verification failure. What follows it is the server's first frames. */
+static size_t ws_response(const char *p, size_t n, const char *who, long idx)
+{
+    const char *eoh = memmem(p, n, "\r\n\r\n", 4);
+    if (!eoh) {
+        if (n >= WS_HS_CAP - 1) fail("fanout: %s %ld: upgrade response over %u bytes", who, idx, WS_HS_CAP);
+        return 0;
+    }
+    size_t hl = (size_t)(eoh + 4 - p);
+    char hs[WS_HS_CAP];
+    if (hl >= sizeof hs) { fail("fanout: %s %ld: upgrade response over %u bytes", who, idx, WS_HS_CAP); return 0; }
+    memcpy(hs, p, hl);
+    hs[hl] = 0;
+    const char *wrong = ws_check_response(hs, hl);
+    if (wrong) {
+        char *eol = strstr(hs, "\r\n");
+        if (eol) *eol = 0;
+        fail("fanout: %s %ld: upgrade refused (%s): %.120s", who, idx, wrong, hs);
+        return 0;
+    }
+    return hl;
+}
 
 static void fan_line(fan_t *F, sub_t *s, const unsigned char *line, size_t L, uint64_t t)
 {
@@ -1758,7 +1825,75 @@ static void fan_line(fan_t *F, sub_t *s, const unsigned char *line, size_t L, ui
     }
 }
 
-/* Read once from a subscriber and handle every complete line. Returns -1 when closed. */
+/* --websocket: the upgrade response, then unmasked server frames; every text or binary message
+ * is one line. A partial response or frame stays in the carry; a frame longer than the longest
+ * line taken (--size + 4096) is passed over and counted as overlong. A server frame that is
+ * masked, fragmented or compressed (no extension was offered) is a verification failure. */
+static void fan_frames(fan_t *F, sub_t *s, char *p, char *end, uint64_t t)
+{
+    long idx = (long)(s - F->subs);
+    if (!s->upgraded) {
+        size_t hl = ws_response(p, (size_t)(end - p), s->stalled ? "stalled subscriber" : "subscriber", idx);
+        if (g_failed) return;
+        if (!hl) {
+            memcpy(s->carry, p, (size_t)(end - p));
+            s->carry_len = (uint32_t)(end - p);
+            return;
+        }
+        p += hl;
+        s->upgraded = 1;
+        F->upgraded++;
+        if (g_hello_t[0]) {
+            char hello[600];
+            size_t n = format_hello(hello, sizeof hello, idx);
+            ws_send_text(s->fd, hello, n, (uint32_t)idx * 2654435761u ^ 0x5bd1e995u);
+        }
+    }
+    while (p < end) {
+        if (s->skip) {
+            size_t n = (size_t)(end - p) < s->skip ? (size_t)(end - p) : (size_t)s->skip;
+            p += n;
+            s->skip -= n;
+            continue;
+        }
+        const unsigned char *u = (const unsigned char *)p;
+        size_t avail = (size_t)(end - p), h = 2;
+        if (avail < 2) break;
+        uint64_t len = u[1] & 0x7f;
+        if (len == 126) {
+            if (avail < 4) break;
+            len = (uint64_t)u[2] << 8 | u[3];
+            h = 4;
+        } else if (len == 127) {
+            if (avail < 10) break;
+            len = 0;
+            for (int i = 0; i < 8; i++) len = len << 8 | u[2 + i];
+            h = 10;
+        }
+        int op = u[0] & 0x0f;
+        if (u[1] & 0x80 || u[0] & 0x70 || !(u[0] & 0x80) || op == 0) {
+            fail("fanout: subscriber %ld: a server frame %s (first bytes 0x%02x 0x%02x)", idx,
+                 u[1] & 0x80 ? "masked" : u[0] & 0x70 ? "with RSV bits set" : "fragmented (not supported)", u[0], u[1]);
+            return;
+        }
+        if (op != 1 && op != 2 && op != 8 && op != 9 && op != 10) {
+            fail("fanout: subscriber %ld: a server frame with opcode %d", idx, op);
+            return;
+        }
+        if (len > F->maxline) { s->overlong++; s->skip = len; p += h; continue; }
+        if (avail - h < len) break;
+        const unsigned char *m = u + h;
+        if (op == 1 || op == 2) fan_line(F, s, m, len && m[len - 1] == '\n' ? len - 1 : len, t);
+        else if (op == 8) s->ws_close = len >= 2 ? (int)(m[0] << 8 | m[1]) : 1005;
+        else s->control++;
+        p += h + len;
+    }
+    size_t rest = (size_t)(end - p);
+    if (rest) memcpy(s->carry, p, rest);
+    s->carry_len = (uint32_t)rest;
+}
+
+/* Read once from a subscriber and handle every complete line (or frame). Returns -1 when closed. */
 static int fan_read(fan_t *F, sub_t *s, int *err_out)
 {
     char *buf = (char *)g_scratch;
@@ -1774,6 +1909,7 @@ static int fan_read(fan_t *F, sub_t *s, int *err_out)
     s->bytes += (uint64_t)r;
     uint64_t t = now_ns();
     char *p = buf, *end = buf + carry + (size_t)r;
+    if (g_ws) { fan_frames(F, s, p, end, t); return 0; }
     if (s->discard) {
         char *nl = memchr(p, '\n', (size_t)(end - p));
         if (!nl) { s->carry_len = 0; return 0; }
@@ -1807,13 +1943,14 @@ static int run_fanout(void)
     F.K = O.stalled;
     F.total = F.M + F.K;
     F.maxline = (size_t)O.size + 4096;
+    size_t carry_cap = F.maxline + 16;   /* a line, or a frame of one and its header */
     F.lat = hist_new();
     F.subs = calloc((size_t)(F.total ? F.total : 1), sizeof *F.subs);
-    char *carries = malloc((size_t)(F.total ? F.total : 1) * F.maxline);
+    char *carries = malloc((size_t)(F.total ? F.total : 1) * carry_cap);
     if (!F.subs || !carries) { perror("malloc"); exit(3); }
     for (long i = 0; i < F.total; i++) {
         F.subs[i].fd = -1;
-        F.subs[i].carry = carries + (size_t)i * F.maxline;
+        F.subs[i].carry = carries + (size_t)i * carry_cap;
         F.subs[i].stalled = i >= F.M;
     }
     fanout_init_codec((size_t)O.size);
@@ -1828,13 +1965,20 @@ static int run_fanout(void)
     memset(&cw, 0, sizeof cw);
     cpuwin_start(&cw);
 
-    /* publisher */
-    struct { int fd, state, wout, closed, err; uint64_t t_conn, bytes_rx, bytes_tx; char *buf; size_t cap, off, len; } P;
+    /* publisher (--websocket: hs holds its upgrade response while it arrives) */
+    struct {
+        int fd, state, wout, closed, err, upgraded;
+        uint64_t t_conn, bytes_rx, bytes_tx;
+        char *buf;
+        size_t cap, off, len, hslen;
+        char hs[WS_HS_CAP];
+    } P;
     memset(&P, 0, sizeof P);
     P.fd = -1;
+    size_t wire = (size_t)O.size + (g_ws ? ws_header_len((size_t)O.size) + 4 : 0);   /* one message as sent */
     size_t batch_max = (size_t)(65536 / O.size);
     if (batch_max < 1) batch_max = 1;
-    P.cap = batch_max * (size_t)O.size;
+    P.cap = batch_max * wire;
     P.buf = malloc(P.cap);
     if (!P.buf) { perror("malloc"); exit(3); }
 
@@ -1853,13 +1997,16 @@ static int run_fanout(void)
 
         if (phase == 0) {
             int all = opened == F.total && pub_opened && connecting == 0;
+            /* --websocket: and every connection has its 101 (a subscriber subscribes once upgraded) */
+            if (g_ws) all = all && P.upgraded && F.upgraded == sub_established + stall_established;
             int late = opened == F.total && pub_opened && since(now, t_last_open) >= sec_ns(O.connect_timeout);
             if (all || late) {
                 if (P.state != ST_ACTIVE) { run_failed("publisher could not connect"); break; }
+                if (g_ws && !P.upgraded) { run_failed("publisher: no upgrade response"); break; }
                 t_ready = now;
                 phase = 1;
-                hint("fanout: %ld/%ld subscribers and %ld/%ld stalled connected; publishing in %.2f s",
-                     sub_established, F.M, stall_established, F.K, O.warmup);
+                hint("fanout: %ld/%ld subscribers and %ld/%ld stalled connected%s; publishing in %.2f s",
+                     sub_established, F.M, stall_established, F.K, g_ws ? " and upgraded" : "", O.warmup);
             }
         }
         if (phase == 1 && now >= t_ready + sec_ns(O.warmup)) {
@@ -1993,10 +2140,13 @@ static int run_fanout(void)
                     }
                 }
                 if (!due) break;
-                for (uint64_t j = 0; j < due; j++) write_message(P.buf + j * (size_t)O.size, F.built + j, t);
+                for (uint64_t j = 0; j < due; j++) {
+                    if (g_ws) write_ws_message((unsigned char *)P.buf + j * wire, F.built + j, t);
+                    else write_message(P.buf + j * wire, F.built + j, t);
+                }
                 F.built += due;
                 P.off = 0;
-                P.len = (size_t)due * (size_t)O.size;
+                P.len = (size_t)due * wire;
                 if (O.rate <= 0) {   /* as fast as possible: write now, then again when writable */
                     ssize_t w = send(P.fd, P.buf, P.len, MSG_NOSIGNAL);
                     if (w > 0) { P.off = (size_t)w; P.bytes_tx += (uint64_t)w; }
@@ -2032,7 +2182,8 @@ static int run_fanout(void)
                     if (err) { close(P.fd); P.fd = -1; P.state = ST_FAILED; P.err = err; err_add(&cerr, err); continue; }
                     P.state = ST_ACTIVE;
                     hist_add(conn_h, now_ns() - P.t_conn);
-                    if (g_pub_hello_len) send_small(P.fd, g_pub_hello, g_pub_hello_len);
+                    if (g_ws) send_small(P.fd, WS_UPGRADE, sizeof WS_UPGRADE - 1);
+                    else if (g_pub_hello_len) send_small(P.fd, g_pub_hello, g_pub_hello_len);
                     ep_ctl(ep, EPOLL_CTL_MOD, P.fd, EPOLLIN, TAG(TAG_PUB, 0));
                     P.wout = 0;
                     continue;
@@ -2040,8 +2191,18 @@ static int run_fanout(void)
                 if (P.state != ST_ACTIVE) continue;
                 if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) {   /* whatever the server says to the publisher */
                     ssize_t r = recv(P.fd, g_scratch, SCRATCH_SIZE, 0);
-                    if (r > 0) P.bytes_rx += (uint64_t)r;
-                    else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                    if (r > 0) {
+                        P.bytes_rx += (uint64_t)r;
+                        if (g_ws && !P.upgraded) {   /* its 101; whatever follows is only counted */
+                            size_t take = (size_t)r < sizeof P.hs - P.hslen ? (size_t)r : sizeof P.hs - P.hslen;
+                            memcpy(P.hs + P.hslen, g_scratch, take);
+                            P.hslen += take;
+                            if (ws_response(P.hs, P.hslen, "publisher", 0)) {
+                                P.upgraded = 1;
+                                if (g_pub_hello_len) ws_send_text(P.fd, g_pub_hello, g_pub_hello_len, 0x5bd1e995u);
+                            }
+                        }
+                    } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
                         P.err = r == 0 ? 0 : errno;
                         P.closed = 1;
                         ep_ctl(ep, EPOLL_CTL_DEL, P.fd, 0, 0);
@@ -2058,15 +2219,17 @@ static int run_fanout(void)
                 s->state = ST_ACTIVE;
                 s->established = 1;
                 hist_add(conn_h, now_ns() - s->t_conn);
-                if (g_hello_t[0]) { size_t hl = format_hello(hello, sizeof hello, idx); send_small(s->fd, hello, hl); }
+                if (g_ws) send_small(s->fd, WS_UPGRADE, sizeof WS_UPGRADE - 1);   /* the hello follows its 101 */
+                else if (g_hello_t[0]) { size_t hl = format_hello(hello, sizeof hello, idx); send_small(s->fd, hello, hl); }
                 if (s->stalled) {
                     stall_established++;
                     int v = 0;
                     socklen_t vl = sizeof v;
                     getsockopt(s->fd, SOL_SOCKET, SO_RCVBUF, &v, &vl);
                     s->rcvbuf = v;
-                    /* never read: watch only for the server closing (FIN) or resetting */
-                    ep_ctl(ep, EPOLL_CTL_MOD, s->fd, EPOLLRDHUP | EPOLLET, TAG(TAG_SUB, idx));
+                    /* never read: watch only for the server closing (FIN) or resetting;
+                       --websocket: once its 101 is in (the hello sent after it) */
+                    ep_ctl(ep, EPOLL_CTL_MOD, s->fd, g_ws ? EPOLLIN : EPOLLRDHUP | EPOLLET, TAG(TAG_SUB, idx));
                     s->registered = 1;
                 } else {
                     sub_established++;
@@ -2075,7 +2238,7 @@ static int run_fanout(void)
                 continue;
             }
             if (s->state != ST_ACTIVE) continue;
-            if (s->stalled && phase < 4) {
+            if (s->stalled && phase < 4 && (s->upgraded || !g_ws)) {
                 if (!s->how) {
                     s->how = (ev & (EPOLLERR | EPOLLHUP)) ? 2 : 1;
                     s->t_event = now_ns();
@@ -2088,12 +2251,15 @@ static int run_fanout(void)
             if (s->stalled) stall_last_rx = now_ns();
             if (fan_read(&F, s, &err) < 0) {
                 close(s->fd); s->fd = -1; s->state = ST_CLOSED;
-                if (s->stalled) {
-                    if (!s->how) { s->how = err ? 2 : 3; s->t_event = now_ns(); }   /* 3: EOF after reading */
+                if (s->stalled) {   /* 3: EOF after reading what was queued */
+                    if (!s->how) { s->how = err ? 2 : phase < 4 ? 1 : 3; s->t_event = now_ns(); }
                 } else {
                     sub_closed++;
                     if (err) err_add(&suberr, err);
                 }
+            } else if (s->stalled && phase < 4 && s->upgraded) {
+                /* --websocket: upgraded; from now on only watch for the server closing it */
+                ep_ctl(ep, EPOLL_CTL_MOD, s->fd, EPOLLRDHUP | EPOLLET, TAG(TAG_SUB, idx));
             }
         }
     }
@@ -2102,8 +2268,12 @@ static int run_fanout(void)
     for (long i = 0; i < F.total; i++) if (F.subs[i].fd >= 0) close(F.subs[i].fd);
     if (!g_failed && !g_run_failed && sub_established == 0 && F.M > 0) run_failed("no subscriber could connect");
 
-    uint64_t mn = UINT64_MAX, mx = 0, gaps = 0, missing = 0, ooo = 0, other = 0, overlong = 0;
-    long counted = 0;
+    uint64_t mn = UINT64_MAX, mx = 0, gaps = 0, missing = 0, ooo = 0, other = 0, overlong = 0, control = 0;
+    long counted = 0, upgraded = 0, closes = 0, stall_upgraded = 0;
+    for (long i = 0; i < F.total; i++) {
+        if (F.subs[i].stalled) stall_upgraded += F.subs[i].upgraded;
+        else { upgraded += F.subs[i].upgraded; closes += F.subs[i].ws_close != 0; control += F.subs[i].control; }
+    }
     for (long i = 0; i < F.M; i++) {
         sub_t *s = &F.subs[i];
         if (!s->established) continue;
@@ -2143,6 +2313,7 @@ static int run_fanout(void)
     jlatency("latency", F.lat);
     jobj("subscribers");
     jint("established", sub_established);
+    if (g_ws) { jint("upgraded", upgraded); jint("ws_close_frames", closes); juint("control_frames", control); }
     jint("closed_by_server", sub_closed);
     jerrors("close_errors", &suberr);
     if (counted) { juint("min_count", mn); juint("max_count", mx); }
@@ -2160,6 +2331,7 @@ static int run_fanout(void)
     jerrors("connect_errors", &cerr);
     jobj("publisher");
     jbool("connected", P.state == ST_ACTIVE || P.state == ST_CLOSED);
+    if (g_ws) jbool("upgraded", P.upgraded);
     jbool("closed_by_server", P.closed);
     if (P.closed || P.state == ST_FAILED) jstr("error", P.err ? errname(P.err) : "eof");
     juint("bytes_sent", P.bytes_tx);
@@ -2170,6 +2342,7 @@ static int run_fanout(void)
     jobj("stalled");
     jint("count", F.K);
     jint("established", stall_established);
+    if (g_ws) jint("upgraded", stall_upgraded);
     jint("disconnected", stall_disc);
     jarr("each");
     for (long i = F.M; i < F.total && i < F.M + 32; i++) {
@@ -2185,6 +2358,8 @@ static int run_fanout(void)
         jstr("tcp_state_at_end", s->established ? tcp_state_name((int)s->ooo) : "?");
         juint("bytes_drained", s->bytes);
         juint("messages_drained", s->count);
+        if (g_ws && s->ws_close) jint("ws_close", s->ws_close);
+        else if (g_ws) jnull("ws_close");
         jend();
     }
     jend_arr();
@@ -2621,10 +2796,13 @@ static void usage(FILE *f)
           "  --framed             echo/hold/churn/paced: send every message (hold: the greeting, \"h\"\n"
           "                       by default) as a frame, 4-byte big-endian length + payload; any echo\n"
           "                       server echoes it unchanged, a framed echo server parses it\n"
-          "  --websocket          echo/hold: upgrade each connection to a WebSocket (HTTP/1.1, fixed key)\n"
-          "                       first; echo: every request is one masked binary frame, every reply\n"
-          "                       must be the same payload in one unmasked binary frame; hold: served\n"
-          "                       once the 101 response has arrived\n"
+          "  --websocket          echo/hold/fanout: upgrade each connection to a WebSocket (HTTP/1.1,\n"
+          "                       fixed key) first; echo: every request is one masked binary frame, every\n"
+          "                       reply must be the same payload in one unmasked binary frame; hold: served\n"
+          "                       once the 101 response has arrived; fanout: every connection upgrades\n"
+          "                       (stalled ones read their 101, then nothing), the publisher sends each\n"
+          "                       message as one masked text frame, each text or binary message received\n"
+          "                       is one line; --hello and --publisher-hello go as text frames after the 101\n"
           "  --barrier            echo/framed: no connection sends its second request until every\n"
           "                       connection has had its first reply; the warm-up and the window start\n"
           "                       then (reports the burst: time until all were served)\n"
@@ -2800,9 +2978,10 @@ int main(int argc, char **argv)
     if (O.barrier && O.mode != M_ECHO && O.mode != M_FRAMED) emit_and_exit_usage("--barrier is for echo and framed");
     if (O.framed && O.mode == M_FANOUT) emit_and_exit_usage("--framed is for echo, hold, churn and paced");
     g_framed = O.mode == M_FRAMED || O.framed;
-    if (O.websocket && O.mode != M_ECHO && O.mode != M_HOLD) emit_and_exit_usage("--websocket is for echo and hold");
-    if (O.websocket && (O.framed || O.hello || O.probe_interval > 0))
-        emit_and_exit_usage("--websocket goes without --framed, --hello and --probe-interval");
+    if (O.websocket && O.mode != M_ECHO && O.mode != M_HOLD && O.mode != M_FANOUT)
+        emit_and_exit_usage("--websocket is for echo, hold and fanout");
+    if (O.websocket && (O.framed || (O.hello && O.mode != M_FANOUT) || O.probe_interval > 0))
+        emit_and_exit_usage("--websocket goes without --framed and --probe-interval (and --hello but in fanout)");
     if (O.websocket && O.size > 65535) emit_and_exit_usage("--websocket needs --size <= 65535");
     g_ws = O.websocket;
     if (O.publisher_port < 0) O.publisher_port = O.port;

@@ -827,6 +827,7 @@ def parked_section(results: dict) -> list[str]:
 
 WS_OURS = ("connserver-ws", "connserver-ws-parked")
 WS_SYNC, WS_ASYNC = "websockets-sync", "websockets-asyncio"
+WS_RELAYS = ("connserver-ws-relay", "connserver-ws-relay-parked")
 
 
 def ws_echo_section(results: dict) -> list[str]:
@@ -898,8 +899,63 @@ def ws_memory_section(results: dict) -> list[str]:
     return lines
 
 
+def stalled_disconnects(cell: dict) -> str:
+    """Per run: stalled subscribers the server had disconnected by the end (of those stalled)."""
+    counts = [dig(run, "results", "stalled", "disconnected") for run in ok_runs(cell)]
+    return ", ".join(num(c) for c in counts) if cell["stalled"] else "—"
+
+
+def ws_fanout_section(results: dict) -> list[str]:
+    cells = cells_of(results, "ws-fanout")
+    if not cells:
+        return []
+    first = cells[0]
+    lines = ["## WebSocket fan-out: a hub of WebSocket subscribers", "",
+             f"`loadgen --mode fanout --websocket`: {first['subscribers']:,} subscribers and one publisher "
+             "upgrade; the publisher sends a 64-byte sequence-numbered, timestamped message as one masked "
+             f"text frame {first['rate']:,} times a second, and connserver's WebSocket relay "
+             "(`servers.py`: a `WebSocketHandler` whose every upgraded connection is a hub subscriber) "
+             "publishes each as one frame built by `message_frame()`, shared by every subscriber's "
+             "queue. Stalled subscribers upgrade (they read their 101), then never read again, with a "
+             "minimal receive buffer. Latency is publish → receive at the healthy subscribers, every "
+             "byte checked. *stalled disconnected*: per run, how many of the stalled ones the server "
+             "had disconnected by the end (the hub cuts one off once its kernel send buffer and its "
+             "256 KiB queue are full: 0 says the window did not reach that). The (server, stalled) "
+             "pairs alternate A B C … C B A.",
+             ""]
+    rows = [[cell["server"] + failures(cell), str(cell["stalled"]),
+             show(measure(cell, lambda r: dig(r, "results", "delivered_per_s"))),
+             show(measure(cell, lambda r: dig(r, "results", "latency", "p50_us"))),
+             show(measure(cell, lambda r: dig(r, "results", "latency", "p99_us"))),
+             show(measure(cell, lambda r: dig(r, "results", "latency", "p999_us"))),
+             show(measure(cell, lambda r: dig(r, "results", "lost"))),
+             stalled_disconnects(cell),
+             show(measure(cell, lambda r: dig(r, "server", "util")), 2),
+             show(measure(cell, lambda r: dig(r, "loadgen_cpu", "util")), 2),
+             others(cell)] for cell in cells]
+    lines += table(["server", "stalled", "delivered/s", "p50 µs", "p99 µs", "p999 µs", "lost",
+                    "stalled disconnected", "server CPU", "loadgen CPU", "others % CPU 0 / 1"], rows)
+    return lines
+
+
+def ws_fanout_targets(results: dict) -> list[tuple[str, str, str]]:
+    """Per connserver relay: the healthy subscribers' p99 with stalled subscribers ÷ without (≤ 1.5)."""
+    rows: list[tuple[str, str, str]] = []
+    for name in WS_RELAYS:
+        p99 = {cell["stalled"]: measure(cell, lambda r: dig(r, "results", "latency", "p99_us"))
+               for cell in cells_of(results, "ws-fanout", server=name)}
+        if 0 not in p99:
+            continue
+        for stalled in sorted(k for k in p99 if k):
+            verdict = against(p99[0], p99[stalled], 1.5, at_least=False)
+            who = "a stalled subscriber does" if stalled == 1 else f"{stalled} stalled subscribers do"
+            rows.append((f"(issue 14) WebSocket fan-out ({name}): {who} not change the others' delivery p99 "
+                         "(with ÷ without ≤ 1.5)", verdict.text(), verdict.word))
+    return rows
+
+
 def issue14_targets(results: dict) -> list[tuple[str, str, str]]:
-    """Issue 14's WebSocket targets: idle memory and echo throughput at N=100."""
+    """Issue 14's WebSocket targets: idle memory, echo throughput at N=100, fan-out past a stalled subscriber."""
     rows: list[tuple[str, str, str]] = []
     held = {cell["server"]: cell for cell in cells_of(results, "ws-hold")}
 
@@ -931,7 +987,7 @@ def issue14_targets(results: dict) -> list[tuple[str, str, str]]:
             if verdict.median is not None:
                 rows.append((f"(issue 14) WebSocket echo N=100 ({name}): round trips/s ≥ 1.0× {peer}'s",
                              verdict.text(), verdict.word))
-    return rows
+    return rows + ws_fanout_targets(results)
 
 
 def targets_section(results: dict) -> list[str]:
@@ -948,7 +1004,7 @@ def render(results: dict, command: str) -> str:
     lines = header(results, command)
     for section in (targets_section, parked_section, echo_section, priming_section, burst_section, paced_section,
                     crosscheck_section, memory_section, chat_memory_section, hostile_section,
-                    churn_section, fanout_section, ws_echo_section, ws_memory_section):
+                    churn_section, fanout_section, ws_echo_section, ws_memory_section, ws_fanout_section):
         lines += section(results)
     lines += ["Raw results, every run: `benchmarks/results/`.", ""]
     return "\n".join(lines)

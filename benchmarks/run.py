@@ -54,7 +54,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import render  # noqa: E402
 from servers import (BY_NAME, CHAT, CONNSERVER, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE,  # noqa: E402
-                     HOSTILE, WS, Server)
+                     HOSTILE, WS, WS_RELAY, Server)
 
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen"
@@ -70,7 +70,7 @@ INSTALL_HINT = "pip install -e '.[bench]'   (uvloop, gevent and websockets, peer
 T = TypeVar("T")
 # The kinds of cell, in the order a run measures them (``--cells`` picks some).
 KINDS = ("echo", "burst", "paced", "crosscheck", "hold", "hold-chat", "hostile", "churn", "churn-growth", "fanout",
-         "ws-echo", "ws-hold")
+         "ws-echo", "ws-hold", "ws-fanout")
 # The chat app in each mode counts as named when the echo server in the same mode is.
 CHAT_MODE_OF = {"chat-thread": "connserver-framed", "chat-parked": "connserver-parked"}
 
@@ -99,20 +99,22 @@ class Plan:
     chat_hold: int                              # idle joined chat members per server (thread, parked)
     ws_echo: tuple[int, ...] = ()               # WebSocket echo cells (connections; 64-byte binary messages)
     ws_hold: int = 0                            # idle WebSocket connections per server
+    ws_fanout: tuple[int, ...] = ()             # WebSocket fan-out cells (stalled subscribers beside 100)
 
 
 QUICK = Plan("quick", repeats=2, warmup=0.2, window=0.8, echo=((10, 64), (1000, 64)), bursts=(),
              paced=((5000, 2.0), (1000, 10.0)), paced_warmup=0.5, paced_window=1.5, paced_slice=0.5,
              crosscheck=("connserver", "stdlib-threading"), hold=1000,
              churn=("connserver", "stdlib-threading"), churn_growth=0, fanout=False,
-             hostile=(100, 100), hostile_window=1.0, chat_hold=500, ws_echo=(10, 100), ws_hold=1000)
+             hostile=(100, 100), hostile_window=1.0, chat_hold=500, ws_echo=(10, 100), ws_hold=1000,
+             ws_fanout=(0, 1))
 FULL = Plan("full", repeats=5, warmup=0.5, window=1.5,
             echo=((1, 64), (10, 64), (100, 64), (1000, 64)), bursts=(10_000,),
             paced=((10_000, 1.0), (1000, 10.0)), paced_warmup=2.0, paced_window=30.0, paced_slice=5.0,
             crosscheck=("connserver", "stdlib-threading", "asyncio-protocol"), hold=10_000,
             churn=("connserver", "stdlib-threading", "asyncio-streams"), churn_growth=100_000,
             fanout=True, hostile=(500, 500), hostile_window=2.0, chat_hold=2000, ws_echo=(10, 100, 1000),
-            ws_hold=10_000)
+            ws_hold=10_000, ws_fanout=(0, 1, 10))
 
 
 def alternate(items: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
@@ -293,6 +295,11 @@ class Environment:
         """The WebSocket echo servers measured: every ws-echo and ws-hold cell."""
         return self.pick(WS)
 
+    @property
+    def ws_relays(self) -> list[Server]:
+        """connserver's WebSocket relays measured: the ws-fanout cells."""
+        return self.pick(WS_RELAY)
+
 
 def measured(env: Environment, proc: ServerProcess, result: dict, **labels: object) -> dict:
     """A finished run, labelled; the server is settled before the next run, so that its
@@ -301,6 +308,7 @@ def measured(env: Environment, proc: ServerProcess, result: dict, **labels: obje
     if not result.get("ok") or not (render.dig(result, "results", "round_trips") or
                                     render.dig(result, "results", "answered") or
                                     render.dig(result, "results", "cycles") or
+                                    render.dig(result, "results", "delivered") or
                                     render.dig(result, "results", "burst", "served")):
         # something is wrong: keep what the server was doing, for the report
         result["server_threads"] = proc.thread_states()
@@ -643,6 +651,29 @@ def fanout_cells(plan: Plan, env: Environment) -> list[dict]:
             for stalled, r in runs.items()]
 
 
+def ws_fanout_cells(plan: Plan, env: Environment) -> list[dict]:
+    """``fanout`` over WebSocket (``loadgen --websocket``): one publisher's text frames relayed to
+    100 subscribers as one shared frame each, 2,000 messages/s, with 0, 1 (and 10) stalled
+    subscribers beside them; the (server, stalled) pairs alternate A B C … C B A."""
+    servers = env.ws_relays
+    variants = [(server.name, stalled) for server in servers for stalled in plan.ws_fanout]
+    runs: dict[tuple[str, int], list[dict]] = {variant: [] for variant in variants}
+    with fleet(servers, env, prime=False) as procs:
+        for repeat, (name, stalled) in alternate(variants, plan.repeats):
+            proc = procs[name]
+            at = round(time.monotonic() - env.started, 1)
+            result = loadgen(proc, "fanout", timeout=plan.window + 60, websocket=True, subscribers=100, size=64,
+                             rate=2000, duration=plan.window, stalled=stalled)
+            measured(env, proc, result, repeat=repeat, at_s=at)
+            runs[(name, stalled)].append(result)
+            latency = render.dig(result, "results", "latency", "p99_us")
+            progress(f"  ws-fanout {name} stalled={stalled} #{repeat + 1}: p99 "
+                     f"{render.num((latency or 0) / 1e3, 2)} ms, lost "
+                     f"{render.num(render.dig(result, 'results', 'lost'))}")
+    return [{"kind": "ws-fanout", "server": name, "stalled": stalled, "subscribers": 100, "rate": 2000,
+             "runs": r} for (name, stalled), r in runs.items()]
+
+
 # --------------------------------------------------------------- the machine
 
 def background_load(seconds: float = 1.0) -> dict[str, float]:
@@ -718,7 +749,7 @@ def main() -> int:
         parser.error("a partial run (--cells, --servers) may not write full.json or docs/benchmarks.md")
     if not shutil.which("taskset") or not shutil.which("cc"):
         sys.exit("benchmarks need taskset (util-linux) and cc (gcc)")
-    missing = [server.name for server in ECHO + WS if not server.available() and
+    missing = [server.name for server in ECHO + WS + WS_RELAY if not server.available() and
                (args.servers is None or server.name in args.servers)]
     if missing:
         progress(f"not installed: {', '.join(missing)}; to compare with them: {INSTALL_HINT}")
@@ -787,6 +818,7 @@ def run_plan(plan: Plan, env: Environment) -> dict:
         "fanout": lambda: fanout_cells(plan, env) if plan.fanout and env.pick([CONNSERVER_RELAY]) else [],
         "ws-echo": lambda: [cell for n in plan.ws_echo for cell in ws_echo_cells(plan, env, n)],
         "ws-hold": lambda: ws_hold_cells(plan, env) if plan.ws_hold else [],
+        "ws-fanout": lambda: ws_fanout_cells(plan, env) if plan.ws_fanout else [],
     }
     for kind in KINDS:
         if kind in env.cells:

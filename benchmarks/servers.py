@@ -1,7 +1,8 @@
 """The servers the benchmark compares, each started as its own process.
 
 Every server prints its port on the first line of stdout and echoes (or, for
-``*-relay``, relays lines to every other connection) on 127.0.0.1 until killed.
+``*-relay``, relays lines or WebSocket messages to every other connection) on
+127.0.0.1 until killed.
 Each is written the way its users write it, with its defaults: connserver with
 its protections on (default Config: deadlines, limits, buffer pool, registry,
 watchdog; only max_connections and the backlog raised, as for every server
@@ -17,7 +18,8 @@ its connections wait in one epoll set served by a small pool of threads.
 ``CHAT`` connserver's chat app in both modes, for the idle-member memory cell.
 ``WS`` are the WebSocket echo servers (issue 14): connserver's ``ws-echo`` in
 thread mode and parked, and the ``websockets`` library's sync and asyncio
-servers, with the same limits.
+servers, with the same limits; ``WS_RELAY`` connserver's WebSocket relay in
+both modes, for the WebSocket fan-out cell.
 """
 
 from __future__ import annotations
@@ -260,4 +262,45 @@ WS = [
     Server("websockets-sync", WEBSOCKETS_SYNC, requires="websockets"),
     Server("websockets-asyncio", WEBSOCKETS_ASYNCIO, requires="websockets"),
 ]
-BY_NAME.update({server.name: server for server in WS})
+
+
+def connserver_ws_relay_program(options: str = "") -> str:
+    """``RELAY`` over WebSocket (cell ``ws-fanout``): every connection is a hub subscriber once
+    upgraded, and every message it sends goes to every other one as one frame, built once by
+    ``message_frame()`` and shared by every subscriber's queue, as ws-chat broadcasts. The same
+    hub queue bound and write timeout as ``RELAY``, the same limits as the ws-echo servers."""
+    return f"""
+import connserver
+from connserver.protocols.websocket import message_frame
+
+class Relay(connserver.WebSocketHandler):
+    \"\"\"Every message received goes to every other connection.\"\"\"
+    max_message_size = {WS_MAX_MESSAGE}
+    ping_interval = None
+    compression = None
+    subscription = None
+
+    def on_connect(self):
+        hub = self.server.hub("ws-relay", max_queue_bytes=256 * 1024)
+        self.subscription = hub.subscribe(self.conn)
+
+    def handle_message(self, message):
+        self.subscription.hub.publish(message_frame(message), exclude=self.subscription)
+
+    def on_close(self, code, reason):
+        if self.subscription is not None:
+            self.subscription.mute()   # nothing after the close frame
+
+config = connserver.Config(max_connections=30000, backlog={BACKLOG}, write_timeout=5.0{', ' + options if options else ''})
+server = connserver.Server(("127.0.0.1", 0), Relay, config)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+# connserver's WebSocket relay in both modes (cell ``ws-fanout``), in the order it alternates them.
+WS_RELAY = [
+    Server("connserver-ws-relay", connserver_ws_relay_program(), requires="wsproto"),
+    Server("connserver-ws-relay-parked", connserver_ws_relay_program("park=True"), requires="wsproto"),
+]
+BY_NAME.update({server.name: server for server in WS + WS_RELAY})

@@ -57,9 +57,39 @@ def test_echo_throughput_needs_every_allowed_ratio_at_or_above_one() -> None:
     assert word["(issue 14) WebSocket echo N=100 (connserver-ws-parked): round trips/s ≥ 1.0× websockets-sync's"] == "missed"
 
 
+def fanout(server: str, stalled: int, p99s: list[float]) -> dict:
+    runs = [{"ok": True, "results": {"latency": {"p99_us": p99}, "stalled": {"disconnected": 0}}} for p99 in p99s]
+    return {"kind": "ws-fanout", "server": server, "stalled": stalled, "subscribers": 100, "rate": 2000,
+            "runs": runs}
+
+
+def test_fanout_target_is_judged_per_relay_and_per_stalled_count() -> None:
+    """WebSocket fan-out: p99 with K stalled ÷ without, judged on every ratio the ranges allow, per server."""
+    verdicts = targets([fanout("connserver-ws-relay", 0, [1000.0, 1100.0, 1200.0]),
+                        fanout("connserver-ws-relay", 1, [1000.0, 1300.0, 1400.0]),
+                        fanout("connserver-ws-relay", 10, [2000.0, 2100.0, 2200.0]),
+                        fanout("connserver-ws-relay-parked", 0, [1000.0, 1100.0, 1200.0]),
+                        fanout("connserver-ws-relay-parked", 1, [900.0, 1100.0, 2000.0])])
+    word = {key: w for key, (_, w) in verdicts.items() if "fan-out" in key}
+    relay = "(issue 14) WebSocket fan-out (connserver-ws-relay): "
+    parked = "(issue 14) WebSocket fan-out (connserver-ws-relay-parked): "
+    assert word == {
+        relay + "a stalled subscriber does not change the others' delivery p99 (with ÷ without ≤ 1.5)": "met",
+        relay + "10 stalled subscribers do not change the others' delivery p99 (with ÷ without ≤ 1.5)": "missed",
+        parked + "a stalled subscriber does not change the others' delivery p99 (with ÷ without ≤ 1.5)":
+            "inconclusive"}
+
+
+def test_fanout_target_needs_the_run_without_stalled_subscribers() -> None:
+    """No baseline (stalled 0) for a server: no fan-out verdict for it, and the section still renders."""
+    results = {"cells": [fanout("connserver-ws-relay", 1, [1000.0, 1100.0, 1200.0])]}
+    assert not [t for t, _, _ in render.issue14_targets(results) if "fan-out" in t]
+    assert "| connserver-ws-relay | 1 |" in "\n".join(render.ws_fanout_section(results))
+
+
 def test_every_websocket_server_has_the_same_limits() -> None:
     """1 MiB messages, no compression and no keepalive pings on every WebSocket server benchmarked."""
-    for server in servers.WS:
+    for server in servers.WS + servers.WS_RELAY:
         program = server.program or ""
         assert str(servers.WS_MAX_MESSAGE) in program and "ping_interval" in program, server.name
         assert "compression = None" in program or "compression=None" in program, server.name
