@@ -612,6 +612,87 @@ def fanout_section(results: dict) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------ backplane (issue 15)
+
+BACKPLANE_CASES = {"cross": "A → Redis → B", "local": "one relay, backplane on", "none": "one relay, no backplane"}
+
+
+def backplane_cpu_per_delivery(run: dict) -> float | None:
+    """CPU of every server-side process (the relays and redis-server) over the whole run, per
+    delivery, in µs (whole run: the 101 connects and the settle before publishing are in it)."""
+    cpu, delivered = (run.get("whole_run") or {}).get("cpu_s"), dig(run, "results", "delivered")
+    if not isinstance(cpu, dict) or not delivered or sum(cpu.values()) < MIN_CPU_S:
+        return None
+    return sum(cpu.values()) / delivered * 1e6
+
+
+def backplane_redis_share(run: dict) -> float | None:
+    """redis-server's CPU over the whole run, as a share of one CPU."""
+    cpu, wall = dig(run, "whole_run", "cpu_s", "redis"), dig(run, "whole_run", "wall_s")
+    return cpu / wall if cpu is not None and wall else None
+
+
+def backplane_books(cell: dict, side: str) -> str:
+    """One relay's backplane counters, summed over the cell's runs: what it published, sent,
+    dropped from its outbound queue, received, and counted lost (with the gaps they were in)."""
+    total: dict[str, int] = {}
+    for run in ok_runs(cell):
+        for key, value in ((run.get("backplane") or {}).get(side) or {}).items():
+            total[key] = total.get(key, 0) + value
+    if not total:
+        return "—"
+    parts = [f"{total.get('published', 0):,} published, {total.get('sent', 0):,} sent"
+             if total.get("published") else "",
+             f"{total.get('outbound_dropped', 0):,} dropped" if total.get("published") else "",
+             f"{total.get('received', 0):,} received, {total.get('lost', 0):,} lost in "
+             f"{total.get('gaps', 0):,} gaps" if total.get("received") or total.get("lost") else ""]
+    extra = [f"{total[key]:,} {key}" for key in ("unconfirmed", "duplicates", "disconnects") if total.get(key)]
+    return ", ".join(part for part in parts + extra if part)
+
+
+def backplane_section(results: dict) -> list[str]:
+    cells = cells_of(results, "fanout-redis")
+    if not cells:
+        return []
+    first = cells[0]
+    most = next((c for c in cells if not c["rate"]), {}).get("messages")
+    lines = ["## Fan-out across processes: the hub through Redis (issue 15)", "",
+             f"`loadgen --mode fanout`: {first['subscribers']:,} subscribers and one publisher of "
+             f"{first['size']}-byte messages on `servers.RELAY` with a Redis backplane "
+             "(`benchmarks/backplane_fanout.py`). *A → Redis → B*: the publisher on relay A, the "
+             "subscribers on relay B, every message published by A's hub to Redis and fanned out by "
+             "B's; *backplane on*: publisher and subscribers on one relay whose hub also publishes "
+             "to Redis (no other process reads it); *no backplane*: the `fanout` cell's relay. One "
+             "redis-server (no persistence) on CPU 0 with the relays. Fixed rate: for the window; "
+             f"*max*: {num(most)} messages sent as fast as the relay takes them, then drained, so "
+             "delivered/s is the end-to-end throughput and the latency is mostly the wait behind "
+             "the backlog. Latency is publish → receive at each subscriber. *lost*: messages a "
+             "subscriber never got (loadgen's count). *CPU/delivery*: the relays' and Redis' CPU "
+             "over the whole run (connects included) per delivery; *Redis CPU*: its share of one "
+             "CPU over the run; *others %* leaves out the case's own relay A and Redis. The cases and "
+             "rates alternate on the same processes.", ""]
+    rows = [[BACKPLANE_CASES.get(cell["case"], cell["case"]) + failures(cell),
+             f"{cell['rate']:,}/s" if cell["rate"] else "max",
+             show(measure(cell, lambda r: dig(r, "results", "delivered_per_s"))),
+             show(measure(cell, lambda r: dig(r, "results", "latency", "p50_us")), 2, 1e-3),
+             show(measure(cell, lambda r: dig(r, "results", "latency", "p99_us")), 2, 1e-3),
+             show(measure(cell, lambda r: dig(r, "results", "lost"))),
+             show(measure(cell, backplane_cpu_per_delivery), 2),
+             show(measure(cell, backplane_redis_share), 1, 100),
+             others(cell)] for cell in cells]
+    lines += table(["case", "rate", "delivered/s", "p50 ms", "p99 ms", "lost", "CPU/delivery µs",
+                    "Redis CPU %", "others % CPU 0 / 1"], rows)
+    lines += ["The backplane's own books (`/stats` \"backplane\" of each relay, the change over each "
+              "run, summed over the runs): what the publishing relay handed to Redis and dropped "
+              "from its outbound queue, what the receiving relay got and counted lost.", ""]
+    rows = [[BACKPLANE_CASES.get(cell["case"], cell["case"]), f"{cell['rate']:,}/s" if cell["rate"] else "max",
+             backplane_books(cell, "publishing" if cell["case"] == "cross" else "relay"),
+             backplane_books(cell, "receiving") if cell["case"] == "cross" else "—"]
+            for cell in cells if cell["case"] != "none"]
+    lines += table(["case", "rate", "publishing relay", "receiving relay"], rows)
+    return lines
+
+
 # ------------------------------------------------------------------- targets
 
 def targets(results: dict) -> list[tuple[str, str, str]]:
@@ -1004,7 +1085,8 @@ def render(results: dict, command: str) -> str:
     lines = header(results, command)
     for section in (targets_section, parked_section, echo_section, priming_section, burst_section, paced_section,
                     crosscheck_section, memory_section, chat_memory_section, hostile_section,
-                    churn_section, fanout_section, ws_echo_section, ws_memory_section, ws_fanout_section):
+                    churn_section, fanout_section, backplane_section, ws_echo_section, ws_memory_section,
+                    ws_fanout_section):
         lines += section(results)
     lines += ["Raw results, every run: `benchmarks/results/`.", ""]
     return "\n".join(lines)

@@ -52,6 +52,7 @@ from importlib import metadata
 from typing import Iterable, Iterator, Sequence, TypeVar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import backplane_fanout  # noqa: E402
 import render  # noqa: E402
 from servers import (BY_NAME, CHAT, CONNSERVER, CONNSERVER_FAIR, CONNSERVER_RELAY, ECHO, HERE,  # noqa: E402
                      HOSTILE, WS, WS_RELAY, Server)
@@ -70,7 +71,7 @@ INSTALL_HINT = "pip install -e '.[bench]'   (uvloop, gevent and websockets, peer
 T = TypeVar("T")
 # The kinds of cell, in the order a run measures them (``--cells`` picks some).
 KINDS = ("echo", "burst", "paced", "crosscheck", "hold", "hold-chat", "hostile", "churn", "churn-growth", "fanout",
-         "ws-echo", "ws-hold", "ws-fanout")
+         "fanout-redis", "ws-echo", "ws-hold", "ws-fanout")
 # The chat app in each mode counts as named when the echo server in the same mode is.
 CHAT_MODE_OF = {"chat-thread": "connserver-framed", "chat-parked": "connserver-parked"}
 
@@ -816,6 +817,9 @@ def run_plan(plan: Plan, env: Environment) -> dict:
         "churn-growth": lambda: ([churn_growth_cell(plan, env)]
                                  if plan.churn_growth and env.pick([CONNSERVER]) else []),
         "fanout": lambda: fanout_cells(plan, env) if plan.fanout and env.pick([CONNSERVER_RELAY]) else [],
+        # its own module (the Redis process, the relay pairs); it gets this one's helpers passed in
+        "fanout-redis": lambda: (backplane_fanout.cells(plan, env, sys.modules[__name__])
+                                 if plan.fanout and env.pick([CONNSERVER_RELAY]) else []),
         "ws-echo": lambda: [cell for n in plan.ws_echo for cell in ws_echo_cells(plan, env, n)],
         "ws-hold": lambda: ws_hold_cells(plan, env) if plan.ws_hold else [],
         "ws-fanout": lambda: ws_fanout_cells(plan, env) if plan.ws_fanout else [],
