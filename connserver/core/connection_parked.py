@@ -285,8 +285,7 @@ class ParkedIO:
             chunks = session.seal(data)   # after any ciphertext still waiting, in order
         except ssl.SSLError as exc:
             self._io_failed(exc, "write")
-        self.bytes_sent += len(data)   # TLS counts plaintext, as blocking writes do
-        self._send_ciphertext_nowait(chunks)
+        self._send_ciphertext_nowait(chunks)   # counts the plaintext as its records go
         if session.pending_bytes() > self._max_parked_out:
             self.cancel_token.cancel(CloseReason.SLOW_CONSUMER)
             self._raise_cancelled()

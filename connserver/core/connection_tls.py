@@ -189,7 +189,6 @@ class TLSConnectionIO:
                     except ssl.SSLError as exc:
                         self._io_failed(exc, "write")
                     self._tls_send(chunks, expires_at, "write")
-                    self.bytes_sent += len(data)
                     if first >= len(buffers):
                         return
         finally:
@@ -197,8 +196,11 @@ class TLSConnectionIO:
 
     def _tls_send(self, chunks: list, expires_at: float, phase: str) -> None:
         """Send all of ``chunks`` (ciphertext) by ``expires_at``; whatever is left when
-        this fails goes back to the session, to go out first next time."""
+        this fails goes back to the session, to go out first next time. Plaintext
+        counts in ``bytes_sent`` as the kernel takes its records whole."""
         sock = self._sock
+        session = self.tls
+        assert session is not None
         try:
             while chunks:
                 if phase == "write":
@@ -209,10 +211,11 @@ class TLSConnectionIO:
                     sent = sock.sendmsg(chunks[:IOV_MAX], (), SEND_FLAGS)
                 except OSError as exc:
                     self._io_failed(exc, phase)
+                self.bytes_sent += session.sent(sent)
                 del chunks[:skip_sent(chunks, 0, sent)]
         finally:
             if chunks:
-                self.tls.put_back(chunks)   # type: ignore[union-attr]
+                session.put_back(chunks)
 
     def _tls_flush_output(self) -> None:
         """Send the ciphertext that reading made (an alert, a key update): at once, or,
@@ -258,8 +261,17 @@ class TLSConnectionIO:
         return Answer(take, answer.timeout)
 
     def _send_now_or_never(self, chunks: list) -> None:
+        """Send what the socket takes of ``chunks`` now; the rest is dropped (the
+        connection is ending), and with it the stream: the session is told."""
+        if not chunks:
+            return
+        session = self.tls
+        assert session is not None
+        sent = 0
         try:
-            if chunks:
-                self._sock.sendmsg(chunks, (), SEND_FLAGS | _DONTWAIT)
+            sent = self._sock.sendmsg(chunks[:IOV_MAX], (), SEND_FLAGS | _DONTWAIT)
         except OSError:
             pass
+        self.bytes_sent += session.sent(sent)
+        if sent < sum(len(chunk) for chunk in chunks):
+            session.give_up()

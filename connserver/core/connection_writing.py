@@ -187,9 +187,7 @@ class WritingIO:
         if not self.tls:
             return plaintext
         data = plaintext[0] if len(plaintext) == 1 else b"".join(plaintext)
-        chunks = self.tls.seal(data)
-        self.bytes_sent += len(data)   # TLS counts plaintext, as blocking writes do
-        return chunks
+        return self.tls.seal(data)   # counted as sent as send_nowait hands its records over
 
     def wire_output_waiting(self) -> bool:
         """TLS: ciphertext made by reading (a key update, an alert) is waiting to go out."""
@@ -200,14 +198,14 @@ class WritingIO:
 
         For a writer thread that must never wait (a hub's): True when everything
         went, False when the socket is full; ``OSError`` when the peer is gone.
-        Plaintext is counted in ``bytes_sent`` here (TLS counts it in :meth:`wire_bytes`).
+        Counted in ``bytes_sent`` here: over TLS (``buffers`` are then ciphertext), the
+        plaintext of the records the kernel took whole.
         """
         try:
             sent = self._sock.sendmsg(buffers[:IOV_MAX], (), SEND_FLAGS | _DONTWAIT)
         except BlockingIOError:
             return False
-        if not self.tls:
-            self.bytes_sent += sent
+        self.bytes_sent += self.tls.sent(sent) if self.tls else sent
         del buffers[:skip_sent(buffers, 0, sent)]
         return not buffers
 
@@ -246,19 +244,23 @@ class WritingIO:
             unsent = self._write_sink.close()
             if unsent:
                 data = b"".join(bytes(part) for part in unsent) + data
+        session = self.tls
         sent = 0
         try:
-            if self.tls:   # after any ciphertext left unsent (by the hub's writer, say)
-                data = b"".join(bytes(part) for part in self.tls.seal(data))
+            if session:   # after any ciphertext left unsent (by the hub's writer, say)
+                data = b"".join(bytes(part) for part in session.seal(data))
             with memoryview(data) as view:
                 while sent < len(view):
                     remaining = expires_at - self.clock()
                     if remaining <= 0:
                         return False
                     self._timeouts.set_send(remaining)
-                    sent += self._sock.send(view[sent:], SEND_FLAGS)
+                    taken = self._sock.send(view[sent:], SEND_FLAGS)
+                    sent += taken
+                    self.bytes_sent += session.sent(taken) if session else taken
         except (OSError, ConnServerError, Cancelled):
             return False
         finally:
-            self.bytes_sent += sent
+            if session and sent < len(data):
+                session.give_up()   # the rest of the goodbye is dropped
         return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+from collections import deque
 
 from ..config import Config
 from ..errors import ConfigError
@@ -26,6 +27,7 @@ __all__ = ["server_context", "TLSSession"]
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _HEADER = 5   # a TLS record header: type, version (2 bytes), length (2 bytes)
+_RECORD = 16 * 1024   # most plaintext one TLS record carries (2**14)
 
 
 def server_context(config: Config) -> ssl.SSLContext:
@@ -60,10 +62,19 @@ class TLSSession:
     numbered): :meth:`seal` hands out everything made so far, oldest first;
     whoever could not send all of it gives the rest back with :meth:`put_back`,
     ahead of anything newer.
+
+    Plaintext counts as sent only once the kernel has taken the whole record
+    carrying it: sealed is not sent (a parked reply's ciphertext may wait here
+    until the connection dies). So :meth:`seal` notes where each record ends in
+    the ciphertext stream, and whoever hands ciphertext to the kernel reports
+    how much with :meth:`sent`, which answers with the plaintext now wholly out.
+    Offsets count the stream in order, and :meth:`put_back` returns only bytes
+    never sent, so give-backs leave them true.
     """
 
     __slots__ = ("lock", "_ssl", "_incoming", "_outgoing", "_unsent", "output_ready",
-                 "established", "record_started", "_record_left", "_header")
+                 "established", "record_started", "_record_left", "_header",
+                 "_made", "_taken", "_records", "_cut")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.lock = threading.Lock()
@@ -78,6 +89,13 @@ class TLSSession:
         self.record_started: float | None = None
         self._record_left = 0          # bytes of that record's body still to come
         self._header = b""             # the part of a record header seen so far
+        self._made = 0                 # ciphertext handed out by seal() and close_notify()
+        self._taken = 0                # of it, what the kernel took (sent())
+        # (where a record's ciphertext ends in the stream, its plaintext length) for
+        # records not wholly taken yet: bounded by the ciphertext waiting to be sent.
+        # None while empty, so an idle connection holds no deque.
+        self._records: deque | None = None
+        self._cut = False              # ciphertext was dropped: nothing after it can arrive
 
     # --- the peer's ciphertext ----------------------------------------------------
 
@@ -142,15 +160,64 @@ class TLSSession:
     # --- our ciphertext -----------------------------------------------------------
 
     def seal(self, data: bytes | bytearray | memoryview = b"") -> list:
-        """Encrypt ``data``; return all ciphertext not yet handed out, oldest first."""
+        """Encrypt ``data``; return all ciphertext not yet handed out, oldest first.
+
+        ``data`` counts as sent only as :meth:`sent` reports its records taken."""
         with self.lock:
             if data:
-                self._ssl.write(data)
+                self._write_records(data)
             chunks, self._unsent = self._unsent, []
             if self._outgoing.pending:
+                self._made += self._outgoing.pending
                 chunks.append(self._outgoing.read())
             self.output_ready = False
             return chunks
+
+    def _write_records(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt a record's worth at a time (lock held), noting where each ends: one
+        write per record makes the boundaries OpenSSL's own, never a guess."""
+        if self._cut:
+            self._ssl.write(data)   # the peer cannot decrypt it: nothing to note
+            return
+        records = self._records
+        if records is None:
+            records = self._records = deque()
+        ready = self._made   # the stream offset at which the BIO's pending bytes start
+        outgoing, write = self._outgoing, self._ssl.write
+        if isinstance(data, (bytes, bytearray)) and len(data) <= _RECORD:   # most writes
+            write(data)
+            records.append((ready + outgoing.pending, len(data)))
+            return
+        with memoryview(data) as whole, whole.cast("B") as view:
+            size = view.nbytes
+            for start in range(0, size, _RECORD):
+                write(view[start:start + _RECORD])   # the slice dies here, before view
+                records.append((ready + outgoing.pending, min(_RECORD, size - start)))
+
+    def sent(self, ciphertext: int) -> int:
+        """The kernel took the next ``ciphertext`` bytes of our stream: the plaintext
+        whose records it now holds whole (to count as sent; 0 for a partial record,
+        a handshake flight or an alert). Every sender must report every byte."""
+        with self.lock:
+            self._taken += ciphertext
+            records = self._records
+            if not records:
+                return 0
+            taken = self._taken
+            plaintext = 0
+            while records and records[0][0] <= taken:
+                plaintext += records.popleft()[1]
+            if not records:
+                self._records = None
+            return plaintext
+
+    def give_up(self) -> None:
+        """Ciphertext handed out will not all be sent (a best-effort alert, close_notify
+        or goodbye the socket did not take whole): the stream is cut there, so no
+        plaintext still waiting in it counts as sent, nor any sealed after it."""
+        with self.lock:
+            self._records = None
+            self._cut = True
 
     def put_back(self, chunks: list) -> None:
         """Ciphertext from :meth:`seal` that was not sent: it goes out before anything newer."""
@@ -183,6 +250,7 @@ class TLSSession:
                     pass
             chunks, self._unsent = self._unsent, []
             if self._outgoing.pending:
+                self._made += self._outgoing.pending
                 chunks.append(self._outgoing.read())
             return chunks
 
