@@ -11,9 +11,11 @@ message each (the state an idle connection keeps between messages):
   (``wsproto.connection.Connection``, server side), the least any wsproto-based
   server keeps;
 * ``connserver_protocol``: connserver's whole sans-I/O protocol object
-  (``connserver.protocols.websocket.WebSocketProtocol``: wsproto's frame
-  connection and the message bounds; the h11 connection that parsed the
-  upgrade is dropped once it is accepted).
+  (``connserver.protocols.websocket.WebSocketProtocol``; the h11 connection
+  that parsed the upgrade is dropped once it is accepted, and since issue 14's
+  fast path it holds wsproto's frame connection and the message bounds only
+  while a frame the fast path leaves to wsproto is in progress, so between
+  messages neither).
 
 Prints one JSON line. Standard library plus wsproto and connserver; no sockets.
 """

@@ -24,14 +24,17 @@ TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
 
 def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-                 masked: bool = True, length: int | None = None) -> bytes:
-    """A client frame, masked unless told otherwise; ``length`` overrides the announced size."""
+                 masked: bool = True, length: int | None = None, width: int | None = None) -> bytes:
+    """A client frame, masked unless told otherwise; ``length`` overrides the announced size,
+    ``width`` (1, 2 or 8 bytes) its encoding (default: the shortest, as RFC 6455 5.2 requires)."""
     size = len(payload) if length is None else length
     head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
     mask_bit = 0x80 if masked else 0
-    if size <= 125:
+    if width is None:
+        width = 1 if size <= 125 else 2 if size <= 0xFFFF else 8
+    if width == 1:
         head += bytes([mask_bit | size])
-    elif size <= 0xFFFF:
+    elif width == 2:
         head += bytes([mask_bit | 126]) + struct.pack("!H", size)
     else:
         head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
@@ -75,6 +78,9 @@ VIOLATIONS = [
     ("fragments adding up over the limit",
      client_frame(BINARY, b"x" * 60, fin=False) + client_frame(CONTINUATION, b"x" * 41), 1009),
     ("an announced 2**62 bytes", client_frame(BINARY, b"", length=1 << 62), 1009),
+    ("length in 2 bytes where 1 would do", client_frame(BINARY, b"hi", width=2), 1002),
+    ("length in 8 bytes where 2 would do", client_frame(TEXT, b"hi", width=8), 1002),
+    ("8-byte length with its top bit set", client_frame(BINARY, b"", length=1 << 63), 1002),
 ]
 LIMIT = 100   # max_message_size the table assumes
 
