@@ -117,8 +117,11 @@ class WebSocketHandler(MessageHandler):
     (shown in ``/connections``).
 
     Attributes: ``request`` is the Connection, as in every handler; the upgrade
-    request is ``upgrade``; ``subprotocol`` the one chosen; ``close_code`` and
-    ``close_reason_text`` how the WebSocket closed (None while open).
+    request is ``upgrade`` (once accepted, less the headers the handshake used up:
+    ``Upgrade``, ``Connection``, ``Sec-WebSocket-*``; see
+    :meth:`~connserver.protocols.websocket.UpgradeRequest.trimmed`);
+    ``subprotocol`` the one chosen; ``close_code`` and ``close_reason_text`` how
+    the WebSocket closed (None while open).
 
     Call :meth:`send` and :meth:`close` from the handler's own methods (they run
     on the connection's thread, or the pool thread serving it): a connection's
@@ -263,10 +266,11 @@ class WebSocketHandler(MessageHandler):
 
     def dispatch(self, event: ws.Event) -> None:
         if isinstance(event, (str, bytes)):
-            if not self._protocol.open:
+            protocol = self._protocol
+            if not protocol.open:
                 return
             reply = self.handle_message(event)
-            if reply is not None and self._protocol.open:
+            if reply is not None and protocol.open:
                 self.send(reply)
         elif isinstance(event, ws.PingReceived):
             if self._protocol.open:
@@ -295,6 +299,7 @@ class WebSocketHandler(MessageHandler):
             raise LocalProtocolError(f"select_subprotocol() chose {subprotocol!r}, "
                                      f"which the client did not offer")
         self.conn.sendall(self._protocol.accept(subprotocol))
+        self.upgrade = request.trimmed()
         self.subprotocol = subprotocol
         self._message_expires_at = None
         self.message_phase = "read"
@@ -305,9 +310,10 @@ class WebSocketHandler(MessageHandler):
     # --- keepalive, on the engine's timers ------------------------------------------
 
     def next_timer(self) -> float | None:
-        if self._close_expires_at is not None or not self._protocol.open:
+        due = self._pong_due if self._pong_due is not None else self._ping_due
+        if due is None or self._close_expires_at is not None or not self._protocol.open:
             return None
-        return self._pong_due if self._pong_due is not None else self._ping_due
+        return due
 
     def on_timer(self) -> None:
         """Send the next keepalive ping; or, if the last one went unanswered, end."""

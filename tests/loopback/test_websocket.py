@@ -325,6 +325,38 @@ def test_check_request_refuses_with_its_status(serve):
     assert wait_closed(server, 2).close_reasons == {"eof": 1, "rejected": 1}
 
 
+def test_upgrade_kept_after_the_handshake_drops_only_the_handshake_headers(serve):
+    """check_request() sees every header; once open, ``upgrade`` keeps the path, the
+    subprotocols offered and every header but Upgrade, Connection and Sec-WebSocket-*."""
+    seen = Recorder()
+
+    class Kept(WebSocketEchoHandler):
+        subprotocols = ("chat.v1",)
+
+        def check_request(self, request):
+            seen.add(("hook", request.header("sec-websocket-key") is not None))
+            return None
+
+        def on_connect(self):
+            upgrade = self.upgrade
+            seen.add(("open", upgrade.path, upgrade.header("x-token"), upgrade.host,
+                      upgrade.subprotocols, sorted(name for name, _ in upgrade.headers)))
+
+    server = serve(Kept)
+    with client(server, "/room?x=1", subprotocols=["chat.v1"],
+                additional_headers={"X-Token": "t1"}) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=SAFETY) == "hi"
+    host = f"{server.server_address[0]}:{server.server_address[1]}"
+    assert seen.items[0] == ("hook", True)
+    _, path, token, kept_host, offered, names = seen.items[1]
+    assert (path, token, kept_host, offered) == ("/room?x=1", "t1", host, ("chat.v1",))
+    assert not any(name in ("upgrade", "connection") or name.startswith("sec-websocket-")
+                   for name in names), names
+    assert "x-token" in names and "host" in names
+    wait_closed(server, 1)
+
+
 def test_shutdown_says_going_away(serve, caplog):
     """A server shutting down closes open WebSockets with 1001 (reason shutdown), a clean
     close handshake for the client (ConnectionClosedOK: 1001 received, its answer sent),
