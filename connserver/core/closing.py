@@ -129,9 +129,10 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
     its read side was shut; ``forced()``: another thread forced the connection
     shut, so stop now. With ``read_shut``, a read cannot say whether input may still
     come, so an answer is waited for by looking again, 1 to 50 ms apart.
-    ``end_stream``: our end of a stream above TCP (TLS's close_notify), sent once the
-    answer is no longer awaited, just before our TCP end of stream: a TLS peer that
-    sees the end of ours first may never answer.
+    ``end_stream``: our end of a stream above TCP (TLS's close_notify), sent just
+    before our TCP end of stream. Both wait until the answer is no longer awaited:
+    the protocol's closing handshake completes before the transport's (a TLS peer
+    that sees the end of ours first may never answer at all).
     """
     answer_expires_at = time.monotonic() + (0.0 if answer is None else min(answer.timeout, timeout))
 
@@ -142,7 +143,7 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
 
     state = discard_input(sock, answer)
     if end_stream is None and unacked_bytes(sock) == 0 and answered(state):
-        return
+        return   # nothing to deliver, nothing awaited: the close may go at once
     # Once the read side is shut, or the peer's end of stream came, the socket
     # always reads as ready: then there is nothing to wait on but time.
     ready_always = read_shut
@@ -163,7 +164,7 @@ def linger(sock: socket.socket, timeout: float, *, read_shut: bool,
             return False
         return True
 
-    if (end_stream is None or answered(state)) and not end_our_stream():
+    if answered(state) and not end_our_stream():
         return
     expires_at = time.monotonic() + timeout   # real time: clocks in tests may stand still
     interval = _FIRST_WAIT_INTERVAL

@@ -152,9 +152,9 @@ class ParkedEnds:
                 return self._wait_closing(parked, WRITE)
             if deliverable and sock.family in (socket.AF_INET, socket.AF_INET6):
                 state = discard_input(sock, ending.answer)
-                # Over TLS our close_notify waits for the peer's answer: a TLS peer
-                # that sees the end of our stream first may never answer.
-                if not ending.write_shut and (conn.tls is None or not ending.awaiting(conn, state)):
+                # Our end of stream (TLS close_notify, then FIN) waits for the peer's
+                # answer: its closing handshake completes first (see closing.linger).
+                if not ending.write_shut and not ending.awaiting(conn, state):
                     ending.write_shut = True
                     conn.shut_write()
                 if state != "reset" and (unacked_bytes(sock) > 0 or ending.awaiting(conn, state)
