@@ -8,7 +8,9 @@ different server flags (``--a-flags`` / ``--b-flags``, e.g.
 ``--b-flags=--park``), side by side. Each side runs
 ``python -m connserver serve APP --bind 127.0.0.1:0 --max-connections 20000
 FLAGS`` (``--app``, default ``echo``); ``--framed`` makes every loadgen
-message a length-prefixed frame (loadgen ``--framed``, for ``framed-echo``).
+message a length-prefixed frame (loadgen ``--framed``, for ``framed-echo``),
+``--websocket`` a masked binary WebSocket frame after an upgrade (loadgen
+``--websocket``, for ``ws-echo``; the idle connections are upgraded, no greeting).
 When A and B are the same tree, the report names each side by its flags.
 
 - **echo**, N=10 and N=100 connections (``--connections``), 64 B requests:
@@ -42,6 +44,8 @@ second). A cell is *within noise* when the two sides' ranges (min-max) overlap.
         --json /tmp/ab.json > /tmp/ab.md
     python benchmarks/ab_compare.py --a /tmp/src --b /tmp/src \\
         --app framed-echo --framed --b-flags=--park > /tmp/park.md
+    python benchmarks/ab_compare.py --a /tmp/ab_A --b /tmp/ab_B \\
+        --app ws-echo --websocket --connections 10 100 1000 > /tmp/ws.md
 
 Standard library only (plus ``cc`` to build ``benchmarks/loadgen.c`` when
 ``--loadgen`` is not given); loopback only; every wait is bounded and every
@@ -224,10 +228,11 @@ class Bench:
     busy: float
     quiet_max: float
     framed: bool = False
+    websocket: bool = False
     notes: list[dict] = field(default_factory=list)
 
     def loadgen_cmd(self, *args: str) -> list[str]:
-        framed = ["--framed"] if self.framed else []
+        framed = ["--framed"] if self.framed else ["--websocket"] if self.websocket else []
         return ["taskset", "-c", str(self.client_cpu), self.loadgen, "--host", HOST, *framed, *args]
 
     def wait_quiet(self, block: str, ours: set[int]) -> dict:
@@ -285,7 +290,8 @@ class Bench:
         threads0 = status_field(server.pid, "Threads")
         proc = subprocess.Popen(
             self.loadgen_cmd("--mode", "hold", "--port", str(server.port),
-                             "--connections", str(connections), "--hello", "x", "--wait-reply",
+                             "--connections", str(connections),
+                             *([] if self.websocket else ["--hello", "x"]), "--wait-reply",
                              "--duration", str(hold), "--connect-timeout", "30",
                              "--server-pid", str(server.pid)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -389,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra server flags for B (--b-flags='--park --park-threads 4')")
     p.add_argument("--framed", action="store_true",
                    help="loadgen sends length-prefixed frames (loadgen --framed; for framed-echo)")
+    p.add_argument("--websocket", action="store_true",
+                   help="loadgen upgrades and sends WebSocket frames (loadgen --websocket; for ws-echo)")
     p.add_argument("--loadgen", help="a built loadgen (default: build benchmarks/loadgen.c)")
     p.add_argument("--repeats", type=int, default=3, help="A B B A rounds per cell (default 3)")
     p.add_argument("--duration", type=float, default=3.0, help="echo window, s (default 3)")
@@ -420,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # children inherit it
     tmp = tempfile.mkdtemp(prefix="ab_compare-")
     loadgen = args.loadgen or build_loadgen(tmp)
-    bench = Bench(loadgen, args.client_cpu, args.server_cpu, args.busy, args.quiet_max, args.framed)
+    if args.framed and args.websocket:
+        p.error("--framed and --websocket exclude each other")
+    bench = Bench(loadgen, args.client_cpu, args.server_cpu, args.busy, args.quiet_max, args.framed,
+                  args.websocket)
     order = ["A", "B", "B", "A"]
     src = {"A": os.path.abspath(args.a), "B": os.path.abspath(args.b)}
     names = side_names(src, flags)
@@ -474,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
 
     cells: list[tuple[str, str, int, dict]] = []
-    echo_cell = "framed echo" if args.framed else "echo"
+    echo_cell = "framed echo" if args.framed else "WebSocket echo" if args.websocket else "echo"
     for n in args.connections:
         runs = [r for r in echo_runs if r["connections"] == n]
         if runs:
