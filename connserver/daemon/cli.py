@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..broadcast.backplane import require_redis_client
 from ..core.handler import Handler
 from ..soak.runner import add_soak_parser, run_from_args as soak
+from ..lab.cli import add_lab_parser, run_from_args as lab
 
 __all__ = ["main", "build_parser", "load_handler", "BUILTIN_APPS", "DEFAULT_PORT"]
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="one line per closed connection on connserver.access (default: on)")
     add_config_arguments(serve)
     add_soak_parser(commands)
+    add_lab_parser(commands)
     return parser
 
 
@@ -268,5 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "soak":
         return soak(args)
+    if args.command == "lab":
+        return lab(args)
     parser.print_help()
     return 2

@@ -1,0 +1,67 @@
+"""Each lab, run short: the broken side's figure crosses its threshold, the fixed side's does not.
+
+One run per lab (both sides, about 3-5 s), with every figure of the document
+checked at once; one run each with ``--broken`` and ``--fixed``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+import pytest
+
+from connserver.daemon import cli
+from connserver.lab.registry import find
+
+# A short run takes 3-5 s here; a much slower one means a side or the load hung.
+SHORT_RUN_LIMIT = 15.0
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict[str, Any]]:
+    started = time.monotonic()
+    status = cli.main(["lab", *argv, "--short", "--json"])
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert elapsed < SHORT_RUN_LIMIT, f"a short run took {elapsed:.1f} s"
+    assert out.count("\n") == 1, "--json prints one JSON object and nothing else"
+    return status, json.loads(out)
+
+
+def _vanished_peer(document: dict[str, Any]) -> None:
+    peers = find("vanished-peer").short["peers"]
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    assert broken["vanished"] == fixed["vanished"] == peers   # the same load at both
+    assert broken["connections"] == peers and broken["deadline_closes"] == 0
+    assert fixed["connections"] == 0 and fixed["deadline_closes"] == peers
+
+
+CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "vanished-peer": _vanished_peer,
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_a_short_run_shows_the_leak_and_the_fix(capsys, name):
+    """Broken crosses the threshold, fixed stays under it, both processes stop cleanly; exit 0."""
+    status, document = run(capsys, name)
+    verdict = document["verdict"]
+    assert status == 0 and verdict["passed"], verdict
+    broken, fixed = verdict["sides"]["broken"], verdict["sides"]["fixed"]
+    assert broken["rise"] >= verdict["threshold"] > fixed["rise"], verdict
+    assert document["stopped"] == {"broken": "clean", "fixed": "clean"}
+    assert verdict["read_next"] == [f"docs/lab/{name}.md", document["lab"]["explanation"]]
+    phases = [sample["phase"] for sample in document["samples"]]
+    assert phases[0] == "baseline" and phases[-1] == "settle" and "load" in phases
+    assert not any("errors" in sample for sample in document["samples"])
+    CHECKS[name](document)
+
+
+@pytest.mark.parametrize("flag, side", [("--broken", "broken"), ("--fixed", "fixed")])
+def test_one_side_runs_alone(capsys, flag, side):
+    """--broken / --fixed start and judge only that side."""
+    status, document = run(capsys, "vanished-peer", flag)
+    assert status == 0, document["verdict"]
+    assert document["sides"] == [side] and list(document["final"]) == [side]
+    assert list(document["verdict"]["sides"]) == [side]
