@@ -14,6 +14,7 @@ __all__ = ["LAB_MODULES", "labs", "find", "UnknownLab"]
 
 LAB_MODULES = (
     "connserver.lab.vanished_peer",      # 1
+    "connserver.lab.spawned_threads",    # 2
 )
 
 

@@ -37,8 +37,18 @@ def _vanished_peer(document: dict[str, Any]) -> None:
     assert fixed["connections"] == 0 and fixed["deadline_closes"] == peers
 
 
+def _spawned_threads(document: dict[str, Any]) -> None:
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    rise = document["verdict"]["sides"]["broken"]["rise"]
+    assert broken["waiting"] == rise > 0                        # each extra thread: a lost call
+    assert fixed["waiting"] == 0 and fixed["errors"] > 0        # lost calls timed out instead
+    assert broken["errors"] == 0 and broken["replies"] > 0
+    assert fixed["connections"] == broken["connections"] == 0   # every client has gone
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
+    "spawned-threads": _spawned_threads,
 }
 
 
