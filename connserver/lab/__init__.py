@@ -20,7 +20,8 @@ The modules, one concept each:
 - :mod:`.driver`: the bounded load (:class:`~.driver.Session`, one per side).
 - :mod:`.runner`: one run: baseline, load, settle, end, verdict.
 - :mod:`.verdict`, :mod:`.display`, :mod:`.cli`: judging, showing, the command.
-- One module per lab: :mod:`.vanished_peer` (1), :mod:`.spawned_threads` (2).
+- One module per lab: :mod:`.vanished_peer` (1), :mod:`.spawned_threads` (2),
+  :mod:`.pinned_buffer` (3).
 
 Adding a lab
 ------------

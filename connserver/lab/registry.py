@@ -15,6 +15,7 @@ __all__ = ["LAB_MODULES", "labs", "find", "UnknownLab"]
 LAB_MODULES = (
     "connserver.lab.vanished_peer",      # 1
     "connserver.lab.spawned_threads",    # 2
+    "connserver.lab.pinned_buffer",      # 3
 )
 
 

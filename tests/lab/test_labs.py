@@ -46,9 +46,19 @@ def _spawned_threads(document: dict[str, Any]) -> None:
     assert fixed["connections"] == broken["connections"] == 0   # every client has gone
 
 
+def _pinned_buffer(document: dict[str, Any]) -> None:
+    keep = find("pinned-buffer").short["keep"]
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    assert broken["kept"] == fixed["kept"] == keep
+    assert broken["pinned"] >= keep and fixed["pinned"] == 0
+    assert broken["retained"] >= keep * 65536                   # a whole buffer per kept view
+    assert broken["kept_asizeof"] < fixed["kept_asizeof"]        # and asizeof does not see it
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
     "spawned-threads": _spawned_threads,
+    "pinned-buffer": _pinned_buffer,
 }
 
 
