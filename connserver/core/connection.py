@@ -524,7 +524,10 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
                 if not self._closed:
                     self._closed = True
                     if tcp and not self._forced:
-                        self.bytes_unacked = unacked_payload(self._sock)
+                        unacked = unacked_payload(self._sock)
+                        if self.tls:   # the kernel counts ciphertext: count what it carries
+                            unacked = min(self.tls.unacked_plaintext(unacked), self.bytes_sent)
+                        self.bytes_unacked = unacked
                     try:
                         self._sock.shutdown(socket.SHUT_RDWR)
                     except OSError:

@@ -17,12 +17,14 @@ a step per readiness event (see :class:`~connserver.core.preamble.PreambleSteps`
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 from typing import Any
 
 from ..errors import Cancelled, CloseReason, ConnServerError
 from ..protocols.tls import TLSSession
+from .closing import unacked_bytes
 
 __all__ = ["ParkedIO"]
 
@@ -165,7 +167,7 @@ class ParkedIO:
         waits for writability); the deadline is the parking lot's to enforce."""
         session = self.tls
         if session is None:
-            session = self.tls = TLSSession(context)
+            session = self.tls = TLSSession(context, functools.partial(unacked_bytes, self._sock))
         self.operation = "handshake"
         self._op_expires_at = expires_at
         while True:

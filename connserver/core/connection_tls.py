@@ -12,12 +12,13 @@ handshake runs under one absolute deadline.
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteProtocolError
-from .closing import Answer
+from .closing import Answer, unacked_bytes
 from .send_buffers import IOV_MAX, SEND_FLAGS, skip_sent, take_up_to
 from ..protocols.tls import TLSSession
 
@@ -72,7 +73,7 @@ class TLSConnectionIO:
         handshake holds up no one else. Every flight is read and written under
         that one deadline, so a client trickling its handshake cannot stretch it.
         """
-        session = self.tls = TLSSession(context)
+        session = self.tls = TLSSession(context, functools.partial(unacked_bytes, self._sock))
         expires_at = deadline.expires_at
         assert expires_at is not None
         self.operation = "handshake"

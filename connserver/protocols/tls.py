@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import ssl
 import threading
-from collections import deque
+from array import array
+from bisect import bisect_right
+from typing import Callable
 
 from ..config import Config
 from ..errors import ConfigError
@@ -28,6 +30,11 @@ __all__ = ["server_context", "TLSSession"]
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _HEADER = 5   # a TLS record header: type, version (2 bytes), length (2 bytes)
 _RECORD = 16 * 1024   # most plaintext one TLS record carries (2**14)
+# Records the kernel took are noted until the peer has acknowledged them (the kernel is
+# asked every _LOOK_BYTES of ciphertext it takes), covering at most _MAX_HISTORY_BYTES of
+# ciphertext: more than Linux lets a send buffer grow by itself (tcp_wmem, 4 MiB).
+_LOOK_BYTES = 16 * 1024
+_MAX_HISTORY_BYTES = 8 * 1024 * 1024
 
 
 def server_context(config: Config) -> ssl.SSLContext:
@@ -70,13 +77,27 @@ class TLSSession:
     how much with :meth:`sent`, which answers with the plaintext now wholly out.
     Offsets count the stream in order, and :meth:`put_back` returns only bytes
     never sent, so give-backs leave them true.
+
+    What the kernel took, the peer may not have acknowledged when the connection
+    closes: the kernel counts that in ciphertext (SIOCOUTQ), the last bytes of the
+    stream it took, and :meth:`unacked_plaintext` turns it into the plaintext those
+    records carry. So records stay noted after they went, until the kernel says the
+    peer has them: ``unacked()``, given by the connection (the session never touches
+    its socket), tells how many bytes of what the kernel took it still holds; it is
+    asked once per ``_LOOK_BYTES`` taken, and the notes never cover more than
+    ``_MAX_HISTORY_BYTES`` of ciphertext (the oldest go first). Without ``unacked``,
+    only that bound drops them. A connection gone quiet keeps the notes of what was
+    unacknowledged when the kernel was last asked and of less than ``_LOOK_BYTES``
+    taken since (12 bytes a record); none once the kernel said it held nothing.
     """
 
     __slots__ = ("lock", "_ssl", "_incoming", "_outgoing", "_unsent", "output_ready",
                  "established", "record_started", "_record_left", "_header",
-                 "_made", "_taken", "_records", "_cut")
+                 "_made", "_taken", "_ends", "_plaintext", "_first", "_pending",
+                 "_listed_after", "_looked", "_unacked", "_cut")
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext,
+                 unacked: Callable[[], int] | None = None) -> None:
         self.lock = threading.Lock()
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -91,10 +112,17 @@ class TLSSession:
         self._header = b""             # the part of a record header seen so far
         self._made = 0                 # ciphertext handed out by seal() and close_notify()
         self._taken = 0                # of it, what the kernel took (sent())
-        # (where a record's ciphertext ends in the stream, its plaintext length) for
-        # records not wholly taken yet: bounded by the ciphertext waiting to be sent.
-        # None while empty, so an idle connection holds no deque.
-        self._records: deque | None = None
+        # Our records of application data, oldest first: where each one's ciphertext
+        # ends in the stream, and the plaintext it carries. [_first, _pending): taken
+        # whole by the kernel, perhaps not acknowledged yet; [_pending:): waiting to be
+        # taken whole. None while empty, so a quiet connection holds no arrays.
+        self._ends: array | None = None       # "q"
+        self._plaintext: array | None = None  # "I"
+        self._first = 0
+        self._pending = 0
+        self._listed_after = 0         # every record taken that ends after this offset is noted
+        self._looked = 0               # _taken when the kernel was last asked
+        self._unacked = unacked
         self._cut = False              # ciphertext was dropped: nothing after it can arrive
 
     # --- the peer's ciphertext ----------------------------------------------------
@@ -179,44 +207,94 @@ class TLSSession:
         if self._cut:
             self._ssl.write(data)   # the peer cannot decrypt it: nothing to note
             return
-        records = self._records
-        if records is None:
-            records = self._records = deque()
+        ends, plaintext = self._ends, self._plaintext
+        if ends is None or plaintext is None:
+            ends, plaintext = self._ends, self._plaintext = array("q"), array("I")
         ready = self._made   # the stream offset at which the BIO's pending bytes start
         outgoing, write = self._outgoing, self._ssl.write
         if isinstance(data, (bytes, bytearray)) and len(data) <= _RECORD:   # most writes
             write(data)
-            records.append((ready + outgoing.pending, len(data)))
+            ends.append(ready + outgoing.pending)
+            plaintext.append(len(data))
             return
         with memoryview(data) as whole, whole.cast("B") as view:
             size = view.nbytes
             for start in range(0, size, _RECORD):
                 write(view[start:start + _RECORD])   # the slice dies here, before view
-                records.append((ready + outgoing.pending, min(_RECORD, size - start)))
+                ends.append(ready + outgoing.pending)
+                plaintext.append(min(_RECORD, size - start))
 
     def sent(self, ciphertext: int) -> int:
         """The kernel took the next ``ciphertext`` bytes of our stream: the plaintext
         whose records it now holds whole (to count as sent; 0 for a partial record,
         a handshake flight or an alert). Every sender must report every byte."""
         with self.lock:
-            self._taken += ciphertext
-            records = self._records
-            if not records:
+            taken = self._taken = self._taken + ciphertext
+            ends, carried = self._ends, self._plaintext
+            if ends is None or carried is None:
                 return 0
-            taken = self._taken
             plaintext = 0
-            while records and records[0][0] <= taken:
-                plaintext += records.popleft()[1]
-            if not records:
-                self._records = None
+            start = self._pending
+            if start < len(ends) and ends[start] <= taken:
+                stop = self._pending = bisect_right(ends, taken, start)
+                plaintext = sum(carried[start:stop])
+            if taken - self._looked >= _LOOK_BYTES:
+                self._look()
             return plaintext
+
+    def _look(self) -> None:
+        """Forget the records the peer has acknowledged, as the kernel tells, and the
+        oldest past ``_MAX_HISTORY_BYTES``; none left, no arrays (lock held)."""
+        ends, plaintext = self._ends, self._plaintext
+        assert ends is not None and plaintext is not None
+        taken = self._looked = self._taken
+        floor = taken - _MAX_HISTORY_BYTES
+        if self._unacked is not None:
+            floor = max(floor, taken - self._unacked())   # acknowledgements only advance
+        first = self._first
+        if first < self._pending and ends[first] <= floor:
+            first = self._first = bisect_right(ends, floor, first, self._pending)
+            self._listed_after = max(self._listed_after, ends[first - 1])
+        if first == len(ends):   # all delivered, nothing waiting
+            self._ends = self._plaintext = None
+            self._first = self._pending = 0
+        elif 2 * first >= len(ends):   # deleting only a majority keeps this linear
+            del ends[:first], plaintext[:first]
+            self._pending -= first
+            self._first = 0
+
+    def unacked_plaintext(self, unacked: int) -> int:
+        """The plaintext carried by the last ``unacked`` bytes of ciphertext the kernel
+        took (what it still holds unacknowledged: SIOCOUTQ, less our FIN).
+
+        Record by record: a record partly unacknowledged counts whole, as its peer
+        cannot decrypt it; ciphertext carrying none of our plaintext (the handshake,
+        alerts, close_notify, a record given up) counts 0. Where the notes no longer
+        reach (past ``_MAX_HISTORY_BYTES``, or bytes sent before TLS began), each
+        byte counts as one of plaintext: the records' own overhead is counted too.
+        """
+        with self.lock:
+            if unacked <= 0:
+                return 0
+            acked = self._taken - unacked
+            total = max(0, self._listed_after - acked)
+            ends, plaintext = self._ends, self._plaintext
+            if ends is not None and plaintext is not None and self._first < self._pending:
+                start = bisect_right(ends, acked, self._first, self._pending)
+                total += sum(plaintext[start:self._pending])
+            return total
 
     def give_up(self) -> None:
         """Ciphertext handed out will not all be sent (a best-effort alert, close_notify
         or goodbye the socket did not take whole): the stream is cut there, so no
         plaintext still waiting in it counts as sent, nor any sealed after it."""
         with self.lock:
-            self._records = None
+            ends, plaintext = self._ends, self._plaintext
+            if ends is not None and plaintext is not None:
+                del ends[self._pending:], plaintext[self._pending:]
+                if self._first == self._pending:
+                    self._ends = self._plaintext = None
+                    self._first = self._pending = 0
             self._cut = True
 
     def put_back(self, chunks: list) -> None:

@@ -4,11 +4,15 @@ Sealed is not sent: a reply's ciphertext may wait (parked, in the session; a hub
 subscriber's, in its writer) and die with the connection. Each test ends the
 connection, then lets the client read all the kernel still delivers, and holds
 the server's count to what the client could decrypt: equal, to the byte (the
-plaintext of a record cut short by the end counts on neither side).
+plaintext of a record cut short by the end counts on neither side). Where the
+server's kernel drops what the client had not acknowledged (a reset), what the
+client decrypts is ``bytes_sent - bytes_unacked``, the access log's ``bytes_out``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
 import ssl
 
@@ -23,22 +27,23 @@ from tests.tls_support import ca, certs, tls_client  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.both_modes
 
 _SNDBUF = 64 * 1024   # the server's send buffer: far less than the replies below
+_TCP_CLOSE = 7   # tcpi_state once a reset came (linux/tcp_states.h)
 
 
-def stalled_client(server: connserver.Server, ca) -> ssl.SSLSocket:
-    """A TLS client with a tiny receive buffer, that reads only when told."""
+def stalled_client(server: connserver.Server, ca, rcvbuf: int = 4096) -> ssl.SSLSocket:
+    """A TLS client with a small receive buffer, that reads only when told."""
     raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     return tls_client(server, ca, raw=raw)
 
 
 def read_to_end(client: ssl.SSLSocket) -> int:
-    """Plaintext bytes the client reads until the server's end of stream."""
+    """Plaintext bytes the client reads until the server's end of stream (or a reset)."""
     total = 0
     while True:
         try:
             chunk = client.recv(1 << 16)
-        except ssl.SSLEOFError:
+        except (ssl.SSLEOFError, ConnectionResetError):
             return total   # a record cut short by the end: its plaintext never arrives
         if not chunk:
             return total
@@ -66,6 +71,30 @@ def test_a_reply_that_dies_unsent_is_not_counted_as_sent(serve, ca, certs):
     assert stats.close_reasons == {"write_deadline": 1}
     assert 0 < received < 4 << 20
     assert stats.bytes_sent == received
+
+
+def test_unacknowledged_ciphertext_counts_as_the_plaintext_it_carries(serve, ca, certs, caplog):
+    """A 4 MiB reply to a client that stops reading meets the write deadline, then the
+    client's data makes the server's kernel reset the connection, dropping all the
+    client had not acknowledged: the access log's bytes_out is exactly the plaintext the
+    client still decrypts (bytes_unacked is plaintext too, not the kernel's ciphertext)."""
+    caplog.set_level(logging.INFO, logger="connserver.access")
+    server = serve(BigReply, tls_cert=certs["tls_cert"], tls_key=certs["tls_key"],
+                   write_timeout=0.5, max_write_buffer=64 << 20)
+    with stalled_client(server, ca, rcvbuf=40_000) as client:   # a few records' worth
+        client.sendall(frame(b"go"))
+        stats = wait_closed(server, 1)
+        # Data after the server's end: the closed socket answers with a reset (RFC 1122).
+        client.sendall(b"after the end")
+        assert wait_for(lambda: client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                        == _TCP_CLOSE)
+        received = read_to_end(client)
+    lines = [entry.getMessage() for entry in caplog.records if entry.name == "connserver.access"]
+    assert len(lines) == 1
+    bytes_out = int(re.search(r"bytes_out=(-?\d+)", lines[0]).group(1))
+    assert stats.close_reasons == {"write_deadline": 1}
+    assert stats.bytes_unacked > 0 and 0 < received < stats.bytes_sent
+    assert bytes_out == stats.bytes_sent - stats.bytes_unacked == received
 
 
 class Subscriber(connserver.Handler):

@@ -1,5 +1,7 @@
 """TLSSession's send accounting: plaintext counts as sent only once the kernel took its
-record whole, at memory speed (a client SSLObject wired to the session, no sockets)."""
+record whole, and what the kernel holds unacknowledged (ciphertext) counts as the
+plaintext of its records; at memory speed (a client SSLObject wired to the session, no
+sockets; the kernel's unacknowledged count is the test's to set)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import ssl
 
 import pytest
 
+from connserver.protocols import tls
 from connserver.protocols.tls import TLSSession
 from tests.tls_support import ca  # noqa: F401 (fixture)
 
@@ -21,7 +24,8 @@ class Pair:
         ca.issue_cert("localhost").configure_cert(server_context)
         client_context = ssl.create_default_context()
         ca.configure_trust(client_context)
-        self.session = TLSSession(server_context)
+        self.kernel_unacked = 0   # what the session is told the kernel still holds
+        self.session = TLSSession(server_context, lambda: self.kernel_unacked)
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.client = client_context.wrap_bio(self._in, self._out, server_hostname="localhost")
         self.handshake_plaintext = 0   # what sent() answered for handshake flights
@@ -131,10 +135,88 @@ def test_a_stream_given_up_counts_nothing_more(pair):
     assert session.sent(len(later)) == 0
 
 
-def test_the_bookkeeping_is_dropped_once_everything_went(pair):
-    """The per-record notes live only while ciphertext waits: none once it all went."""
+def test_the_bookkeeping_is_dropped_once_everything_was_acknowledged(pair):
+    """The per-record notes live while ciphertext waits or is unacknowledged: those the
+    kernel says the peer has are dropped, and none are kept once it holds nothing."""
     session = pair.session
     ciphertext = b"".join(session.seal(memoryview(b"m" * (5 * RECORD + 3))))
-    assert len(session._records) == 6
+    lengths = records(ciphertext)
+    assert len(session._ends) == 6
+    pair.kernel_unacked = sum(lengths[-2:])   # the last two records are not acknowledged
     assert session.sent(len(ciphertext)) == 5 * RECORD + 3
-    assert session._records is None
+    assert len(session._ends) - session._first == 2
+    assert session.unacked_plaintext(pair.kernel_unacked) == RECORD + 3
+    pair.kernel_unacked = 0
+    more = b"".join(session.seal(b"n" * (RECORD + 1)))
+    assert session.sent(len(more)) == RECORD + 1
+    assert session._ends is None and session._plaintext is None
+
+
+def test_unacknowledged_ciphertext_counts_as_the_plaintext_of_its_records(pair):
+    """The last U bytes taken map to the plaintext of the records ending in them; a record
+    partly unacknowledged counts whole: what the client could not decrypt, at every U."""
+    session = pair.session
+    data = bytes(range(256)) * 156 + b"tail"   # 39,940 bytes: three records
+    ciphertext = b"".join(session.seal(data))
+    one, two, three = records(ciphertext)
+    pair.kernel_unacked = len(ciphertext)   # nothing acknowledged while sending
+    assert session.sent(len(ciphertext)) == len(data)
+    last = len(data) - 2 * RECORD
+    expected = {0: 0, 1: last, three - 1: last, three: last, three + 1: RECORD + last,
+                two + three: RECORD + last, two + three + 1: len(data), len(ciphertext): len(data)}
+    for unacked, plaintext in expected.items():
+        assert session.unacked_plaintext(unacked) == plaintext, unacked
+    # Held to what a client decrypts of the acknowledged part, byte by byte:
+    acked = len(ciphertext) - (three + 1)
+    assert len(pair.deliver(ciphertext[:acked])) == len(data) - session.unacked_plaintext(three + 1)
+
+
+def test_ciphertext_with_no_plaintext_counts_none_unacknowledged(pair):
+    """The handshake, ciphertext made by reading (an alert, a key update) and
+    close_notify carry no plaintext: unacknowledged, they count 0."""
+    session = pair.session
+    one = b"".join(session.seal(b"one"))
+    with session.lock:   # stands in for output made by reading, outside seal()
+        session._ssl.write(b"made by reading")
+    two = b"".join(session.seal(b"two"))
+    made, ours = records(two)
+    goodbye = b"".join(session.close_notify())
+    pair.kernel_unacked = 1 << 20   # the kernel still holds everything (no look drops)
+    assert session.sent(len(one) + len(two) + len(goodbye)) == 6
+    assert session.unacked_plaintext(len(goodbye)) == 0
+    assert session.unacked_plaintext(len(goodbye) + 1) == 3
+    assert session.unacked_plaintext(len(goodbye) + ours + made) == 3
+    assert session.unacked_plaintext(len(goodbye) + ours + made + 1) == 6
+    everything = session._taken   # the handshake included
+    assert session.unacked_plaintext(everything) == 6
+
+
+def test_a_record_given_up_counts_no_plaintext_unacknowledged(pair):
+    """A record the kernel took only part of before the stream was given up was never
+    counted as sent, so its part held unacknowledged counts 0 too."""
+    session = pair.session
+    ciphertext = b"".join(session.seal(b"g" * (2 * RECORD)))
+    first, second = records(ciphertext)
+    pair.kernel_unacked = len(ciphertext)
+    assert session.sent(first + 100) == RECORD
+    session.give_up()
+    assert session.unacked_plaintext(100) == 0
+    assert session.unacked_plaintext(101) == RECORD
+
+
+def test_past_the_notes_bound_every_byte_counts(pair, monkeypatch):
+    """Notes cover at most _MAX_HISTORY_BYTES of ciphertext, the oldest dropped first;
+    unacknowledged ciphertext beyond them counts byte for byte, as if all plaintext."""
+    monkeypatch.setattr(tls, "_MAX_HISTORY_BYTES", 3 * RECORD)
+    session = pair.session
+    pair.kernel_unacked = 1 << 30   # nothing acknowledged: only the bound drops notes
+    ciphertext = b"".join(session.seal(b"c" * (10 * RECORD)))
+    lengths = records(ciphertext)
+    assert session.sent(len(ciphertext)) == 10 * RECORD
+    kept = len(session._ends) - session._first
+    assert 3 <= kept < 10
+    covered = sum(lengths[-kept:])
+    assert session.unacked_plaintext(covered) == kept * RECORD   # still exact
+    assert session.unacked_plaintext(covered + 1) == kept * RECORD + 1
+    assert session.unacked_plaintext(len(ciphertext)) == \
+        kept * RECORD + sum(lengths[:-kept]) >= 10 * RECORD
