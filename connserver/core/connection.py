@@ -523,7 +523,7 @@ class Connection(WritingIO, TLSConnectionIO, ParkedIO, WaitingIO):
             with self._close_lock:
                 if not self._closed:
                     self._closed = True
-                    if tcp and not self._forced:
+                    if tcp:   # forced too: what the kernel still holds may never arrive
                         unacked = unacked_payload(self._sock)
                         if self.tls:   # the kernel counts ciphertext: count what it carries
                             unacked = min(self.tls.unacked_plaintext(unacked), self.bytes_sent)

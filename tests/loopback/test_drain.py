@@ -195,3 +195,29 @@ def test_a_drain_does_not_interrupt_a_write_but_a_force_does(socketpair):
     with pytest.raises(connserver.Cancelled):
         conn.sendall(b"late")
     conn.operation = None
+
+
+def test_a_forced_close_counts_what_the_peer_never_acknowledged(serve, caplog):
+    """A drain's grace runs out on a handler blocked writing to a peer that stopped
+    reading: forced shut, what the kernel still held unacknowledged is counted in
+    bytes_unacked, so the access log's bytes_out is no more than the peer can read."""
+    caplog.set_level(logging.INFO, logger="connserver.access")
+    reply = bytes(range(256)) * 16384   # 4 MiB: far more than the socket buffers hold
+
+    class Flood(connserver.Handler):
+        def handle(self):
+            self.conn.recv()
+            self.conn.sendall(reply)
+
+    server = serve(Flood, write_timeout=30.0)
+    with small_buffered_client(server) as client:
+        client.sendall(b"go")
+        assert wait_for(lambda: [c.operation for c in server.connections()] == ["write"])
+        report = server.shutdown(grace=0.3)
+        assert report.forced == 1
+        peer = "%s:%d" % client.getsockname()[:2]
+        data, _ = read_to_end(client)
+    stats = server.stats()
+    assert stats.bytes_unacked > 0
+    assert access_bytes_out(caplog, peer) <= len(data)
+    assert data == reply[:len(data)]
