@@ -203,6 +203,21 @@ class Config:
         "pushes back on the client; 'close' ends the connection (rate_limited).",
         str, choices=("wait", "close"))
 
+    # --- WebSocket (WebSocketHandler apps: ws-echo, ws-chat, yours) ---------
+    websocket_ping_interval: float | None = _field(
+        None, "Seconds between keepalive pings on each WebSocket; 0: no pings. Unset: the "
+        "handler class's ping_interval (20 s for the built-in apps). Keep it under any proxy's "
+        "idle timeout.", float, minimum=0.0, maximum=MAX_TIMEOUT, nullable=True, unit="s")
+    websocket_ping_timeout: float | None = _field(
+        None, "Seconds a WebSocket peer has to answer a ping before the connection ends with "
+        "close code 1011 (keepalive_timeout). Unset: the handler class's ping_timeout (20 s).",
+        float, minimum=0.0, exclusive_minimum=True, maximum=MAX_TIMEOUT, nullable=True, unit="s")
+    websocket_compression: str = _field(
+        "default", "permessage-deflate on WebSockets: deflate (accepted when the client offers "
+        "it; inflation bounded by the message size limit), off, or default: the handler "
+        "class's compression (off for the built-in apps).", str,
+        choices=("default", "off", "deflate"))
+
     # --- broadcast ----------------------------------------------------------
     backplane: str | None = _field(
         None, "redis://HOST:PORT/DB (or rediss://, unix://) of a Redis that joins this "

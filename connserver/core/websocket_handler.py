@@ -199,7 +199,19 @@ class WebSocketHandler(MessageHandler):
 
     # --- the engine's side -----------------------------------------------------------
 
+    def _configure(self) -> None:
+        """The server's websocket_* settings, where given, override the class's."""
+        config = self.server.config
+        if config.websocket_ping_interval is not None:
+            self.ping_interval = config.websocket_ping_interval or None   # type: ignore[misc]
+        if config.websocket_ping_timeout is not None:
+            self.ping_timeout = config.websocket_ping_timeout             # type: ignore[misc]
+        if config.websocket_compression != "default":
+            self.compression = (None if config.websocket_compression == "off"  # type: ignore[misc]
+                                else config.websocket_compression)
+
     def make_codec(self) -> Codec:
+        self._configure()
         self._protocol = ws.WebSocketProtocol(
             self.max_message_size or self.server.config.max_frame_size, self.max_handshake_size,
             self.compression)

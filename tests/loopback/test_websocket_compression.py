@@ -80,3 +80,16 @@ def test_decompression_bomb_from_the_websockets_client(serve):
             ws.recv(timeout=SAFETY)
     assert closed.value.rcvd.code == 1009
     assert wait_closed(server, 1).close_reasons == {"frame_too_large": 1}
+
+
+@pytest.mark.parametrize("setting, negotiated", [("deflate", True), ("off", False), ("default", False)])
+def test_the_server_setting_overrides_the_handler_class(serve, setting, negotiated):
+    """websocket_compression (--websocket-compression): deflate turns it on for the built-in
+    echo, off turns it off for a class that asks for it, default leaves the class's."""
+    handler = Compressing if setting == "off" else WebSocketEchoHandler
+    server = serve(handler, websocket_compression=setting)
+    with client(server, compression="deflate") as ws:
+        assert bool(ws.protocol.extensions) is negotiated
+        ws.send("hello " * 100)
+        assert ws.recv(timeout=SAFETY) == "hello " * 100
+    assert wait_closed(server, 1).close_reasons == {"eof": 1}

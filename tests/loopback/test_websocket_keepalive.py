@@ -76,3 +76,19 @@ def test_no_pings_when_disabled(serve):
     with Raw(server) as raw:
         assert raw.at_end()
     assert wait_closed(server, 1, timeout=3.0).close_reasons == {"idle": 1}
+
+
+def test_server_settings_override_the_handler_class(serve):
+    """websocket_ping_interval/_timeout (--websocket-ping-interval...) override the class's
+    20 s: the built-in echo pings at once and ends an unanswered ping with 1011; 0 turns
+    pings off for a class that would ping."""
+    server = serve(WebSocketEchoHandler, idle_timeout=30.0, websocket_ping_interval=0.05,
+                   websocket_ping_timeout=0.2)
+    with Raw(server) as raw:
+        assert raw.frame()[0] == PING
+        assert raw.close_code() == 1011
+    assert wait_closed(server, 1, timeout=3.0).close_reasons == {"keepalive_timeout": 1}
+    quiet = serve(Pinging, idle_timeout=0.3, websocket_ping_interval=0)
+    with Raw(quiet) as raw:
+        assert raw.at_end()   # no ping before the idle timeout
+    assert wait_closed(quiet, 1, timeout=3.0).close_reasons == {"idle": 1}

@@ -75,11 +75,12 @@ def test_every_field_has_help_and_a_kind():
 
 
 _DURATIONS = [field.name for field, _ in config_fields()
-              if field.name.endswith("_timeout") or field.name in ("max_lifetime", "drain_delay")]
+              if field.name.endswith("_timeout") or field.name in ("max_lifetime", "drain_delay", "websocket_ping_interval")]
 
 
 def test_every_duration_is_declared_as_one():
-    """Every *_timeout field, max_lifetime and drain_delay is in seconds and has a maximum;
+    """Every *_timeout field, max_lifetime, drain_delay and websocket_ping_interval is in
+    seconds and has a maximum;
     nothing else is."""
     assert "linger_timeout" in _DURATIONS
     for field, spec in config_fields():
