@@ -16,6 +16,7 @@ LAB_MODULES = (
     "connserver.lab.vanished_peer",      # 1
     "connserver.lab.spawned_threads",    # 2
     "connserver.lab.pinned_buffer",      # 3
+    "connserver.lab.slowloris",          # 4
 )
 
 

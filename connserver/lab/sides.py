@@ -30,6 +30,9 @@ class _BoundedThreadingServer(socketserver.ThreadingTCPServer):
     """ThreadingTCPServer that counts its live handlers and refuses past a bound."""
 
     allow_reuse_address = True
+    # socketserver listens with a backlog of 5: a burst of connects (a lab's load)
+    # would have SYNs dropped and retried a second later, which is not the lesson.
+    request_queue_size = 128
     # Daemon threads so the demonstration process can exit at all: with the
     # default (False), server_close() joins every handler thread, and a handler
     # blocked forever makes it wait forever (lab vanished-peer shows why).

@@ -55,10 +55,25 @@ def _pinned_buffer(document: dict[str, Any]) -> None:
     assert broken["kept_asizeof"] < fixed["kept_asizeof"]        # and asizeof does not see it
 
 
+def _slowloris(document: dict[str, Any]) -> None:
+    plan = find("slowloris").short
+    tricklers, timeout_ms = plan["tricklers"], plan["timeout"] * 1000
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    assert broken["held_peak"] == tricklers and broken["deadline_closes"] == 0
+    assert "cut" not in broken                                   # no trickler was ever cut
+    assert fixed["deadline_closes"] == fixed["cut"] == tricklers  # each cut at its deadline
+    assert broken["longest_ms"] > 4 * timeout_ms                 # trickled the whole load
+    assert timeout_ms <= fixed["longest_ms"] < broken["longest_ms"] / 2
+    assert broken["trickled"] > fixed["trickled"] >= tricklers
+    assert broken["honest_ms"] > 0 and fixed["honest_ms"] > 0    # the honest client was served
+    assert broken["honest_failed"] == fixed["honest_failed"] == 0
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
     "spawned-threads": _spawned_threads,
     "pinned-buffer": _pinned_buffer,
+    "slowloris": _slowloris,
 }
 
 
