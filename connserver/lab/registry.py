@@ -17,6 +17,7 @@ LAB_MODULES = (
     "connserver.lab.spawned_threads",    # 2
     "connserver.lab.pinned_buffer",      # 3
     "connserver.lab.slowloris",          # 4
+    "connserver.lab.cancel_by_close",    # 5
 )
 
 

@@ -69,11 +69,26 @@ def _slowloris(document: dict[str, Any]) -> None:
     assert broken["honest_failed"] == fixed["honest_failed"] == 0
 
 
+def _cancel_by_close(document: dict[str, Any]) -> None:
+    plan = find("cancel-by-close").short
+    peers, cancel_ms = plan["peers"], plan["cancel_timeout"] * 1000
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    assert broken["peers"] == fixed["peers"] == peers            # the same load at both
+    assert broken["blocked"] == broken["connections"] == peers   # close() woke none of them
+    assert broken["told"] == 0 and broken["lifetime_closes"] == 0  # and closed no connection
+    assert broken["fd_reuses"] >= peers // 2                     # their numbers went to others
+    assert broken["wakeup_ms"] > 3 * cancel_ms                   # still waiting
+    assert fixed["blocked"] == fixed["connections"] == fixed["fd_reuses"] == 0
+    assert fixed["lifetime_closes"] == fixed["told"] == peers    # each ended, the peer told
+    assert fixed["wakeup_ms"] < cancel_ms
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
     "spawned-threads": _spawned_threads,
     "pinned-buffer": _pinned_buffer,
     "slowloris": _slowloris,
+    "cancel-by-close": _cancel_by_close,
 }
 
 
