@@ -90,23 +90,23 @@ class Served:
         self._clock = clock
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._open: dict[int, float] = {}   # id -> when it started being served
+        self._serving: dict[int, float] = {}   # id -> when it started being served
         self._held_peak = 0
 
     def begin(self) -> int:
         with self._lock:
             key = next(self._ids)
-            self._open[key] = self._clock()
+            self._serving[key] = self._clock()
             return key
 
     def end(self, key: int) -> None:
         with self._lock:
-            self._open.pop(key, None)
+            self._serving.pop(key, None)
 
     def figures(self) -> dict[str, float]:
         now = self._clock()
         with self._lock:
-            ages = [now - started for started in self._open.values()]
+            ages = [now - started for started in self._serving.values()]
             held = sum(age > self.held_after for age in ages)
             self._held_peak = max(self._held_peak, held)
             return {"held": held, "held_peak": self._held_peak}

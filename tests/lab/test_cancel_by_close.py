@@ -9,6 +9,7 @@ import pytest
 
 from connserver.lab.cancel_by_close import CancelBooks
 from connserver.testing import FakeClock, wait_for
+from tests.conftest import unavailable
 
 
 def _blocked_in_a_call_on(thread: threading.Thread, fd: int) -> bool:
@@ -17,7 +18,7 @@ def _blocked_in_a_call_on(thread: threading.Thread, fd: int) -> bool:
         with open(f"/proc/self/task/{thread.native_id}/syscall") as status:
             fields = status.read().split()
     except OSError:
-        pytest.skip("no /proc/self/task/TID/syscall to see a blocked call")
+        unavailable("no /proc/self/task/TID/syscall to see a blocked call")
     return len(fields) > 1 and fields[0] not in ("running", "-1") and int(fields[1], 16) == fd
 
 
