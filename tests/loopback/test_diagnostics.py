@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
+import types
+
+import pytest
 
 from connserver.operations import diagnostics
 from connserver.apps.echo import EchoHandler
@@ -32,6 +37,7 @@ def test_thread_role_names():
     assert diagnostics.thread_role("MainThread") == "other"
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_memory_tracker_names_the_type_that_grew():
     """MemoryTracker reports growth by type since its baseline."""
     class LeakyThing:
@@ -77,20 +83,53 @@ def test_a_handler_that_ignores_cancellation_is_reported_stuck(serve, caplog, st
     assert server.stats().stuck_threads == 0
 
 
-def test_an_admin_endpoint_does_not_walk_the_heap_until_memory_is_asked(serve, monkeypatch):
-    """Starting the admin endpoint makes no pympler tracker (it walks every object in the
-    process: minutes with a test session's heap); the first memory question does."""
-    from pympler import tracker
-
-    made = []
-    real = tracker.SummaryTracker
+def _count_heap_walks(monkeypatch) -> list[int]:
+    """Each listing of the garbage collector's objects (a heap walk) appends to the list."""
+    walks: list[int] = []
+    real = gc.get_objects
 
     def counting(*args, **kwargs):
-        made.append(1)
+        walks.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tracker, "SummaryTracker", counting)
+    monkeypatch.setattr(gc, "get_objects", counting)
+    return walks
+
+
+def test_an_admin_endpoint_does_not_walk_the_heap_until_memory_is_asked(serve, monkeypatch):
+    """Starting the admin endpoint walks no heap (every object in the process: seconds
+    with a test session's heap); the first memory question does, once."""
+    walks = _count_heap_walks(monkeypatch)
     server = serve(EchoHandler, admin_address="127.0.0.1:0")
-    assert made == []
+    assert walks == []
     server.attachment("admin").memory.top(limit=1)
-    assert made == [1]
+    assert walks == [1]
+
+
+def test_a_memory_baseline_walks_the_heap_once(monkeypatch):
+    """A baseline is one heap walk (pympler's SummaryTracker walked twice: once when made)."""
+    walks = _count_heap_walks(monkeypatch)
+    diagnostics.MemoryTracker().set_baseline()
+    assert walks == [1]
+
+
+@pytest.mark.usefixtures("frozen_heap")
+def test_heap_summary_gives_pymplers_rows():
+    """heap_summary names and counts objects as pympler's summarize(muppy.get_objects()) does."""
+    from pympler import muppy, summary
+
+    class Counted:
+        pass
+
+    def made_here():
+        pass
+
+    kept = [Counted() for _ in range(3000)]
+    module = types.ModuleType("made_in_this_test")
+    name = f"{__name__}.{Counted.__qualname__}"
+    ours = {row[0]: row for row in diagnostics.heap_summary()}
+    theirs = {row[0]: row for row in summary.summarize(muppy.get_objects())}
+    assert ours[name] == theirs[name] == [name, 3000, 3000 * sys.getsizeof(kept[0])]
+    assert ours["function (made_here)"][1] == theirs["function (made_here)"][1] >= 1
+    assert ours["module(made_in_this_test)"] == theirs["module(made_in_this_test)"] == \
+        ["module(made_in_this_test)", 1, sys.getsizeof(module)]
