@@ -7,7 +7,9 @@
   starts a server on 127.0.0.1 port 0; it is shut down and checked at teardown.
 - marker ``@pytest.mark.connserver_leakcheck``: fail the test if it leaves a
   thread or an fd behind, listing the survivors with their stacks (and, for
-  servers from the fixture, a live connection or an outstanding buffer lease).
+  servers from the fixture, a live connection or an outstanding buffer lease);
+  it waits up to the ini option ``connserver_settle_timeout`` (5 s) for them
+  to go, which is also how long a leaking test takes to fail.
 - :func:`assert_no_leaks`: run a workload repeatedly and fail, naming what
   grew, if threads or fds do not come back or memory grows on every cycle.
 
@@ -367,6 +369,11 @@ except ImportError:  # the plugin part is only for test runs
 
 if pytest is not None:
 
+    def pytest_addoption(parser: Any) -> None:
+        parser.addini("connserver_settle_timeout",
+                      "seconds the connserver_leakcheck marker waits for a test's threads to end "
+                      "and its fds to close before it reports them (default 5)", default="5.0")
+
     def pytest_configure(config: Any) -> None:
         config.addinivalue_line(
             "markers", "connserver_leakcheck: fail the test if it leaves a thread or fd behind")
@@ -376,9 +383,10 @@ if pytest is not None:
         if request.node.get_closest_marker("connserver_leakcheck") is None:
             yield
             return
+        settle_timeout = float(request.config.getini("connserver_settle_timeout"))
         before = leak_snapshot()
         yield
-        leaks = _collect(before, timeout=5.0)
+        leaks = _collect(before, timeout=settle_timeout)
         held = [problem for server in getattr(request.node, "_connserver_servers", ())
                 for problem in server_leaks(server)]
         phrases = leaks.phrases() + [problem.split(":")[0] for problem in held]

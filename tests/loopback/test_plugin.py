@@ -14,6 +14,8 @@ from connserver.testing import LeakError, assert_no_leaks, find_leaks, leak_snap
 pytest_plugins = ["pytester"]
 
 
+
+@pytest.mark.usefixtures("frozen_heap")
 def test_assert_no_leaks_passes_a_clean_workload(serve):
     """Round trips against a correct handler leak nothing."""
     server = serve(EchoHandler, min_spare_threads=0, max_spare_threads=0)
@@ -27,6 +29,7 @@ def test_assert_no_leaks_passes_a_clean_workload(serve):
     assert_no_leaks(workload, cycles=4, warmup=1)
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_assert_no_leaks_names_what_grew():
     """A workload that keeps objects alive fails, naming their type."""
     class Retained:
@@ -41,6 +44,7 @@ def test_assert_no_leaks_names_what_grew():
         assert_no_leaks(workload, cycles=3, warmup=1)
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_assert_no_leaks_catches_a_thread_left_running():
     """A workload that starts a thread and never stops it fails."""
     stop = threading.Event()
@@ -90,9 +94,48 @@ def test_plugin_in_a_user_project(pytester):
             clock.advance(5)
             assert deadline.expired()
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "timeout=60")
+    # The leak check waits connserver_settle_timeout for the forgotten thread, in vain.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "timeout=60",
+                                           "-o", "connserver_settle_timeout=0.5")
     result.assert_outcomes(passed=3, errors=1)   # the leak fails at teardown
     result.stdout.fnmatch_lines(["*thread 'forgotten' started at*"])
+
+
+class _Release:
+    """A plugin for an in-process inner session: fixture ``release``, an event its
+    leaked thread waits on, which the outer test sets once the inner run is over."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    @pytest.fixture
+    def release(self) -> threading.Event:
+        return self.event
+
+
+def test_the_leak_check_waits_connserver_settle_timeout(pytester):
+    """The marker waits for a leaked thread as long as the ini option says, then fails."""
+    pytester.makeini("[pytest]\nconnserver_settle_timeout = 0.3\n")
+    pytester.makepyfile(test_user="""
+        import threading, pytest
+
+        @pytest.mark.connserver_leakcheck
+        def test_leaks_a_thread(release):
+            threading.Thread(target=release.wait, args=(30,), name="forgotten", daemon=True).start()
+    """)
+    plugin = _Release()
+    started = time.monotonic()
+    try:
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", plugins=[plugin])
+        elapsed = time.monotonic() - started
+    finally:
+        plugin.event.set()
+        for thread in threading.enumerate():
+            if thread.name == "forgotten":
+                thread.join(10)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*thread 'forgotten' started at*"])
+    assert elapsed < 3.0, elapsed     # the default, 5 s, would have been waited in full
 
 
 def _leak_heartbeats(stop: threading.Event, started: list[threading.Thread]):
@@ -114,6 +157,7 @@ def _stop_all(stop: threading.Event, started: list[threading.Thread]) -> None:
         assert not thread.is_alive(), thread.name
 
 
+@pytest.mark.usefixtures("frozen_heap")
 @pytest.mark.parametrize("cycles", [4, 20])
 def test_assert_no_leaks_fails_within_one_settle_timeout(cycles):
     """A thread leaked every cycle fails in about one settle_timeout, not cycles × it."""
@@ -136,6 +180,7 @@ def test_assert_no_leaks_fails_within_one_settle_timeout(cycles):
     assert elapsed < clean + 2 * settle_timeout, (elapsed, clean)
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_assert_no_leaks_groups_identical_threads():
     """20 identical leaked threads are one line and one stack, named in a short first line."""
     stop, threads = threading.Event(), []
@@ -205,7 +250,7 @@ def test_leaked_non_daemon_thread_does_not_hang_the_run(pytester, monkeypatch):
     """)
     # Before the fix the interpreter waited for the 20 threads forever.
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "timeout=60", "-rA",
-                                           timeout=30)
+                                           "-o", "connserver_settle_timeout=0.5", timeout=30)
     assert result.ret == 1, result.stdout.str()
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines([
