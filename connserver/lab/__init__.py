@@ -21,7 +21,8 @@ The modules, one concept each:
 - :mod:`.runner`: one run: baseline, load, settle, end, verdict.
 - :mod:`.verdict`, :mod:`.display`, :mod:`.cli`: judging, showing, the command.
 - One module per lab: :mod:`.vanished_peer` (1), :mod:`.spawned_threads` (2),
-  :mod:`.pinned_buffer` (3), :mod:`.slowloris` (4), :mod:`.cancel_by_close` (5).
+  :mod:`.pinned_buffer` (3), :mod:`.slowloris` (4), :mod:`.cancel_by_close` (5),
+  :mod:`.rate_limiter` (6).
 
 Adding a lab
 ------------

@@ -18,6 +18,7 @@ LAB_MODULES = (
     "connserver.lab.pinned_buffer",      # 3
     "connserver.lab.slowloris",          # 4
     "connserver.lab.cancel_by_close",    # 5
+    "connserver.lab.rate_limiter",       # 6
 )
 
 

@@ -83,12 +83,24 @@ def _cancel_by_close(document: dict[str, Any]) -> None:
     assert fixed["wakeup_ms"] < cancel_ms
 
 
+def _rate_limiter(document: dict[str, Any]) -> None:
+    rate = find("rate-limiter").short["rate"]
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    assert broken["conns_made"] >= 8 and fixed["conns_made"] >= 8
+    assert broken["tickers"] >= broken["conns_made"]              # a ticker per connection, none stopped
+    assert fixed["tickers"] == 0 and fixed["connections"] == 0
+    assert broken["rate_configured"] == fixed["rate_configured"] == rate
+    assert broken["rate_measured"] <= 2                           # one token a second, whatever the rate
+    assert 0.7 * rate <= fixed["rate_measured"] <= 1.05 * rate    # the configured rate
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
     "spawned-threads": _spawned_threads,
     "pinned-buffer": _pinned_buffer,
     "slowloris": _slowloris,
     "cancel-by-close": _cancel_by_close,
+    "rate-limiter": _rate_limiter,
 }
 
 
