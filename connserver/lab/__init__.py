@@ -22,7 +22,7 @@ The modules, one concept each:
 - :mod:`.verdict`, :mod:`.display`, :mod:`.cli`: judging, showing, the command.
 - One module per lab: :mod:`.vanished_peer` (1), :mod:`.spawned_threads` (2),
   :mod:`.pinned_buffer` (3), :mod:`.slowloris` (4), :mod:`.cancel_by_close` (5),
-  :mod:`.rate_limiter` (6).
+  :mod:`.rate_limiter` (6), :mod:`.stalled_reader` (7).
 
 Adding a lab
 ------------

@@ -19,6 +19,7 @@ LAB_MODULES = (
     "connserver.lab.slowloris",          # 4
     "connserver.lab.cancel_by_close",    # 5
     "connserver.lab.rate_limiter",       # 6
+    "connserver.lab.stalled_reader",     # 7
 )
 
 

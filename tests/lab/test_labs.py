@@ -94,6 +94,18 @@ def _rate_limiter(document: dict[str, Any]) -> None:
     assert 0.7 * rate <= fixed["rate_measured"] <= 1.05 * rate    # the configured rate
 
 
+def _stalled_reader(document: dict[str, Any]) -> None:
+    readers = find("stalled-reader").short["honest"]
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    assert broken["published"] > 100 and fixed["published"] > 100
+    assert fixed["delivered"] >= 0.95 * fixed["published"] * readers   # nobody waited
+    assert broken["delivered"] < 0.5 * broken["published"] * readers   # everyone waited
+    assert broken["honest_p99_ms"] > 1000 and broken["honest_p99_ms"] > 10 * fixed["honest_p99_ms"]
+    assert fixed["slow_consumers"] == 1 and fixed["subscribers"] == 0  # the stalled one was cut
+    assert broken["slow_consumers"] == 0 and broken["subscribers"] == 1  # and here is still held
+    assert broken["capped"] == 0                                       # the lab's bound not reached
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
     "spawned-threads": _spawned_threads,
@@ -101,6 +113,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "slowloris": _slowloris,
     "cancel-by-close": _cancel_by_close,
     "rate-limiter": _rate_limiter,
+    "stalled-reader": _stalled_reader,
 }
 
 
