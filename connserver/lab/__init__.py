@@ -22,7 +22,7 @@ The modules, one concept each:
 - :mod:`.verdict`, :mod:`.display`, :mod:`.cli`: judging, showing, the command.
 - One module per lab: :mod:`.vanished_peer` (1), :mod:`.spawned_threads` (2),
   :mod:`.pinned_buffer` (3), :mod:`.slowloris` (4), :mod:`.cancel_by_close` (5),
-  :mod:`.rate_limiter` (6), :mod:`.stalled_reader` (7).
+  :mod:`.rate_limiter` (6), :mod:`.stalled_reader` (7), :mod:`.soak_verdict` (8).
 
 Adding a lab
 ------------
@@ -35,16 +35,21 @@ Adding a lab
    - the fixed side's handler, the way connserver does it;
    - ``start_side(side, plan) -> Side``, run in the child: return a
      :class:`~.sides.StdlibSide` or :class:`~.sides.ConnserverSide` (or any
-     object with ``address``, ``figures()`` and a bounded ``stop()``). Its
-     ``figures`` callable reports the lab's own ``"side"`` figures; both sides
-     must report every one (a side that has none reports 0);
+     object with ``address``, ``figures()`` and a bounded ``stop()``, and
+     optionally ``ports``: its other ports by name, such as an admin
+     endpoint). Its ``figures`` callable reports the lab's own ``"side"``
+     figures; both sides must report every one (a side that has none reports 0);
    - ``drive(session)``, run in this process once per side, at the same
      time: the load, through the :class:`~.driver.Session` only
      (``session.ticks(rate, limit)`` to pace, ``session.connect(keep=...)``,
      ``session.close(sock)``, ``session.count(key)`` for ``"driver"``
-     figures); it must return soon after ``session.running()`` turns false;
+     figures; ``session.ports`` for the side's other ports); it must return
+     soon after ``session.running()`` turns false. (A tool with bounds of its
+     own may be the load: lab 8's is ``connserver soak``.) A load figure the
+     verdict judges counts from 0: the baseline is taken before the load;
    - ``LAB = Lab(...)``: number, name (the CLI's and ``docs/lab/NAME.md``),
-     one-line title, a few words per side, the explanation page, the figures
+     one-line title, a few words per side, the page that explains it (under
+     ``docs/explanation/``, or a path under ``docs/``), the figures
      (``threads``, ``fds`` and ``RSS`` come first by themselves), the
      :class:`~.spec.Check` (which figure, and one sentence for each
      outcome), and two :class:`~.spec.Plan`\\ s: ``full`` (ends within about

@@ -3,7 +3,8 @@
 The runner starts two of these (``SIDE`` is ``broken`` or ``fixed``, ``PLAN``
 ``full`` or ``short``), so each side's threads, fds and RSS are its own to
 measure. The child starts the side's server on 127.0.0.1 port 0 and talks to
-the runner in JSON lines: it writes ``{"ready": true, "port": N}`` on stdout,
+the runner in JSON lines: it writes ``{"ready": true, "port": N, "ports": {...}}``
+(the side's other ports by name, if it has any) on stdout,
 then answers each ``stats`` line on stdin with the side's figures, and stops
 on ``stop``.
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         # Once before the baseline, so what a first look costs (importing pympler,
         # say) is not counted as the load's doing.
         _figures(side)
-        _write(replies, {"ready": True, "port": side.address[1]})
+        _write(replies, {"ready": True, "port": side.address[1],
+                         "ports": dict(getattr(side, "ports", {}))})
     except Exception:
         logging.getLogger("connserver.lab").exception("the %s side of lab %s did not start",
                                                       side_name, name)

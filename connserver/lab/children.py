@@ -48,6 +48,7 @@ class Child:
             bufsize=0, close_fds=True)
         self.pid = self.process.pid
         self.port: int | None = None
+        self.ports: dict[str, int] = {}   # the side's other ports, by name (an admin endpoint)
         self._pending = b""
         self.stopped_cleanly: bool | None = None
 
@@ -78,6 +79,7 @@ class Child:
         if not reply.get("ready"):
             raise ChildError(f"the {self.side} side said {reply!r} instead of ready")
         self.port = int(reply["port"])
+        self.ports = {str(name): int(port) for name, port in reply.get("ports", {}).items()}
         return self.port
 
     def stats(self, timeout: float = ASK_TIMEOUT) -> dict[str, Any]:

@@ -8,6 +8,11 @@ it: sockets go only to the side's 127.0.0.1 port, at most
 :meth:`Session.running` turns false when the load time is over (a drive
 loop checks it, and :meth:`Session.wait` returns at once then).
 
+A side's other ports (an admin endpoint) are in :attr:`Session.ports`, for a
+load that is a tool with bounds of its own: lab 8's is ``connserver soak``,
+which opens its own sockets, loopback only and at most its
+``max_client_connections``.
+
 Sockets opened with ``connect(keep=True)`` are peers that *vanished*: the
 driver holds them open and silent until the sides' processes have ended, so
 the server sees neither data nor a FIN, as when a cable is pulled. All others
@@ -40,11 +45,13 @@ class Session:
     """One side's load: its address, the plan, bounded sockets, counts shown as figures."""
 
     def __init__(self, side: str, address: tuple[str, int], plan: Plan,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, ports: Mapping[str, int] | None = None) -> None:
         if address[0] != "127.0.0.1":
             raise LoadLimit(f"the lab load goes to 127.0.0.1 only, not {address[0]}")
         self.side = side
         self.address = address
+        #: The side's other ports on 127.0.0.1, by name (``{"admin": 41234}``), if it has any.
+        self.ports: dict[str, int] = dict(ports or {})
         self.plan = plan
         self._stop = stop
         self._lock = threading.Lock()
@@ -171,9 +178,10 @@ class Load:
     """
 
     def __init__(self, drive: Callable[[Session], None], plan: Plan,
-                 addresses: Mapping[str, tuple[str, int]], counts: Sequence[str] = ()) -> None:
+                 addresses: Mapping[str, tuple[str, int]], counts: Sequence[str] = (),
+                 ports: Mapping[str, Mapping[str, int]] | None = None) -> None:
         self._stop = threading.Event()
-        self.sessions = {side: Session(side, address, plan, self._stop)
+        self.sessions = {side: Session(side, address, plan, self._stop, (ports or {}).get(side))
                          for side, address in addresses.items()}
         for session in self.sessions.values():
             for key in counts:   # a count nothing happened to yet is 0, not missing

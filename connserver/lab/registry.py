@@ -20,6 +20,7 @@ LAB_MODULES = (
     "connserver.lab.cancel_by_close",    # 5
     "connserver.lab.rate_limiter",       # 6
     "connserver.lab.stalled_reader",     # 7
+    "connserver.lab.soak_verdict",       # 8
 )
 
 

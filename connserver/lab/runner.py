@@ -84,7 +84,8 @@ def run_lab(lab: Lab, short: bool, sides: Sequence[str], display: Display | None
         sample_until("baseline", t0 + BASELINE_TIMEOUT)
         baseline = samples[-1]
         load = Load(lab.drive, plan, addresses, counts=[
-            figure.key for figure in lab.figures if figure.source == "driver" and not figure.unit])
+            figure.key for figure in lab.figures if figure.source == "driver" and not figure.unit],
+            ports={side: child.ports for side, child in children.items()})
         load_start = time.monotonic()
         load.start()
         sample_until("load", load_start + plan.load_timeout)

@@ -83,7 +83,12 @@ class Check:
 
 
 class Side(Protocol):
-    """One side's server, running in its child process on 127.0.0.1."""
+    """One side's server, running in its child process on 127.0.0.1.
+
+    A side that listens on more ports (an admin endpoint) names them in an
+    optional ``ports`` mapping (``{"admin": 41234}``); the load finds them in
+    :attr:`Session.ports <connserver.lab.driver.Session.ports>`.
+    """
 
     address: tuple[str, int]
 
@@ -103,7 +108,8 @@ class Lab:
     title: str                      # one line, for the list of labs
     broken: str                     # a few words on each side, over its column:
     fixed: str                      # "socketserver, no timeout", "connserver, idle_timeout"
-    explanation: str                # the explanation page, "deadlines" for docs/explanation/deadlines.md
+    explanation: str                # the page that explains it: "deadlines" for docs/explanation/
+                                    # deadlines.md, or a path under docs/: "howto/soak"
     figures: tuple[Figure, ...]     # shown after the standard ones
     check: Check
     full: Plan                      # the default run: ends within about 30 s
@@ -133,7 +139,8 @@ class Lab:
 
     @property
     def explanation_page(self) -> str:
-        return f"docs/explanation/{self.explanation}.md"
+        page = self.explanation if "/" in self.explanation else f"explanation/{self.explanation}"
+        return f"docs/{page}.md"
 
     def plan(self, short: bool) -> Plan:
         return self.short if short else self.full

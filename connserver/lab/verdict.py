@@ -22,7 +22,9 @@ def _side(lab: Lab, plan: Plan, side: str, baseline: Mapping[str, float],
           final: Mapping[str, float]) -> dict[str, Any]:
     key = lab.check.figure
     should_cross = side == "broken"
-    base, last = baseline.get(key), final.get(key)
+    # A load figure is 0 before the load: it had neither counted nor measured anything.
+    base = baseline.get(key, 0 if lab.checked_figure.source == "driver" else None)
+    last = final.get(key)
     if base is None or last is None:
         return {"baseline": base, "final": last, "rise": None, "crossed": None,
                 "should_cross": should_cross, "as_expected": False,

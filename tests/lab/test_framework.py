@@ -40,7 +40,7 @@ def test_every_lab_fits_its_time_and_has_its_pages(lab):
     assert total_time(lab, short=False) + 1.0 <= 30.0
     assert total_time(lab, short=True) <= 5.0
     assert (DOCS / "lab" / f"{lab.name}.md").is_file()
-    assert (DOCS / "explanation" / f"{lab.explanation}.md").is_file()
+    assert (DOCS.parent / lab.explanation_page).is_file()
     assert lab.name in (DOCS / "lab" / "index.md").read_text()
 
 

@@ -106,6 +106,20 @@ def _stalled_reader(document: dict[str, Any]) -> None:
     assert broken["capped"] == 0                                       # the lab's bound not reached
 
 
+def _soak_verdict(document: dict[str, Any]) -> None:
+    limit = find("soak-verdict").short["max_rss_slope"]
+    broken, fixed = document["final"]["broken"], document["final"]["fixed"]
+    baseline = document["baseline"]
+    assert broken["round_trips"] > 100 and fixed["round_trips"] > 100   # verified echoes
+    assert broken["checks_failed"] == 1 and fixed["checks_failed"] == 0  # FAIL, and PASS
+    assert broken["checks_passed"] + 1 == fixed["checks_passed"]
+    assert broken["rss_slope"] > 2 * limit > 4 * fixed["rss_slope"]
+    assert broken["retained"] >= broken["round_trips"] * 64 * 1024 and fixed["retained"] == 0
+    for side in ("broken", "fixed"):   # threads and fds came back: only memory tells
+        assert document["final"][side]["fds"] <= baseline[side]["fds"]
+        assert document["final"][side]["connections"] == 0
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vanished-peer": _vanished_peer,
     "spawned-threads": _spawned_threads,
@@ -114,6 +128,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "cancel-by-close": _cancel_by_close,
     "rate-limiter": _rate_limiter,
     "stalled-reader": _stalled_reader,
+    "soak-verdict": _soak_verdict,
 }
 
 
