@@ -14,7 +14,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "connserver"
 MAX_LINES = 600
 # Layers, lowest first: a module may import its own layer and those below it.
-LAYERS = ["", "protocols", "core", "broadcast", "operations", "soak", "lab", "daemon", "apps"]
+LAYERS = ["", "protocols", "core", "broadcast", "operations", "soak", "apps", "lab", "daemon"]
 # Top-level modules every layer may use (the exception tree, configuration).
 SHARED = {"connserver.errors", "connserver.config"}
 # The top-level package and the pytest plugin put everything together.
