@@ -972,11 +972,17 @@ def ws_memory_section(results: dict) -> list[str]:
     lines += table(["N", "server", "connection", "KiB per connection", "held", "threads"], rows)
     state = ws_state(results)
     if state:
+        deflate = state.get("connserver_deflate_bytes")
         lines += [f"One connection's protocol state on the Python heap (`ws_state.py`, tracemalloc, "
                   f"after the upgrade and one message): wsproto's frame connection "
                   f"{state['wsproto_frames_bytes'] / 1024:.2f} KiB, connserver's whole "
-                  f"`WebSocketProtocol` (wsproto's connection and the message bounds) "
-                  f"{state['connserver_protocol_bytes'] / 1024:.2f} KiB.", ""]
+                  f"`WebSocketProtocol` between messages (no wsproto state: the fast path's "
+                  f"bookkeeping only) {state['connserver_protocol_bytes'] / 1024:.2f} KiB"
+                  + ("." if deflate is None else
+                     f"; with permessage-deflate negotiated and one compressed message each way "
+                     f"(its two zlib contexts kept for the connection's life) "
+                     f"{deflate / 1024:.2f} KiB, which an idle compressed connection adds to the "
+                     f"figures above."), ""]
     return lines
 
 

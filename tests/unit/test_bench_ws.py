@@ -94,3 +94,12 @@ def test_every_websocket_server_has_the_same_limits() -> None:
         assert str(servers.WS_MAX_MESSAGE) in program and "ping_interval" in program, server.name
         assert "compression = None" in program or "compression=None" in program, server.name
         assert "ping_interval = None" in program or "ping_interval=None" in program, server.name
+
+
+def test_the_memory_section_shows_what_compression_adds() -> None:
+    """ws_state.py's deflate figure (both zlib contexts) is printed beside the idle figures."""
+    state = dict(STATE, runs=[dict(STATE["runs"][0], connserver_deflate_bytes=52 * 1024)])
+    text = "\n".join(render.ws_memory_section({"cells": [hold("connserver-ws-parked", 1000, 3.6), state]}))
+    assert "with permessage-deflate negotiated" in text and "52.00 KiB" in text
+    plain = "\n".join(render.ws_memory_section({"cells": [hold("connserver-ws-parked", 1000, 3.6), STATE]}))
+    assert "deflate" not in plain
