@@ -76,8 +76,9 @@ def test_a_handler_that_ignores_cancellation_is_reported_stuck(serve, caplog, st
         conn_id = server.connections()[0].id
         assert server.cancel(conn_id)
         assert wait_for(lambda: server.stats().stuck_threads == 1)
-        assert any("does not check for cancellation" in r.getMessage() and "release.wait" in r.getMessage()
-                   for r in caplog.records)
+        # Counted first, then its stack is taken and logged: wait for the line too.
+        assert wait_for(lambda: any("does not check for cancellation" in r.getMessage()
+                                    and "release.wait" in r.getMessage() for r in caplog.records))
         stubborn.release.set()
     wait_closed(server, 1)
     assert server.stats().stuck_threads == 0
