@@ -67,7 +67,8 @@ def test_drain_delay_says_503_while_still_accepting(daemon):
     still served; when the delay is over the listener closes and the daemon exits 0."""
     process = daemon("echo", "--bind", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-delay", "1.5")
     admin, port = _admin_and_port(process)
-    assert healthz(admin) == 200
+    # "accepting on" is logged a moment before the server counts itself accepting.
+    assert wait_for(lambda: healthz(admin) == 200, 10)
     process.signal(signal.SIGTERM)
     process.read_until(r"drain delay: /healthz answers 503")
     assert healthz(admin) == 503
