@@ -66,7 +66,7 @@ class HubStatistics:
     slow_consumers: int      # subscribers cancelled by the disconnect policy
     write_deadlines: int     # subscribers cancelled for a socket that took nothing
     queued_bytes: int        # bytes waiting in all queues now
-    received: int = 0        # messages from other processes (backplane) delivered here
+    received: int = 0        # publish_local() calls: other processes' messages (backplane), local notices
 
 
 class Subscription:
@@ -155,7 +155,7 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._published = self._queued = self._dropped = 0
         self._slow = self._write_deadlines = 0
-        self._received = 0   # from other processes, through the backplane
+        self._received = 0   # delivered by publish_local: other processes' messages, local notices
         self.on_gap = on_gap
         self.backplane = backplane
         if backplane is not None:

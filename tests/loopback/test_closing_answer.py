@@ -11,6 +11,7 @@ import time
 import pytest
 
 from connserver.core.closing import Answer, linger
+from connserver.testing import wait_for
 
 SAFETY = 10.0
 
@@ -119,10 +120,12 @@ def test_unacked_payload_does_not_count_our_fin(tcp_pair):
     def received() -> int:
         return struct.unpack("i", fcntl.ioctl(theirs.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
-    last = -1
-    while received() != last:   # until the transfer stands still at the zero window
-        last = received()
-        time.sleep(0.05)
-        assert time.monotonic() < deadline
+    samples: list[int] = []
+
+    def standing_still() -> bool:   # the transfer stopped at the zero window
+        samples.append(received())
+        return len(samples) > 1 and samples[-1] == samples[-2]
+
+    assert wait_for(standing_still, SAFETY, interval=0.05)
     assert unacked_payload(ours) == written - received()
     assert unacked_bytes(ours) == written - received() + 1
